@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Build (or reuse) the test bed's binaries from pinned, published Go modules.
+#
+#   bash testbed/build.sh          # prints the bin directory on the last line
+#
+# Binaries land in ${LMMR1_CACHE:-~/.cache/lmmr1}/testbed/<key>/bin, where <key> is derived
+# from testbed/versions.env and the tool module's go.sum; a second run with the same key
+# builds nothing. Each binary is built into a temp name and renamed, so an interrupted
+# build never leaves a half-written binary that a later run would trust.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || { echo "testbed: '$1' not found: $2" >&2; exit 127; }
+}
+need go "install Go >= 1.26 (https://go.dev/doc/install; Debian: apt-get install golang)"
+
+key="k8s-${KUBERNETES_VERSION}_helm-${HELM_VERSION}_kwok-${KWOK_VERSION}_vgw-${VERSITYGW_VERSION}_$(cat "$here/versions.env" "$here/gomod/k8s/go.mod" "$here/gomod/k8s/go.sum" | sha256sum | cut -c1-12)"
+cache_root="${LMMR1_CACHE:-$HOME/.cache/lmmr1}/testbed"
+bin="$cache_root/$key/bin"
+mkdir -p "$bin"
+
+export GOFLAGS="${GOFLAGS:--trimpath}"
+export CGO_ENABLED=0
+log() { echo "testbed: $*" >&2; }
+
+build_into() { # name, then a command that writes the binary to $out
+  local name="$1"; shift
+  if [[ -x "$bin/$name" ]]; then log "$name: cached"; return; fi
+  local start=$SECONDS
+  out="$bin/.$name.tmp.$$"
+  log "$name: building ..."
+  "$@"
+  mv -f "$out" "$bin/$name"
+  log "$name: built in $((SECONDS - start))s"
+}
+
+k8s_ldflags() {
+  local v="${KUBERNETES_VERSION#v}" major minor
+  major="${v%%.*}"; minor="${v#*.}"; minor="${minor%%.*}"
+  local flags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$flags"
+}
+
+k8s_build() { (cd "$here/gomod/k8s" && go build -ldflags "$(k8s_ldflags)" -o "$out" "$1"); }
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  build_into "$cmd" k8s_build "k8s.io/kubernetes/cmd/$cmd"
+done
+build_into etcd bash -c "cd '$here/gomod/k8s' && go build -ldflags '-s -w' -o '$bin/.etcd.tmp.$$' go.etcd.io/etcd/server/v3"
+
+go_install() { # module@version: built in a throwaway GOBIN, then moved into place
+  local gobin; gobin="$(mktemp -d)"
+  GOBIN="$gobin" go install -ldflags "-s -w $2" "$1"
+  mv -f "$gobin"/* "$out"; rm -rf "$gobin"
+}
+build_into helm go_install "helm.sh/helm/${HELM_VERSION%%.*}/cmd/helm@$HELM_VERSION" \
+  "-X helm.sh/helm/${HELM_VERSION%%.*}/internal/version.version=$HELM_VERSION"
+build_into kwok go_install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
+  "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
+build_into versitygw go_install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" ""
+
+# kwok's stock stages ship in its module source; copy the ones the test bed uses.
+if [[ ! -d "$bin/../kwok-stages" ]]; then
+  kwok_src="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION"
+  [[ -d "$kwok_src" ]] || (cd "$(mktemp -d)" && go mod download "sigs.k8s.io/kwok@$KWOK_VERSION")
+  mkdir -p "$bin/../kwok-stages.tmp"
+  cp "$kwok_src"/kustomize/stage/node/fast/node-initialize.yaml \
+     "$kwok_src"/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+     "$bin/../kwok-stages.tmp/"
+  chmod -R u+w "$bin/../kwok-stages.tmp"
+  mv "$bin/../kwok-stages.tmp" "$bin/../kwok-stages"
+fi
+log "all binaries ready in $bin"
+echo "$bin"

@@ -1,0 +1,94 @@
+"""Where the test bed keeps its binaries, state, logs and credentials."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "testbed" / "build.sh"
+
+
+class PrerequisiteMissing(RuntimeError):
+    """A tool the test bed needs is not installed; the message says what to install."""
+
+
+def run_dir() -> Path:
+    """The test bed's data directory: `$LMMR1_TESTBED_DIR`, else `<repo>/.testbed`."""
+    return Path(os.environ.get("LMMR1_TESTBED_DIR", REPO_ROOT / ".testbed")).resolve()
+
+
+def ensure_binaries() -> Path:
+    """Build (or reuse from the cache) every binary; returns the directory that holds them."""
+    try:
+        result = subprocess.run(
+            ["bash", str(BUILD_SCRIPT)], check=False, stdout=subprocess.PIPE, text=True
+        )
+    except FileNotFoundError as err:
+        raise PrerequisiteMissing("bash not found: install bash") from err
+    if result.returncode == 127:
+        raise PrerequisiteMissing("a build prerequisite is missing (see the line above)")
+    if result.returncode != 0:
+        raise RuntimeError(f"testbed/build.sh failed with exit code {result.returncode}")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class TestBedState:
+    """What a running test bed looks like from outside; saved as `<run_dir>/state.json`."""
+
+    __test__ = False  # not a pytest test class
+
+    run_dir: str
+    bin_dir: str
+    apiserver_url: str
+    kubeconfig: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    s3_region: str = "us-east-1"
+    process_node: str = "lmmr1-process-node"
+    gpu_nodes: list[str] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.run_dir) / "state.json"
+
+    def save(self) -> None:
+        self.state_file.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> TestBedState | None:
+        try:
+            return cls(**json.loads((directory / "state.json").read_text()))
+        except FileNotFoundError:
+            return None
+
+    def binary(self, name: str) -> str:
+        return str(Path(self.bin_dir) / name)
+
+    def s3_env(self) -> dict[str, str]:
+        """The environment that points boto3 and the AWS CLI at the test bed's S3 server."""
+        return {
+            "AWS_ENDPOINT_URL": self.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": self.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
+            "AWS_DEFAULT_REGION": self.s3_region,
+        }
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for kubectl/helm/boto3 subprocesses aimed at this test bed."""
+        path = os.pathsep.join([self.bin_dir, os.environ.get("PATH", "")])
+        return {"KUBECONFIG": self.kubeconfig, "PATH": path, **self.s3_env()}
+
+
+def pod_log(state: TestBedState, namespace: str, pod: str, container: str,
+            *, previous: bool = False) -> str:
+    """A container's output on the process node ('' before it has written any)."""
+    name = f"{container}.previous.log" if previous else f"{container}.log"
+    path = Path(state.run_dir) / "pods" / namespace / pod / name
+    return path.read_text(errors="replace") if path.exists() else ""

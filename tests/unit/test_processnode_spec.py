@@ -1,0 +1,134 @@
+"""The process node's pure pod-spec translation."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from lmmr1_testbed.processnode import spec
+
+POD = {
+    "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "x"},
+                 "annotations": {"a": "b"}},
+    "spec": {"nodeName": "n1", "serviceAccountName": "sa"},
+    "status": {"podIP": "127.101.0.7", "hostIP": "127.0.0.1",
+               "podIPs": [{"ip": "127.101.0.7"}]},
+}
+OBJECTS = {
+    ("secret", "creds"): {"KEY": b"s3cret", "OTHER": b"o"},
+    ("configmap", "cfg"): {"mode": b"fast", "config.yaml": b"a: 1\n"},
+}
+
+
+def lookup(kind: str, name: str) -> dict[str, bytes] | None:
+    return OBJECTS.get((kind, name))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("500m", Decimal("0.5")), ("2Gi", Decimal(2 * 2**30)), ("1e3", Decimal(1000)),
+     ("8", Decimal(8)), ("1.5k", Decimal(1500))],
+)
+def test_parse_quantity(text: str, expected: Decimal) -> None:
+    assert spec.parse_quantity(text) == expected
+
+
+def test_parse_quantity_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="invalid quantity"):
+        spec.parse_quantity("2 lots")
+
+
+def test_expand_follows_kubernetes_rules() -> None:
+    env = {"A": "1", "B": "two"}
+    assert spec.expand("$(A)-$(B)", env) == "1-two"
+    assert spec.expand("$$(A)", env) == "$(A)"  # escaped
+    assert spec.expand("$(MISSING)", env) == "$(MISSING)"  # unknown stays literally
+
+
+def test_container_env_resolves_every_source_in_order() -> None:
+    container = {
+        "name": "c",
+        "resources": {"limits": {"nvidia.com/gpu": "2", "memory": "1Gi"}},
+        "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"}],
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "ADDR", "value": "$(POD_IP):8000"},
+            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+            {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "KEY"}}},
+            {"name": "OPT", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "K",
+                                                           "optional": True}}},
+            {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {
+                "resource": "limits.memory", "divisor": "1Mi"}}},
+        ],
+    }
+    env = spec.container_env(POD, container, lookup, {"PATH": "/bin"})
+    assert env["ADDR"] == "127.101.0.7:8000"
+    assert env["APP"] == "x"
+    assert env["KEY"] == "s3cret"
+    assert "OPT" not in env
+    assert env["CFG_mode"] == "fast"
+    assert env["MEM_MI"] == "1024"
+    assert env["PATH"] == "/bin"
+
+
+def test_missing_secret_is_a_config_error_naming_it() -> None:
+    container = {"name": "c", "env": [
+        {"name": "K", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "K"}}}]}
+    with pytest.raises(spec.ConfigError, match="secret ns/'absent' not found"):
+        spec.container_env(POD, container, lookup, {})
+
+
+def test_command_line_needs_a_command() -> None:
+    with pytest.raises(spec.ConfigError, match="no command"):
+        spec.command_line({"name": "c", "image": "busybox"}, {})
+    argv = spec.command_line({"name": "c", "command": ["echo"], "args": ["$(X)"]}, {"X": "hi"})
+    assert argv == ["echo", "hi"]
+
+
+def test_volume_content_for_each_type() -> None:
+    def token(projection: dict[str, object]) -> str:
+        return f"token-for-{projection.get('audience', 'api')}"
+
+    projected = spec.volume_content(POD, {"name": "kube-api-access", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+        {"configMap": {"name": "cfg", "items": [{"key": "mode", "path": "m"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+                                    "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+    ]}}, lookup, token)
+    assert isinstance(projected, spec.VolumeFiles)
+    assert projected.files["token"][0] == b"token-for-api"
+    assert projected.files["m"][0] == b"fast"
+    assert projected.files["namespace"][0] == b"ns"
+
+    secret = spec.volume_content(POD, {"name": "s", "secret": {"secretName": "creds",
+                                                               "defaultMode": 0o400}},
+                                 lookup, token)
+    assert isinstance(secret, spec.VolumeFiles)
+    assert secret.files["KEY"] == (b"s3cret", 0o400)
+    assert spec.volume_content(POD, {"name": "e", "emptyDir": {}}, lookup, token) == \
+        spec.VolumeDir("emptyDir", "")
+    with pytest.raises(spec.ConfigError, match="not found"):
+        spec.volume_content(POD, {"name": "c", "configMap": {"name": "absent"}}, lookup, token)
+
+
+def test_decode_secret_and_configmap() -> None:
+    assert spec.decode_secret({"data": {"k": base64.b64encode(b"v").decode()}}) == {"k": b"v"}
+    assert spec.decode_configmap({"data": {"k": "v"}}) == {"k": b"v"}
+
+
+def test_launch_script_bind_mounts_in_a_private_namespace(tmp_path: Path) -> None:
+    source = tmp_path / "vol"
+    source.mkdir()
+    (source / "config.yaml").write_text("hello from the volume\n")
+    target = tmp_path / "mnt" / "etc"
+    argv = spec.launch_script([(str(source), str(target), True)], str(tmp_path),
+                              ["sh", "-c", "cat $0/config.yaml; pwd", str(target)])
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["hello from the volume", str(tmp_path)]
+    # The mount lived only in the container's namespace.
+    assert not (target / "config.yaml").exists()

@@ -1,0 +1,1 @@
+"""Everything that runs inside an LMM-R1 stage's pods: rollouts, verifier, RL trainer, checkpoints."""
