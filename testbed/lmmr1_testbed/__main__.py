@@ -1,9 +1,9 @@
 """Test-bed command line.
 
-    python -m lmmr1_testbed up        # build/reuse binaries, start everything (make cluster-up)
-    python -m lmmr1_testbed down      # stop everything (make cluster-down)
-    python -m lmmr1_testbed status    # print the state of a running test bed as JSON
-    python -m lmmr1_testbed build     # only build/reuse the binaries
+python -m lmmr1_testbed up        # build/reuse binaries, start everything (make cluster-up)
+python -m lmmr1_testbed down      # stop everything (make cluster-down)
+python -m lmmr1_testbed status    # print the state of a running test bed as JSON
+python -m lmmr1_testbed build     # only build/reuse the binaries
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from lmmr1_testbed.layout import PrerequisiteMissing, ensure_binaries
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmmr1_testbed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lmmr1_testbed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=["up", "down", "status", "build"])
     args = parser.parse_args(argv)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import shutil
 import ssl
@@ -119,9 +118,19 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
 
     ca = pki.make_ca(pki_dir)
     serving = pki.issue(
-        ca, pki_dir, "apiserver", "kube-apiserver",
-        server_names=(host, "localhost", "10.96.0.1", "kubernetes", "kubernetes.default",
-                      "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"),
+        ca,
+        pki_dir,
+        "apiserver",
+        "kube-apiserver",
+        server_names=(
+            host,
+            "localhost",
+            "10.96.0.1",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ),
     )
     sa_key = pki.make_service_account_key(pki_dir)
 
@@ -141,98 +150,141 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
     node_kubeconfig = kubeconfig_for("process-node", "lmmr1-testbed-node", ("system:masters",))
     admin_client = pki.KeyPair(pki_dir / "admin.crt", pki_dir / "admin.key")
     logs = directory / "logs"
-    binary = lambda name: str(bin_dir / name)  # noqa: E731
+
+    def binary(name: str) -> str:
+        return str(bin_dir / name)
 
     log("starting etcd")
-    procs.start("etcd", [
-        binary("etcd"), "--name=testbed", f"--data-dir={directory / 'etcd'}",
-        f"--listen-client-urls=http://{host}:{ports['etcd']}",
-        f"--advertise-client-urls=http://{host}:{ports['etcd']}",
-        f"--listen-peer-urls=http://{host}:{ports['etcd-peer']}",
-        f"--initial-advertise-peer-urls=http://{host}:{ports['etcd-peer']}",
-        f"--initial-cluster=testbed=http://{host}:{ports['etcd-peer']}",
-        "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648",
-    ], run_dir=directory)
-    wait_until("etcd", lambda: _http_ok(f"http://{host}:{ports['etcd']}/health"), 30,
-               logs / "etcd.log")
+    procs.start(
+        "etcd",
+        [
+            binary("etcd"),
+            "--name=testbed",
+            f"--data-dir={directory / 'etcd'}",
+            f"--listen-client-urls=http://{host}:{ports['etcd']}",
+            f"--advertise-client-urls=http://{host}:{ports['etcd']}",
+            f"--listen-peer-urls=http://{host}:{ports['etcd-peer']}",
+            f"--initial-advertise-peer-urls=http://{host}:{ports['etcd-peer']}",
+            f"--initial-cluster=testbed=http://{host}:{ports['etcd-peer']}",
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+            "--quota-backend-bytes=2147483648",
+        ],
+        run_dir=directory,
+    )
+    wait_until(
+        "etcd", lambda: _http_ok(f"http://{host}:{ports['etcd']}/health"), 30, logs / "etcd.log"
+    )
 
     log("starting kube-apiserver")
-    procs.start("kube-apiserver", [
-        binary("kube-apiserver"),
-        f"--etcd-servers=http://{host}:{ports['etcd']}",
-        f"--bind-address={host}", f"--advertise-address={host}",
-        f"--secure-port={ports['apiserver']}", f"--cert-dir={pki_dir}",
-        f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
-        f"--client-ca-file={ca.cert}",
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={sa_key}",
-        f"--service-account-signing-key-file={sa_key}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--authorization-mode=Node,RBAC",
-        "--allow-privileged=true",
-        "--profiling=false",
-        # No aggregated APIs and no kubelets to reach: keep the apiserver lean.
-        "--enable-priority-and-fairness=false",
-        "--event-ttl=1h",
-    ], run_dir=directory)
+    procs.start(
+        "kube-apiserver",
+        [
+            binary("kube-apiserver"),
+            f"--etcd-servers=http://{host}:{ports['etcd']}",
+            f"--bind-address={host}",
+            f"--advertise-address={host}",
+            f"--secure-port={ports['apiserver']}",
+            f"--cert-dir={pki_dir}",
+            f"--tls-cert-file={serving.cert}",
+            f"--tls-private-key-file={serving.key}",
+            f"--client-ca-file={ca.cert}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={sa_key}",
+            f"--service-account-signing-key-file={sa_key}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            "--allow-privileged=true",
+            "--profiling=false",
+            # No aggregated APIs and no kubelets to reach: keep the apiserver lean.
+            "--enable-priority-and-fairness=false",
+            "--event-ttl=1h",
+        ],
+        run_dir=directory,
+    )
     wait_until(
         "kube-apiserver",
         lambda: _https_ok(f"{apiserver_url}/readyz", ca.cert, admin_client),
-        90, logs / "kube-apiserver.log",
+        90,
+        logs / "kube-apiserver.log",
     )
     (directory / "apiserver-ready").touch()  # its mtime is what `make bench` reads
 
     log("starting kube-controller-manager and kube-scheduler")
-    procs.start("kube-controller-manager", [
-        binary("kube-controller-manager"),
-        f"--kubeconfig={kcm_kubeconfig}",
-        f"--authentication-kubeconfig={kcm_kubeconfig}",
-        f"--authorization-kubeconfig={kcm_kubeconfig}",
-        f"--bind-address={host}", f"--secure-port={ports['kcm']}",
-        f"--service-account-private-key-file={sa_key}",
-        f"--root-ca-file={ca.cert}",
-        f"--cluster-signing-cert-file={ca.cert}", f"--cluster-signing-key-file={ca.key}",
-        "--use-service-account-credentials=true",
-        "--controllers=*",
-        "--leader-elect=false",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        # Fast GC and job sync keep tests quick.
-        "--concurrent-gc-syncs=5",
-    ], run_dir=directory)
-    procs.start("kube-scheduler", [
-        binary("kube-scheduler"),
-        f"--kubeconfig={scheduler_kubeconfig}",
-        f"--authentication-kubeconfig={scheduler_kubeconfig}",
-        f"--authorization-kubeconfig={scheduler_kubeconfig}",
-        f"--bind-address={host}", f"--secure-port={ports['scheduler']}",
-        "--leader-elect=false",
-    ], run_dir=directory)
+    procs.start(
+        "kube-controller-manager",
+        [
+            binary("kube-controller-manager"),
+            f"--kubeconfig={kcm_kubeconfig}",
+            f"--authentication-kubeconfig={kcm_kubeconfig}",
+            f"--authorization-kubeconfig={kcm_kubeconfig}",
+            f"--bind-address={host}",
+            f"--secure-port={ports['kcm']}",
+            f"--service-account-private-key-file={sa_key}",
+            f"--root-ca-file={ca.cert}",
+            f"--cluster-signing-cert-file={ca.cert}",
+            f"--cluster-signing-key-file={ca.key}",
+            "--use-service-account-credentials=true",
+            "--controllers=*",
+            "--leader-elect=false",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # Fast GC and job sync keep tests quick.
+            "--concurrent-gc-syncs=5",
+        ],
+        run_dir=directory,
+    )
+    procs.start(
+        "kube-scheduler",
+        [
+            binary("kube-scheduler"),
+            f"--kubeconfig={scheduler_kubeconfig}",
+            f"--authentication-kubeconfig={scheduler_kubeconfig}",
+            f"--authorization-kubeconfig={scheduler_kubeconfig}",
+            f"--bind-address={host}",
+            f"--secure-port={ports['scheduler']}",
+            "--leader-elect=false",
+        ],
+        run_dir=directory,
+    )
 
     log("starting kwok (simulated GPU nodes)")
     stages = directory / "kwok-stages.yaml"
     stock = sorted((bin_dir.parent / "kwok-stages").glob("*.yaml"))
     stages.write_text("\n---\n".join(path.read_text() for path in [*stock, KWOK_STAGES]))
-    procs.start("kwok", [
-        binary("kwok"),
-        f"--kubeconfig={kwok_kubeconfig}",
-        "--manage-all-nodes=false",
-        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-        f"--config={stages}",
-        f"--server-address={host}:{ports['kwok']}",
-        "--cidr=10.244.0.0/16",
-        f"--node-ip={host}",
-    ], run_dir=directory)
+    procs.start(
+        "kwok",
+        [
+            binary("kwok"),
+            f"--kubeconfig={kwok_kubeconfig}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--config={stages}",
+            f"--server-address={host}:{ports['kwok']}",
+            "--cidr=10.244.0.0/16",
+            f"--node-ip={host}",
+        ],
+        run_dir=directory,
+    )
 
     s3_access_key = "lmmr1-" + secrets.token_hex(4)
     s3_secret_key = secrets.token_hex(16)
     log("starting versitygw (S3)")
     (directory / "s3" / "data").mkdir(parents=True)
     (directory / "s3" / "meta").mkdir(parents=True)
-    procs.start("versitygw", [
-        binary("versitygw"), "--port", f"{host}:{ports['s3']}",
-        "posix", "--sidecar", str(directory / "s3" / "meta"), str(directory / "s3" / "data"),
-    ], run_dir=directory,
-        env={"ROOT_ACCESS_KEY": s3_access_key, "ROOT_SECRET_KEY": s3_secret_key})
+    procs.start(
+        "versitygw",
+        [
+            binary("versitygw"),
+            "--port",
+            f"{host}:{ports['s3']}",
+            "posix",
+            "--sidecar",
+            str(directory / "s3" / "meta"),
+            str(directory / "s3" / "data"),
+        ],
+        run_dir=directory,
+        env={"ROOT_ACCESS_KEY": s3_access_key, "ROOT_SECRET_KEY": s3_secret_key},
+    )
 
     state = TestBedState(
         run_dir=str(directory),
@@ -247,36 +299,59 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
     )
 
     log("starting the process node")
-    procs.start("process-node", [
-        sys.executable, "-m", "lmmr1_testbed.processnode",
-        f"--kubeconfig={node_kubeconfig}", f"--node-name={state.process_node}",
-        f"--pods-dir={directory / 'pods'}", f"--apiserver={host}:{ports['apiserver']}",
-    ], run_dir=directory, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    procs.start(
+        "process-node",
+        [
+            sys.executable,
+            "-m",
+            "lmmr1_testbed.processnode",
+            f"--kubeconfig={node_kubeconfig}",
+            f"--node-name={state.process_node}",
+            f"--pods-dir={directory / 'pods'}",
+            f"--apiserver={host}:{ports['apiserver']}",
+        ],
+        run_dir=directory,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
 
     for name in state.gpu_nodes:
         _create_kwok_node(state, name)
-    wait_until("versitygw", lambda: procs.port_is_open(host, ports["s3"]), 30,
-               logs / "versitygw.log")
-    wait_until("GPU nodes Ready", lambda: _nodes_ready(state, [*state.gpu_nodes,
-                                                               state.process_node]),
-               60, logs / "kwok.log")
-    wait_until("default service account", lambda: _default_sa_exists(state), 60,
-               logs / "kube-controller-manager.log")
+    wait_until(
+        "versitygw", lambda: procs.port_is_open(host, ports["s3"]), 30, logs / "versitygw.log"
+    )
+    wait_until(
+        "GPU nodes Ready",
+        lambda: _nodes_ready(state, [*state.gpu_nodes, state.process_node]),
+        60,
+        logs / "kwok.log",
+    )
+    wait_until(
+        "default service account",
+        lambda: _default_sa_exists(state),
+        60,
+        logs / "kube-controller-manager.log",
+    )
     state.save()
     (directory / "s3.env").write_text(
         "".join(f"export {key}={value}\n" for key, value in state.s3_env().items())
     )
-    log(f"up in {time.monotonic() - started:.1f}s: KUBECONFIG={state.kubeconfig}; "
-        f"S3 at {state.s3_endpoint} (source {directory / 's3.env'})")
+    log(
+        f"up in {time.monotonic() - started:.1f}s: KUBECONFIG={state.kubeconfig}; "
+        f"S3 at {state.s3_endpoint} (source {directory / 's3.env'})"
+    )
     return state
 
 
-def kubectl(state: TestBedState, *args: str, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    state: TestBedState, *args: str, stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run the test bed's own kubectl against it as the admin."""
     return subprocess.run(
         [state.binary("kubectl"), f"--kubeconfig={state.kubeconfig}", *args],
-        input=stdin, capture_output=True, text=True, check=check,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=check,
     )
 
 
@@ -297,10 +372,18 @@ def _create_kwok_node(state: TestBedState, name: str) -> None:
             },
         },
         "status": {
-            "allocatable": {"cpu": "96", "memory": "1Ti", "pods": "110",
-                            "nvidia.com/gpu": str(GPUS_PER_NODE)},
-            "capacity": {"cpu": "96", "memory": "1Ti", "pods": "110",
-                         "nvidia.com/gpu": str(GPUS_PER_NODE)},
+            "allocatable": {
+                "cpu": "96",
+                "memory": "1Ti",
+                "pods": "110",
+                "nvidia.com/gpu": str(GPUS_PER_NODE),
+            },
+            "capacity": {
+                "cpu": "96",
+                "memory": "1Ti",
+                "pods": "110",
+                "nvidia.com/gpu": str(GPUS_PER_NODE),
+            },
         },
     }
     kubectl(state, "apply", "--server-side", "-f", "-", stdin=json.dumps(node))
@@ -336,5 +419,3 @@ def down(*, quiet: bool = False) -> None:
 def encode_secret(values: dict[str, str]) -> dict[str, str]:
     """Secret `data` from plain strings."""
     return {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}
-
-

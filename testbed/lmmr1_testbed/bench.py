@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lmmr1_testbed import bed, procs
-from lmmr1_testbed.layout import BUILD_SCRIPT, REPO_ROOT, run_dir
+from lmmr1_testbed.layout import BUILD_SCRIPT, REPO_ROOT, ensure_binaries, run_dir
 
 RESULTS = REPO_ROOT / "docs" / "benchmarks.md"
 
@@ -57,13 +57,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache:
             gocache = Path(cache) / "go-build"
             start = time.monotonic()
-            subprocess.run(["bash", str(BUILD_SCRIPT)], check=True,
-                           env={**os.environ, "LMMR1_CACHE": cache, "GOCACHE": str(gocache)})
-            lines.append(f"| cold build of every binary (empty build cache, modules cached) "
-                         f"| {time.monotonic() - start:.0f} s |")
+            subprocess.run(
+                ["bash", str(BUILD_SCRIPT)],
+                check=True,
+                env={**os.environ, "LMMR1_CACHE": cache, "GOCACHE": str(gocache)},
+            )
+            lines.append(
+                f"| cold build of every binary (empty build cache, modules cached) "
+                f"| {time.monotonic() - start:.0f} s |"
+            )
     bed.down(quiet=True)
     start = time.monotonic()
-    bed.ensure_binaries()
+    ensure_binaries()
     cached = time.monotonic() - start
     start = time.monotonic()
     bed.up()
@@ -84,16 +89,24 @@ def main() -> None:
         *(f"| &nbsp;&nbsp;{name} | {mib:.0f} MiB |" for name, mib in memory.items()),
     ]
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join([
-        f"\n### Test bed, {stamp}\n",
-        f"Machine: {machine()}. Command: `make bench`"
-        + (" with `COLD=1`" if os.environ.get("COLD") else "") + ".\n",
-        "| what | measured |", "|---|---|", *lines, "",
-    ])
+    section = "\n".join(
+        [
+            f"\n### Test bed, {stamp}\n",
+            f"Machine: {machine()}. Command: `make bench`"
+            + (" with `COLD=1`" if os.environ.get("COLD") else "")
+            + ".\n",
+            "| what | measured |",
+            "|---|---|",
+            *lines,
+            "",
+        ]
+    )
     RESULTS.parent.mkdir(exist_ok=True)
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmarks\n\nEvery number here was measured by the command "
-                           "named beside it, on the machine named beside it.\n")
+        RESULTS.write_text(
+            "# Benchmarks\n\nEvery number here was measured by the command "
+            "named beside it, on the machine named beside it.\n"
+        )
     with RESULTS.open("a") as out:
         out.write(section)
     print(section)

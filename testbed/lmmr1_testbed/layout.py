@@ -86,8 +86,9 @@ class TestBedState:
         return {"KUBECONFIG": self.kubeconfig, "PATH": path, **self.s3_env()}
 
 
-def pod_log(state: TestBedState, namespace: str, pod: str, container: str,
-            *, previous: bool = False) -> str:
+def pod_log(
+    state: TestBedState, namespace: str, pod: str, container: str, *, previous: bool = False
+) -> str:
     """A container's output on the process node ('' before it has written any)."""
     name = f"{container}.previous.log" if previous else f"{container}.log"
     path = Path(state.run_dir) / "pods" / namespace / pod / name

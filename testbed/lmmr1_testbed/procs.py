@@ -7,12 +7,13 @@ Each component runs in its own session (process group) with its output in a log 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -97,21 +98,24 @@ def stop(name: str, run_dir: Path, *, grace: float = 10.0) -> bool:
     return True
 
 
-def kill_group(pid: int, *, grace: float) -> None:
-    """Terminate the process group led by `pid`, escalating to SIGKILL after `grace` s."""
+def kill_group(pid: int, *, grace: float, alive: Callable[[], bool] | None = None) -> None:
+    """Terminate the process group led by `pid`, escalating to SIGKILL after `grace` s.
+
+    `alive` tells whether the leader still runs; pass `lambda: popen.poll() is None` for a
+    child of ours, so its exit status stays with its Popen instead of being reaped here.
+    """
+    alive = alive or (lambda: is_alive(pid))
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not is_alive(pid):
+        if not alive():
             break
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def tail(path: Path, lines: int = 30) -> str:

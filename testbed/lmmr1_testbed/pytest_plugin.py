@@ -42,16 +42,27 @@ class Cli:
     name: str
     namespace: str | None = None
 
-    def __call__(self, *args: str, stdin: str | None = None, check: bool = True,
-                 env: dict[str, str] | None = None,
-                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
         argv = [self.state.binary(self.name), *args]
-        if self.namespace and not any(a in ("-n", "--namespace", "-A") or
-                                      a.startswith("--namespace=") for a in args):
+        if self.namespace and not any(
+            a in ("-n", "--namespace", "-A") or a.startswith("--namespace=") for a in args
+        ):
             argv[1:1] = ["--namespace", self.namespace]
         result = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=timeout,
-            env={**os.environ, **self.state.client_env(), **(env or {})}, check=False,
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **self.state.client_env(), **(env or {})},
+            check=False,
         )
         if check and result.returncode != 0:
             raise AssertionError(
@@ -65,7 +76,7 @@ class Cli:
 def kube_client(testbed: TestBedState) -> Any:
     from kubernetes import config
 
-    return config.new_client_from_config(config_file=testbed.kubeconfig)
+    return config.new_client_from_config(config_file=testbed.kubeconfig)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture
@@ -94,8 +105,11 @@ def s3_client(testbed: TestBedState) -> Any:
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=testbed.s3_endpoint, aws_access_key_id=testbed.s3_access_key,
-        aws_secret_access_key=testbed.s3_secret_key, region_name=testbed.s3_region,
+        "s3",
+        endpoint_url=testbed.s3_endpoint,
+        aws_access_key_id=testbed.s3_access_key,
+        aws_secret_access_key=testbed.s3_secret_key,
+        region_name=testbed.s3_region,
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
     )
 

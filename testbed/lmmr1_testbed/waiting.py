@@ -19,10 +19,13 @@ def diagnostics(state: TestBedState, namespace: str | None) -> str:
     kubectl = [state.binary("kubectl"), f"--kubeconfig={state.kubeconfig}"]
     events = subprocess.run(
         [*kubectl, "get", "events", *scope, "--sort-by=.lastTimestamp"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.splitlines()[-15:]
-    pods = subprocess.run([*kubectl, "get", "pods", *scope, "-o", "json"],
-                          capture_output=True, text=True, check=False).stdout
+    pods = subprocess.run(
+        [*kubectl, "get", "pods", *scope, "-o", "json"], capture_output=True, text=True, check=False
+    ).stdout
     lines = ["last events:", *events, "pods:"]
     try:
         items = json.loads(pods)["items"]
@@ -32,12 +35,17 @@ def diagnostics(state: TestBedState, namespace: str | None) -> str:
         status = pod.get("status", {})
         containers = [
             f"{c['name']}={next(iter(c.get('state', {'?': 0})))}"
-            + (f"({c['state']['terminated']['exitCode']})" if "terminated" in c.get("state", {})
-               else "")
+            + (
+                f"({c['state']['terminated']['exitCode']})"
+                if "terminated" in c.get("state", {})
+                else ""
+            )
             for c in status.get("initContainerStatuses", []) + status.get("containerStatuses", [])
         ]
-        lines.append(f"  {pod['metadata']['name']} on {pod['spec'].get('nodeName', '-')}: "
-                     f"{status.get('phase')} {' '.join(containers)}")
+        lines.append(
+            f"  {pod['metadata']['name']} on {pod['spec'].get('nodeName', '-')}: "
+            f"{status.get('phase')} {' '.join(containers)}"
+        )
     return "\n".join(lines)
 
 

@@ -35,9 +35,18 @@ print("config says", pathlib.Path("/etc/lmmr1-test/config.yaml").read_text().str
 
 
 def make_pod(name: str, containers: list[dict[str, Any]], **spec: Any) -> str:
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-           "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 5,
-                    **ON_PROCESS_NODE, "containers": containers, **spec}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 5,
+            **ON_PROCESS_NODE,
+            "containers": containers,
+            **spec,
+        },
+    }
     return json.dumps(pod)
 
 
@@ -53,30 +62,58 @@ def phase_is(kubectl: Cli, name: str, phase: str) -> Any:
 def test_sidecar_and_main_container_run_to_success(
     kubectl: Cli, wait: WaitFor, testbed: TestBedState, namespace: str
 ) -> None:
-    kubectl("create", "configmap", "cfg", "--from-literal=mode=fast",
-            "--from-literal=config.yaml=steps: 3")
+    kubectl(
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=mode=fast",
+        "--from-literal=config.yaml=steps: 3",
+    )
     kubectl("create", "secret", "generic", "creds", "--from-literal=KEY=s3cret")
-    kubectl("apply", "-f", "-", stdin=make_pod(
-        "two-containers",
-        initContainers=[{
-            "name": "verifier", "image": "lmmr1-trainer:dev", "restartPolicy": "Always",
-            "command": [sys.executable, "-c", SIDECAR], "env": [POD_IP_ENV],
-            "startupProbe": {"httpGet": {"path": "/healthz", "port": 8321},
-                             "periodSeconds": 1, "failureThreshold": 30},
-        }],
-        containers=[{
-            "name": "trainer", "image": "lmmr1-trainer:dev",
-            "command": [sys.executable, "-c", MAIN],
-            "env": [POD_IP_ENV,
-                    {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg",
-                                                                       "key": "mode"}}},
-                    {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "creds",
-                                                                   "key": "KEY"}}}],
-            "volumeMounts": [{"name": "config", "mountPath": "/etc/lmmr1-test",
-                              "readOnly": True}],
-        }],
-        volumes=[{"name": "config", "configMap": {"name": "cfg"}}],
-    ))
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "two-containers",
+            initContainers=[
+                {
+                    "name": "verifier",
+                    "image": "lmmr1-trainer:dev",
+                    "restartPolicy": "Always",
+                    "command": [sys.executable, "-c", SIDECAR],
+                    "env": [POD_IP_ENV],
+                    "startupProbe": {
+                        "httpGet": {"path": "/healthz", "port": 8321},
+                        "periodSeconds": 1,
+                        "failureThreshold": 30,
+                    },
+                }
+            ],
+            containers=[
+                {
+                    "name": "trainer",
+                    "image": "lmmr1-trainer:dev",
+                    "command": [sys.executable, "-c", MAIN],
+                    "env": [
+                        POD_IP_ENV,
+                        {
+                            "name": "MODE",
+                            "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}},
+                        },
+                        {
+                            "name": "KEY",
+                            "valueFrom": {"secretKeyRef": {"name": "creds", "key": "KEY"}},
+                        },
+                    ],
+                    "volumeMounts": [
+                        {"name": "config", "mountPath": "/etc/lmmr1-test", "readOnly": True}
+                    ],
+                }
+            ],
+            volumes=[{"name": "config", "configMap": {"name": "cfg"}}],
+        ),
+    )
     pod = wait("pod Succeeded", lambda: phase_is(kubectl, "two-containers", "Succeeded"))
     main = pod["status"]["containerStatuses"][0]
     assert main["state"]["terminated"]["exitCode"] == 0
@@ -87,15 +124,32 @@ def test_sidecar_and_main_container_run_to_success(
     assert "main got reward=1.0 with mode fast and key s3cret" in out
     assert "config says steps: 3" in out
     assert "sidecar listening on " + pod["status"]["podIP"] in pod_log(
-        testbed, namespace, "two-containers", "verifier")
+        testbed, namespace, "two-containers", "verifier"
+    )
 
 
 def test_a_container_exiting_3_fails_the_pod_with_exit_code_3(
     kubectl: Cli, wait: WaitFor, testbed: TestBedState, namespace: str
 ) -> None:
-    kubectl("apply", "-f", "-", stdin=make_pod("exit-three", [{
-        "name": "main", "image": "x",
-        "command": [sys.executable, "-c", "import sys; print('bad config'); sys.exit(3)"]}]))
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "exit-three",
+            [
+                {
+                    "name": "main",
+                    "image": "x",
+                    "command": [
+                        sys.executable,
+                        "-c",
+                        "import sys; print('bad config'); sys.exit(3)",
+                    ],
+                }
+            ],
+        ),
+    )
     pod = wait("pod Failed", lambda: phase_is(kubectl, "exit-three", "Failed"))
     state = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert state["exitCode"] == 3 and state["reason"] == "Error"
@@ -103,15 +157,33 @@ def test_a_container_exiting_3_fails_the_pod_with_exit_code_3(
 
 
 def test_missing_secret_waits_with_a_clear_reason_then_runs(kubectl: Cli, wait: WaitFor) -> None:
-    kubectl("apply", "-f", "-", stdin=make_pod("needs-secret", [{
-        "name": "main", "image": "x", "command": [sys.executable, "-c", "print('ok')"],
-        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "later", "key": "K"}}}]}]))
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "needs-secret",
+            [
+                {
+                    "name": "main",
+                    "image": "x",
+                    "command": [sys.executable, "-c", "print('ok')"],
+                    "env": [
+                        {"name": "K", "valueFrom": {"secretKeyRef": {"name": "later", "key": "K"}}}
+                    ],
+                }
+            ],
+        ),
+    )
 
     def waiting_reason() -> str | None:
         statuses = pod_json(kubectl, "needs-secret")["status"].get("containerStatuses", [])
         waiting = statuses[0]["state"].get("waiting", {}) if statuses else {}
-        return waiting.get("message") if waiting.get("reason") == \
-            "CreateContainerConfigError" else None
+        return (
+            waiting.get("message")
+            if waiting.get("reason") == "CreateContainerConfigError"
+            else None
+        )
 
     assert "'later' not found" in wait("CreateContainerConfigError", waiting_reason)
     kubectl("create", "secret", "generic", "later", "--from-literal=K=v")
@@ -123,8 +195,13 @@ def test_pods_reach_the_api_with_their_service_account_under_rbac(
 ) -> None:
     kubectl("create", "serviceaccount", "watcher")
     kubectl("create", "role", "pod-reader", "--verb=get", "--resource=pods")
-    kubectl("create", "rolebinding", "watcher", "--role=pod-reader",
-            f"--serviceaccount={namespace}:watcher")
+    kubectl(
+        "create",
+        "rolebinding",
+        "watcher",
+        "--role=pod-reader",
+        f"--serviceaccount={namespace}:watcher",
+    )
     script = (
         "import os\nfrom kubernetes import client, config\nconfig.load_incluster_config()\n"
         "api = client.CoreV1Api()\n"
@@ -133,10 +210,25 @@ def test_pods_reach_the_api_with_their_service_account_under_rbac(
         "try:\n    api.list_namespaced_secret(ns)\n"
         "except client.ApiException as err:\n    print('secrets', err.status)\n"
     )
-    kubectl("apply", "-f", "-", stdin=make_pod("in-cluster", [{
-        "name": "main", "image": "x", "command": [sys.executable, "-c", script],
-        "env": [{"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}],
-        serviceAccountName="watcher"))
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "in-cluster",
+            [
+                {
+                    "name": "main",
+                    "image": "x",
+                    "command": [sys.executable, "-c", script],
+                    "env": [
+                        {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+                    ],
+                }
+            ],
+            serviceAccountName="watcher",
+        ),
+    )
     pod = wait("pod Succeeded", lambda: phase_is(kubectl, "in-cluster", "Succeeded"), 90)
     out = pod_log(testbed, namespace, "in-cluster", "main")
     assert f"my ip {pod['status']['podIP']}" in out
@@ -144,9 +236,21 @@ def test_pods_reach_the_api_with_their_service_account_under_rbac(
 
 
 def test_deleting_a_pod_kills_its_processes(kubectl: Cli, wait: WaitFor) -> None:
-    kubectl("apply", "-f", "-", stdin=make_pod("sleeper", [{
-        "name": "main", "image": "x",
-        "command": [sys.executable, "-c", "import time\nwhile True: time.sleep(1)"]}]))
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "sleeper",
+            [
+                {
+                    "name": "main",
+                    "image": "x",
+                    "command": [sys.executable, "-c", "import time\nwhile True: time.sleep(1)"],
+                }
+            ],
+        ),
+    )
     pod = wait("pod Running", lambda: phase_is(kubectl, "sleeper", "Running"))
     pid = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
     os.kill(pid, 0)  # alive

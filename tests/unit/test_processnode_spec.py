@@ -12,11 +12,15 @@ import pytest
 from lmmr1_testbed.processnode import spec
 
 POD = {
-    "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "x"},
-                 "annotations": {"a": "b"}},
+    "metadata": {
+        "name": "p",
+        "namespace": "ns",
+        "uid": "u-1",
+        "labels": {"app": "x"},
+        "annotations": {"a": "b"},
+    },
     "spec": {"nodeName": "n1", "serviceAccountName": "sa"},
-    "status": {"podIP": "127.101.0.7", "hostIP": "127.0.0.1",
-               "podIPs": [{"ip": "127.101.0.7"}]},
+    "status": {"podIP": "127.101.0.7", "hostIP": "127.0.0.1", "podIPs": [{"ip": "127.101.0.7"}]},
 }
 OBJECTS = {
     ("secret", "creds"): {"KEY": b"s3cret", "OTHER": b"o"},
@@ -30,8 +34,13 @@ def lookup(kind: str, name: str) -> dict[str, bytes] | None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("500m", Decimal("0.5")), ("2Gi", Decimal(2 * 2**30)), ("1e3", Decimal(1000)),
-     ("8", Decimal(8)), ("1.5k", Decimal(1500))],
+    [
+        ("500m", Decimal("0.5")),
+        ("2Gi", Decimal(2 * 2**30)),
+        ("1e3", Decimal(1000)),
+        ("8", Decimal(8)),
+        ("1.5k", Decimal(1500)),
+    ],
 )
 def test_parse_quantity(text: str, expected: Decimal) -> None:
     assert spec.parse_quantity(text) == expected
@@ -59,10 +68,14 @@ def test_container_env_resolves_every_source_in_order() -> None:
             {"name": "ADDR", "value": "$(POD_IP):8000"},
             {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
             {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "KEY"}}},
-            {"name": "OPT", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "K",
-                                                           "optional": True}}},
-            {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {
-                "resource": "limits.memory", "divisor": "1Mi"}}},
+            {
+                "name": "OPT",
+                "valueFrom": {"secretKeyRef": {"name": "nope", "key": "K", "optional": True}},
+            },
+            {
+                "name": "MEM_MI",
+                "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}},
+            },
         ],
     }
     env = spec.container_env(POD, container, lookup, {"PATH": "/bin"})
@@ -76,8 +89,10 @@ def test_container_env_resolves_every_source_in_order() -> None:
 
 
 def test_missing_secret_is_a_config_error_naming_it() -> None:
-    container = {"name": "c", "env": [
-        {"name": "K", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "K"}}}]}
+    container = {
+        "name": "c",
+        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "K"}}}],
+    }
     with pytest.raises(spec.ConfigError, match="secret ns/'absent' not found"):
         spec.container_env(POD, container, lookup, {})
 
@@ -93,24 +108,43 @@ def test_volume_content_for_each_type() -> None:
     def token(projection: dict[str, object]) -> str:
         return f"token-for-{projection.get('audience', 'api')}"
 
-    projected = spec.volume_content(POD, {"name": "kube-api-access", "projected": {"sources": [
-        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
-        {"configMap": {"name": "cfg", "items": [{"key": "mode", "path": "m"}]}},
-        {"downwardAPI": {"items": [{"path": "namespace",
-                                    "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
-    ]}}, lookup, token)
+    projected = spec.volume_content(
+        POD,
+        {
+            "name": "kube-api-access",
+            "projected": {
+                "sources": [
+                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                    {"configMap": {"name": "cfg", "items": [{"key": "mode", "path": "m"}]}},
+                    {
+                        "downwardAPI": {
+                            "items": [
+                                {
+                                    "path": "namespace",
+                                    "fieldRef": {"fieldPath": "metadata.namespace"},
+                                }
+                            ]
+                        }
+                    },
+                ]
+            },
+        },
+        lookup,
+        token,
+    )
     assert isinstance(projected, spec.VolumeFiles)
     assert projected.files["token"][0] == b"token-for-api"
     assert projected.files["m"][0] == b"fast"
     assert projected.files["namespace"][0] == b"ns"
 
-    secret = spec.volume_content(POD, {"name": "s", "secret": {"secretName": "creds",
-                                                               "defaultMode": 0o400}},
-                                 lookup, token)
+    secret = spec.volume_content(
+        POD, {"name": "s", "secret": {"secretName": "creds", "defaultMode": 0o400}}, lookup, token
+    )
     assert isinstance(secret, spec.VolumeFiles)
     assert secret.files["KEY"] == (b"s3cret", 0o400)
-    assert spec.volume_content(POD, {"name": "e", "emptyDir": {}}, lookup, token) == \
-        spec.VolumeDir("emptyDir", "")
+    assert spec.volume_content(POD, {"name": "e", "emptyDir": {}}, lookup, token) == spec.VolumeDir(
+        "emptyDir", ""
+    )
     with pytest.raises(spec.ConfigError, match="not found"):
         spec.volume_content(POD, {"name": "c", "configMap": {"name": "absent"}}, lookup, token)
 
@@ -125,8 +159,11 @@ def test_launch_script_bind_mounts_in_a_private_namespace(tmp_path: Path) -> Non
     source.mkdir()
     (source / "config.yaml").write_text("hello from the volume\n")
     target = tmp_path / "mnt" / "etc"
-    argv = spec.launch_script([(str(source), str(target), True)], str(tmp_path),
-                              ["sh", "-c", "cat $0/config.yaml; pwd", str(target)])
+    argv = spec.launch_script(
+        [(str(source), str(target), True)],
+        str(tmp_path),
+        ["sh", "-c", "cat $0/config.yaml; pwd", str(target)],
+    )
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["hello from the volume", str(tmp_path)]

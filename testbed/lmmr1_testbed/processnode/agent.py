@@ -20,10 +20,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client import ApiException
 
 from lmmr1_testbed.processnode import spec as podspec
 from lmmr1_testbed.processnode.runner import PodRunner
@@ -57,11 +57,13 @@ class Api:
     def lookup(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None:
         try:
             if kind == "secret":
-                raw = self._json(self.core.read_namespaced_secret(
-                    name, namespace, _preload_content=False))
+                raw = self._json(
+                    self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+                )
                 return podspec.decode_secret(raw)
-            raw = self._json(self.core.read_namespaced_config_map(
-                name, namespace, _preload_content=False))
+            raw = self._json(
+                self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
+            )
             return podspec.decode_configmap(raw)
         except ApiException as err:
             if err.status == 404:
@@ -70,16 +72,22 @@ class Api:
 
     def token(self, pod: Obj, projection: Obj) -> str:
         meta = pod["metadata"]
-        body = {
+        body: Any = {
             "spec": {
                 "audiences": [projection["audience"]] if projection.get("audience") else None,
                 "expirationSeconds": projection.get("expirationSeconds", 3607),
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
-                                   "uid": meta["uid"]},
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
             }
         }
         response = self.core.create_namespaced_service_account_token(
-            pod["spec"].get("serviceAccountName", "default"), meta["namespace"], body,
+            pod["spec"].get("serviceAccountName", "default"),
+            meta["namespace"],
+            body,
             _preload_content=False,
         )
         return str(self._json(response)["status"]["token"])
@@ -87,7 +95,9 @@ class Api:
     def patch_status(self, pod: Obj, status: Obj) -> None:
         meta = pod["metadata"]
         self.core.patch_namespaced_pod_status(
-            meta["name"], meta["namespace"], {"status": status},
+            meta["name"],
+            meta["namespace"],
+            {"status": status},
             _content_type="application/merge-patch+json",
         )
 
@@ -95,7 +105,9 @@ class Api:
         meta = pod["metadata"]
         try:
             self.core.delete_namespaced_pod(
-                meta["name"], meta["namespace"], grace_period_seconds=0,
+                meta["name"],
+                meta["namespace"],
+                grace_period_seconds=0,
                 body=client.V1DeleteOptions(
                     grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])
                 ),
@@ -106,15 +118,24 @@ class Api:
 
 
 def node_manifest(name: str, gpus: int) -> Obj:
-    capacity = {"cpu": "64", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus),
-                "ephemeral-storage": "1Ti"}
+    capacity = {
+        "cpu": "64",
+        "memory": "256Gi",
+        "pods": "110",
+        "nvidia.com/gpu": str(gpus),
+        "ephemeral-storage": "1Ti",
+    }
     return {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
             "name": name,
-            "labels": {NODE_LABEL: "true", "kubernetes.io/hostname": name,
-                       "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"},
+            "labels": {
+                NODE_LABEL: "true",
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+            },
         },
         # Only pods that opt in (tolerate the taint) run here as local processes.
         "spec": {"taints": [{"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}]},
@@ -125,26 +146,52 @@ def node_manifest(name: str, gpus: int) -> Obj:
 def node_status(gpus: int) -> Obj:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     capacity = node_manifest("", gpus)["status"]["capacity"]
-    return {"status": {
-        "capacity": capacity,
-        "allocatable": capacity,
-        "addresses": [{"type": "InternalIP", "address": HOST_IP},
-                      {"type": "Hostname", "address": "localhost"}],
-        "conditions": [
-            {"type": "Ready", "status": "True", "reason": "KubeletReady",
-             "message": "process node is posting ready status",
-             "lastHeartbeatTime": stamp, "lastTransitionTime": stamp},
-            *({"type": kind, "status": "False", "reason": f"KubeletHas{reason}",
-               "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
-              for kind, reason in (("MemoryPressure", "SufficientMemory"),
-                                   ("DiskPressure", "NoDiskPressure"),
-                                   ("PIDPressure", "SufficientPID"))),
-        ],
-        "nodeInfo": {"kubeletVersion": "v0.0.0-processnode", "operatingSystem": "linux",
-                     "architecture": "amd64", "containerRuntimeVersion": "process://",
-                     "kernelVersion": os.uname().release, "osImage": "lmmr1 process node",
-                     "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
-    }}
+    return {
+        "status": {
+            "capacity": capacity,
+            "allocatable": capacity,
+            "addresses": [
+                {"type": "InternalIP", "address": HOST_IP},
+                {"type": "Hostname", "address": "localhost"},
+            ],
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "process node is posting ready status",
+                    "lastHeartbeatTime": stamp,
+                    "lastTransitionTime": stamp,
+                },
+                *(
+                    {
+                        "type": kind,
+                        "status": "False",
+                        "reason": f"KubeletHas{reason}",
+                        "lastHeartbeatTime": stamp,
+                        "lastTransitionTime": stamp,
+                    }
+                    for kind, reason in (
+                        ("MemoryPressure", "SufficientMemory"),
+                        ("DiskPressure", "NoDiskPressure"),
+                        ("PIDPressure", "SufficientPID"),
+                    )
+                ),
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "v0.0.0-processnode",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "process://",
+                "kernelVersion": os.uname().release,
+                "osImage": "lmmr1 process node",
+                "kubeProxyVersion": "",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
+        }
+    }
 
 
 class Agent:
@@ -174,7 +221,7 @@ class Agent:
     def register(self) -> None:
         core = self.api.core
         try:
-            core.create_node(node_manifest(self.node, self.gpus))
+            core.create_node(cast(Any, node_manifest(self.node, self.gpus)))
         except ApiException as err:
             if err.status != 409:
                 raise
@@ -183,9 +230,10 @@ class Agent:
     def heartbeat(self) -> None:
         self.api.core.patch_node_status(self.node, node_status(self.gpus))
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        lease = {"metadata": {"name": self.node, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40,
-                          "renewTime": stamp}}
+        lease: Any = {
+            "metadata": {"name": self.node, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": stamp},
+        }
         try:
             self.api.coordination.patch_namespaced_lease(self.node, "kube-node-lease", lease)
         except ApiException as err:
@@ -206,16 +254,15 @@ class Agent:
             runner = self.runners.get(uid)
             if pod["metadata"].get("deletionTimestamp"):
                 grace = float(pod["metadata"].get("deletionGracePeriodSeconds") or 0)
-                if runner is None:
-                    self.api.finalize_deletion(pod)
-                elif runner.finished.is_set():
+                if runner is None or runner.finished.is_set():
                     self.api.finalize_deletion(pod)
                 else:
                     runner.stop(grace)
                 continue
             if runner is None and pod.get("status", {}).get("phase") in (None, "Pending"):
-                runner = PodRunner(pod, self.api, self.allocate_ip(uid), HOST_IP,
-                                   self.pods_dir, self.base_env)
+                runner = PodRunner(
+                    pod, self.api, self.allocate_ip(uid), HOST_IP, self.pods_dir, self.base_env
+                )
                 self.runners[uid] = runner
                 runner.start()
         for uid in list(self.runners):
@@ -243,9 +290,11 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lmmr1_testbed.processnode",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lmmr1_testbed.processnode",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--node-name", required=True)
     parser.add_argument("--pods-dir", required=True, type=Path)
@@ -253,10 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", type=int, default=8, help="fake nvidia.com/gpu capacity")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    api_client = config.new_client_from_config(config_file=args.kubeconfig)
+    api_client = config.new_client_from_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
     agent = Agent(Api(api_client), args.node_name, args.pods_dir, args.apiserver, args.gpus)
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
     agent.run()
-
-

@@ -47,7 +47,10 @@ def run_probe(probe: Obj, container: Obj, pod_ip: str, env: Mapping[str, str]) -
                 return True
         if "exec" in probe:
             result = subprocess.run(
-                probe["exec"]["command"], env=dict(env), capture_output=True, timeout=timeout,
+                probe["exec"]["command"],
+                env=dict(env),
+                capture_output=True,
+                timeout=timeout,
                 check=False,
             )
             return result.returncode == 0

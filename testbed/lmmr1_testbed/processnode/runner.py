@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +39,10 @@ class NodeApi(Protocol):
     def patch_status(self, pod: Obj, status: Obj) -> None: ...
 
 
+def _still_running(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
+    return lambda: proc.poll() is None
+
+
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -57,6 +62,7 @@ class Container:
     ready: bool = False
     started: bool = False
     next_start: float = 0.0
+    pending_start: bool = False  # (re)start once `next_start` has passed
     next_probe: float = 0.0
     done: bool = False  # terminated and will not be restarted
 
@@ -81,8 +87,15 @@ class Container:
 
 
 class PodRunner(threading.Thread):
-    def __init__(self, pod: Obj, api: NodeApi, pod_ip: str, host_ip: str, pods_dir: Path,
-                 base_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        pod: Obj,
+        api: NodeApi,
+        pod_ip: str,
+        host_ip: str,
+        pods_dir: Path,
+        base_env: dict[str, str],
+    ) -> None:
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
         self.pod = pod
@@ -107,7 +120,7 @@ class PodRunner(threading.Thread):
         self.mounts: dict[str, str] = {}
         self._last_status: Obj | None = None
         self._transitions: dict[str, tuple[bool, str]] = {}
-        self._initialized = False
+        self._init_containers_done = False
 
     # ----- lifecycle -------------------------------------------------------------------
 
@@ -123,7 +136,7 @@ class PodRunner(threading.Thread):
             if not self.stop_requested.is_set():
                 self._run()
         except Exception as err:  # the node must survive any pod
-            log.exception("pod %s failed in the process node", self.name)
+            log.exception("pod %s failed in the process node", self.label)
             self.phase, self.reason, self.message = "Failed", "ProcessNodeError", str(err)
         finally:
             self._terminate_all(self.grace)
@@ -138,8 +151,9 @@ class PodRunner(threading.Thread):
                 return
             except podspec.ConfigError as err:
                 for c in self.containers:
-                    c.state = {"waiting": {"reason": "CreateContainerConfigError",
-                                           "message": str(err)}}
+                    c.state = {
+                        "waiting": {"reason": "CreateContainerConfigError", "message": str(err)}
+                    }
                 self._push_status()
                 self.stop_requested.wait(2.0)
 
@@ -148,7 +162,8 @@ class PodRunner(threading.Thread):
         volumes_dir = self.dir / "volumes"
         for volume in self.pod["spec"].get("volumes", []):
             content = podspec.volume_content(
-                self.pod, volume,
+                self.pod,
+                volume,
                 lambda kind, name: self.api.lookup(kind, namespace, name),
                 lambda projection: self.api.token(self.pod, projection),
             )
@@ -172,7 +187,7 @@ class PodRunner(threading.Thread):
             self.mounts[volume["name"]] = str(target)
 
     @property
-    def name(self) -> str:
+    def label(self) -> str:
         return f"{self.pod['metadata']['namespace']}/{self.pod['metadata']['name']}"
 
     # ----- the main loop ---------------------------------------------------------------
@@ -190,14 +205,14 @@ class PodRunner(threading.Thread):
                 self._start(c)
                 if not self._wait_started(c):
                     return
-        self._initialized = True
+        self._init_containers_done = True
         for c in self.containers:
             if c.kind == "main":
                 self._start(c)
-        self.phase = "Running"
-        self._push_status()
         while not self.stop_requested.is_set():
             self._tick()
+            if any(c.proc is not None or c.done for c in self.containers if c.kind == "main"):
+                self.phase = "Running"
             mains = [c for c in self.containers if c.kind == "main"]
             if all(c.done for c in mains):
                 ok = all(c.state["terminated"]["exitCode"] == 0 for c in mains)
@@ -209,7 +224,7 @@ class PodRunner(threading.Thread):
 
     def _run_to_completion(self, c: Container) -> bool:
         while not self.stop_requested.is_set():
-            if c.proc is None and time.monotonic() >= c.next_start:
+            if c.proc is None and not c.done and time.monotonic() >= c.next_start:
                 self._start(c)
             self._tick()
             if c.done:
@@ -238,7 +253,7 @@ class PodRunner(threading.Thread):
                 code = c.proc.poll()
                 if code is not None:
                     self._exited(c, code)
-            elif not c.done and c.restarts and time.monotonic() >= c.next_start:
+            elif c.pending_start and time.monotonic() >= c.next_start:
                 self._start(c)
             if c.proc is not None:
                 self._probe(c)
@@ -247,15 +262,17 @@ class PodRunner(threading.Thread):
         # A signal exit reads as 128+signal, as a container runtime reports it.
         exit_code = 128 - code if code < 0 else code
         running = c.state.get("running", {})
-        c.state = {"terminated": {
-            "exitCode": exit_code,
-            "reason": "Completed" if exit_code == 0 else "Error",
-            "startedAt": running.get("startedAt", now()),
-            "finishedAt": now(),
-            "containerID": f"process://{c.proc.pid if c.proc else 0}",
-        }}
+        c.state = {
+            "terminated": {
+                "exitCode": exit_code,
+                "reason": "Completed" if exit_code == 0 else "Error",
+                "startedAt": running.get("startedAt", now()),
+                "finishedAt": now(),
+                "containerID": f"process://{c.proc.pid if c.proc else 0}",
+            }
+        }
         c.proc, c.ready, c.started = None, False, False
-        log.info("pod %s container %s exited %d", self.name, c.name, exit_code)
+        log.info("pod %s container %s exited %d", self.label, c.name, exit_code)
         restart = (
             c.kind == "sidecar"
             or (c.kind == "main" and self.restart_policy == "Always")
@@ -265,6 +282,7 @@ class PodRunner(threading.Thread):
             c.last_state = c.state
             c.restarts += 1
             c.next_start = time.monotonic() + min(MAX_BACKOFF_S, 2.0 ** (c.restarts - 1))
+            c.pending_start = True
             c.state = {"waiting": {"reason": "CrashLoopBackOff" if exit_code else "Completed"}}
         else:
             c.done = True
@@ -272,16 +290,18 @@ class PodRunner(threading.Thread):
     def _start(self, c: Container) -> None:
         try:
             env = podspec.container_env(
-                self.pod, c.spec,
+                self.pod,
+                c.spec,
                 lambda kind, name: self.api.lookup(kind, self.pod["metadata"]["namespace"], name),
                 self.base_env,
             )
             argv = podspec.command_line(c.spec, env)
         except podspec.ConfigError as err:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
-            c.restarts += 0
+            c.pending_start = True
             c.next_start = time.monotonic() + 2.0
             return
+        c.pending_start = False
         workdir = self.dir / "containers" / c.name
         workdir.mkdir(parents=True, exist_ok=True)
         mounts = []
@@ -296,8 +316,12 @@ class PodRunner(threading.Thread):
             logfile.replace(self.dir / f"{c.name}.previous.log")
         with open(logfile, "ab") as out:
             c.proc = subprocess.Popen(
-                launch, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
+                launch,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         c.env, c.argv = env, argv
         c.state = {"running": {"startedAt": now()}}
@@ -308,7 +332,7 @@ class PodRunner(threading.Thread):
         )
         c.started = "startupProbe" not in c.spec
         c.ready = c.started and "readinessProbe" not in c.spec and c.kind != "init"
-        log.info("pod %s container %s started: %s", self.name, c.name, argv)
+        log.info("pod %s container %s started: %s", self.label, c.name, argv)
 
     def _probe(self, c: Container) -> None:
         if time.monotonic() < c.next_probe:
@@ -332,29 +356,38 @@ class PodRunner(threading.Thread):
             c for c in reversed(self.containers) if c.kind != "main"
         ]
         for c in order:
-            if c.proc is not None and c.proc.poll() is None:
-                procs.kill_group(c.proc.pid, grace=grace)
+            proc = c.proc
+            if proc is not None and proc.poll() is None:
+                procs.kill_group(proc.pid, grace=grace, alive=_still_running(proc))
             if c.proc is not None:
                 self._exited(c, c.proc.wait())
             c.done = True
             if "waiting" in c.state and self.phase in ("Pending", "Running"):
-                c.state = {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown",
-                                          "finishedAt": now()}}
+                c.state = {
+                    "terminated": {
+                        "exitCode": 137,
+                        "reason": "ContainerStatusUnknown",
+                        "finishedAt": now(),
+                    }
+                }
 
     # ----- status ----------------------------------------------------------------------
 
     def status(self) -> Obj:
         inits = [c for c in self.containers if c.kind != "main"]
         mains = [c for c in self.containers if c.kind == "main"]
-        ready = all(c.ready for c in mains) and all(c.ready for c in inits
-                                                    if c.kind == "sidecar")
+        ready = all(c.ready for c in mains) and all(c.ready for c in inits if c.kind == "sidecar")
         ready = ready and self.phase == "Running"
+
         def cond(kind: str, value: bool, reason: str | None = None) -> Obj:
             previous = self._transitions.get(kind)
             if previous is None or previous[0] != value:
                 self._transitions[kind] = previous = (value, now())
-            out: Obj = {"type": kind, "status": "True" if value else "False",
-                        "lastTransitionTime": previous[1]}
+            out: Obj = {
+                "type": kind,
+                "status": "True" if value else "False",
+                "lastTransitionTime": previous[1],
+            }
             if not value and reason:
                 out["reason"] = reason
             return out
@@ -369,7 +402,7 @@ class PodRunner(threading.Thread):
             "qosClass": self.pod.get("status", {}).get("qosClass", "BestEffort"),
             "conditions": [
                 cond("PodReadyToStartContainers", True),
-                cond("Initialized", self._initialized, "ContainersNotInitialized"),
+                cond("Initialized", self._init_containers_done, "ContainersNotInitialized"),
                 cond("ContainersReady", ready, "ContainersNotReady"),
                 cond("Ready", ready, "ContainersNotReady"),
                 cond("PodScheduled", True),
@@ -390,4 +423,4 @@ class PodRunner(threading.Thread):
             self.api.patch_status(self.pod, status)
             self._last_status = comparable
         except Exception as err:  # transient API errors: retried on the next tick
-            log.warning("pod %s: status update failed: %s", self.name, err)
+            log.warning("pod %s: status update failed: %s", self.label, err)

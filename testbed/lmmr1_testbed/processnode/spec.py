@@ -22,10 +22,12 @@ class ConfigError(Exception):
     """The pod cannot start yet (e.g. a missing Secret): kubelet's CreateContainerConfigError."""
 
 
-_SUFFIXES = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+_SUFFIXES: dict[str, Decimal] = {
+    **{s: Decimal(2) ** (10 * (i + 1)) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Decimal(10) ** (3 * i) for i, s in enumerate(("", "k", "M", "G", "T", "P", "E"))},
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
 }
 
 
@@ -34,7 +36,7 @@ def parse_quantity(text: str | int | float) -> Decimal:
     match = re.fullmatch(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)", str(text).strip())
     if not match or match.group(2) not in _SUFFIXES:
         raise ValueError(f"invalid quantity {text!r}")
-    return Decimal(match.group(1)) * Decimal(_SUFFIXES[match.group(2)])
+    return Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
 
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -259,9 +261,7 @@ def decode_configmap(configmap: Obj) -> dict[str, bytes]:
     return data
 
 
-def launch_script(
-    mounts: list[tuple[str, str, bool]], workdir: str, argv: list[str]
-) -> list[str]:
+def launch_script(mounts: list[tuple[str, str, bool]], workdir: str, argv: list[str]) -> list[str]:
     """The argv that runs `argv` in a private mount namespace with each (source, target,
     read_only) bind-mounted, after `cd workdir`. `unshare` execs, so the pid stays the
     container's main process."""
@@ -270,7 +270,7 @@ def launch_script(
         src, dst = shlex.quote(source), shlex.quote(target)
         lines.append(
             f"if [ -d {src} ]; then mkdir -p {dst}; "
-            f"else mkdir -p \"$(dirname {dst})\"; [ -e {dst} ] || touch {dst}; fi"
+            f'else mkdir -p "$(dirname {dst})"; [ -e {dst} ] || touch {dst}; fi'
         )
         lines.append(f"mount --bind {src} {dst}")
         if read_only:
@@ -278,5 +278,15 @@ def launch_script(
     lines.append(f"cd {shlex.quote(workdir)}")
     lines.append('exec "$@"')
     script = "\n".join(lines)
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
-            "container", *argv]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        script,
+        "container",
+        *argv,
+    ]
