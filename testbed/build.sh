@@ -9,14 +9,16 @@
 # build never leaves a half-written binary that a later run would trust.
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# Only shell builtins until the prerequisites are checked, so a bare PATH gets the clear line.
+here="$(cd "${BASH_SOURCE[0]%/*}" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
 need() {
   command -v "$1" >/dev/null 2>&1 || { echo "testbed: '$1' not found: $2" >&2; exit 127; }
 }
-need go "install Go >= 1.26 (https://go.dev/doc/install; Debian: apt-get install golang)"
+need go "install Go >= 1.26 (https://go.dev/doc/install)"
+for tool in sha256sum cut cat mktemp; do need "$tool" "install coreutils"; done
 
 key="k8s-${KUBERNETES_VERSION}_helm-${HELM_VERSION}_kwok-${KWOK_VERSION}_vgw-${VERSITYGW_VERSION}_$(cat "$here/versions.env" "$here/gomod/k8s/go.mod" "$here/gomod/k8s/go.sum" | sha256sum | cut -c1-12)"
 cache_root="${LMMR1_CACHE:-$HOME/.cache/lmmr1}/testbed"

@@ -412,8 +412,26 @@ def down(*, quiet: bool = False) -> None:
     for name in reversed(COMPONENTS):
         if procs.stop(name, directory, grace=15 if name == "process-node" else 5) and not quiet:
             log(f"stopped {name}")
+    # Pods' processes run in their own sessions; the node stops them, unless it was killed
+    # hard, so reap any that outlived it.
+    for pid_file in (directory / "pods").glob("*/*/*.pid"):
+        try:
+            pid = int(pid_file.read_text())
+        except ValueError:
+            continue
+        if procs.is_alive(pid) and _is_pod_process(pid, pid_file.parent):
+            procs.kill_group(pid, grace=2)
     if not quiet:
         log(f"down ({directory} kept for inspection; removed at the next up)")
+
+
+def _is_pod_process(pid: int, pod_dir: Path) -> bool:
+    """Guard against pid reuse: the process must still have the pod's environment."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"LMMR1_TESTBED_POD_DIR={pod_dir}".encode() in environ
 
 
 def encode_secret(values: dict[str, str]) -> dict[str, str]:

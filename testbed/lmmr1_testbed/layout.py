@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,18 +23,32 @@ def run_dir() -> Path:
 
 
 def ensure_binaries() -> Path:
-    """Build (or reuse from the cache) every binary; returns the directory that holds them."""
+    """Build (or reuse from the cache) every binary; returns the directory that holds them.
+
+    Progress lines from the build go to stderr as they come; a missing prerequisite
+    (exit code 127) becomes a PrerequisiteMissing carrying build.sh's one-line message.
+    """
     try:
-        result = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)], check=False, stdout=subprocess.PIPE, text=True
+        proc = subprocess.Popen(
+            ["bash", str(BUILD_SCRIPT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     except FileNotFoundError as err:
-        raise PrerequisiteMissing("bash not found: install bash") from err
-    if result.returncode == 127:
-        raise PrerequisiteMissing("a build prerequisite is missing (see the line above)")
-    if result.returncode != 0:
-        raise RuntimeError(f"testbed/build.sh failed with exit code {result.returncode}")
-    return Path(result.stdout.strip().splitlines()[-1])
+        raise PrerequisiteMissing("'bash' not found: install bash") from err
+    assert proc.stderr is not None and proc.stdout is not None
+    last_line = ""
+    for line in proc.stderr:
+        last_line = line.strip()
+        if " not found: " not in line:
+            sys.stderr.write(line)
+    stdout = proc.stdout.read()
+    if proc.wait() == 127:
+        raise PrerequisiteMissing(last_line.removeprefix("testbed: "))
+    if proc.returncode != 0:
+        raise RuntimeError(f"testbed/build.sh failed with exit code {proc.returncode}")
+    return Path(stdout.strip().splitlines()[-1])
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from lmmr1_testbed import bed
-from lmmr1_testbed.layout import TestBedState
+from lmmr1_testbed.layout import PrerequisiteMissing, TestBedState
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,10 @@ def testbed() -> Iterator[TestBedState]:
     if running is not None:
         yield running
         return
-    state = bed.up()
+    try:
+        state = bed.up()
+    except (PrerequisiteMissing, RuntimeError) as err:
+        pytest.fail(f"the test bed did not start: {err}", pytrace=False)
     try:
         yield state
     finally:

@@ -103,7 +103,7 @@ class PodRunner(threading.Thread):
         self.pod_ip = pod_ip
         self.host_ip = host_ip
         self.dir = pods_dir / meta["namespace"] / meta["name"]
-        self.base_env = base_env
+        self.base_env = {**base_env, "LMMR1_TESTBED_POD_DIR": str(self.dir)}
         self.stop_requested = threading.Event()
         self.grace = 30.0
         self.finished = threading.Event()
@@ -324,6 +324,8 @@ class PodRunner(threading.Thread):
                 start_new_session=True,
             )
         c.env, c.argv = env, argv
+        # `down` reads these to reap pods' processes if the node itself was killed hard.
+        (self.dir / f"{c.name}.pid").write_text(str(c.proc.pid))
         c.state = {"running": {"startedAt": now()}}
         c.next_probe = time.monotonic() + float(
             (c.spec.get("startupProbe") or c.spec.get("readinessProbe") or {}).get(
