@@ -1,1 +1,1 @@
-"""Everything that runs inside an LMM-R1 stage's pods: rollouts, verifier, RL trainer, checkpoints."""
+"""Everything that runs inside an LMM-R1 stage's pods: rollouts, verifier, trainer, checkpoints."""
