@@ -1,0 +1,65 @@
+"""`LMMR1Run.status`: what the operator observed. Written only by the operator."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lmmr1_operator.api.base import ApiModel
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+
+
+class Condition(ApiModel):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(max_length=316, pattern=r"^([a-zA-Z0-9.-]+/)?[A-Za-z][A-Za-z0-9_]*$")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class StageStatus(ApiModel):
+    """One stage's record."""
+
+    name: str = Field(max_length=63)
+    phase: StagePhase = "Pending"
+    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    step: int | None = Field(default=None, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    reward: float | None = None
+    accuracy: float | None = None
+    initial_reward: float | None = Field(default=None, description="Mean reward at step 1.")
+    init_checkpoint: str | None = Field(default=None, max_length=2048)
+    final_checkpoint: str | None = Field(default=None, max_length=2048)
+    restarts: int = Field(default=0, ge=0)
+
+
+class LMMR1RunStatus(ApiModel):
+    """Observed state. `stage`/`step`/`reward` describe the stage that runs now."""
+
+    phase: Phase | None = None
+    stage: str | None = Field(default=None, max_length=63)
+    stage_index: int | None = Field(default=None, ge=0)
+    step: int | None = Field(default=None, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    progress: str | None = Field(default=None, max_length=16, description='e.g. "45%".')
+    reward: float | None = None
+    accuracy: float | None = None
+    tokens_per_second: float | None = None
+    last_checkpoint: str | None = Field(default=None, max_length=2048)
+    restarts: int | None = Field(default=None, ge=0)
+    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    stages: list[StageStatus] = Field(default_factory=list, max_length=8)
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map",
+                           "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, ge=0)
