@@ -7,7 +7,7 @@ EXTRAS ?= dev,operator,verifier
 PY = $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/testbed
 
-.PHONY: help venv testbed cluster-up cluster-down test test-unit test-integration lint format demo bench
+.PHONY: help venv testbed cluster-up cluster-down test test-unit test-integration lint format demo bench crds generate lock-operator
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,6 +37,7 @@ lint: ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile trainer_image/Dockerfile
 
 format: ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -47,3 +48,15 @@ demo: ## the whole product end to end on this machine (FRE then MGT)
 
 bench: ## measure the test bed (cold build, warm start, memory) into docs/benchmarks.md
 	$(PY) -m lmmr1_testbed.bench
+
+crds: ## generate the LMMR1Run CRD (manifests/ and the chart) from the pydantic models
+	$(PY) -m lmmr1_operator.api.crd
+
+generate: crds ## every generated file: CRD, manifests/ rendered from the chart
+	bash scripts/render_manifests.sh "$$(bash testbed/build.sh | tail -n1)/helm"
+
+lock-operator: ## re-pin the operator image's dependencies (requirements/operator.txt)
+	rm -rf .lock-venv && python3 -m venv .lock-venv && .lock-venv/bin/pip install -q ".[operator]"
+	{ echo "# The operator image's pinned dependencies: make lock-operator (pip freeze of .[operator])."; \
+	  .lock-venv/bin/pip freeze --exclude lmmr1; } > requirements/operator.txt
+	rm -rf .lock-venv

@@ -330,7 +330,7 @@ latexish = st.lists(
     max_size=25,
 ).map("".join)  # fmt: skip
 fuzz = settings(
-    max_examples=40,
+    max_examples=80,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

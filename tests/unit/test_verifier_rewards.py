@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lmmr1_trainer.verifier.__main__ import build_parser, config_from_args
+from lmmr1_trainer.verifier.__main__ import build_parser, config_from_args, main
 from lmmr1_trainer.verifier.choice import is_single_choice_label
 from lmmr1_trainer.verifier.config import (
     ConfigError,
@@ -211,3 +211,19 @@ def test_get_reward_response_shape() -> None:
         "label_unparseable": [0, 1],
         "timed_out": [0, 0],
     }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--format-weight", "-1"], "weights.format: Input should be greater than or equal to 0"),
+        (["--workers", "0"], "pool.workers: the service needs at least 1 worker"),
+        (["--sample-timeout-s", "1"], "limits.sample_timeout_s (1.0) must be at least"),
+        (["--plugin", "no_such_verifier_plugin"], "cannot import verifier plug-in"),
+    ],
+)
+def test_the_command_refuses_bad_settings_naming_the_field(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--port", "0", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, JsonValue
 
 from lmmr1_operator.api.base import ApiModel, Rule
+
 # The verifier owns its contract; its config module is pure pydantic (no torch).
 from lmmr1_trainer.verifier.config import PromptTemplate, UnparseableLabelPolicy
 
@@ -20,51 +21,98 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eE][+]?[0-9]+|[kMGTPE]i?|m)?$"
 
 
-def _uri(schemes: tuple[str, ...], example: str, description: str) -> Any:
-    """A URI field whose scheme must be one of `schemes`, checked by both validators."""
+def _uri_pattern(schemes: tuple[str, ...]) -> str:
     # No backslashes: the same text is a CEL string literal.
-    pattern = rf"^({'|'.join(schemes)})://[^/ ]+(/[^ ]*)?$"
+    return rf"^({'|'.join(schemes)})://[^/ ]+(/[^ ]*)?$"
+
+
+def _uri_message(schemes: tuple[str, ...], example: str) -> str:
     listed = ", ".join(f"{s}://" for s in schemes)
-    message = f"must be a URI starting with {listed} (for example {example})"
+    return f"must be a URI starting with {listed} (for example {example})"
+
+
+def _uri_check(schemes: tuple[str, ...], example: str) -> AfterValidator:
+    """pydantic's half of the scheme rule."""
 
     def check(value: str) -> str:
-        if not re.match(pattern, value):
-            raise ValueError(message)
+        if not re.match(_uri_pattern(schemes), value):
+            raise ValueError(_uri_message(schemes, example))
         return value
 
-    return Annotated[
-        str,
-        AfterValidator(check),
-        Field(
-            max_length=MAX_URI,
-            description=description,
-            json_schema_extra={
-                "x-kubernetes-validations": [{"rule": f"self.matches('{pattern}')",
-                                              "message": message}]
-            },
-        ),
-    ]
+    return AfterValidator(check)
 
 
-ModelUri = _uri(("s3", "hf", "pvc"), "hf://Qwen/Qwen2.5-VL-3B-Instruct",
-                "Where the weights are: s3://bucket/path, hf://org/name or pvc://claim/path.")
-StorageUri = _uri(("s3",), "s3://my-bucket/lmmr1",
-                  "Checkpoints go under <uri>/<namespace>/<run>/<stage>/step-<N>/.")
-DatasetUri = _uri(("s3", "hf", "pvc"), "s3://my-bucket/data/deepscaler.jsonl",
-                  "JSONL rows with a `message` chat list and an `answer`; s3://, hf:// or pvc://.")
-CheckpointUri = _uri(("s3", "hf", "pvc"), "s3://my-bucket/lmmr1/ns/run/fre/step-40",
-                     "Start this stage from these weights instead of the previous stage's.")
-Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32,
-                                description="A Kubernetes quantity, e.g. 16Gi or 500m.")]
+def _uri_field(schemes: tuple[str, ...], example: str, description: str) -> Any:
+    """The API server's half: the same rule as CEL, with the same message."""
+    rule: dict[str, JsonValue] = {
+        "rule": f"self.matches('{_uri_pattern(schemes)}')",
+        "message": _uri_message(schemes, example),
+    }
+    return Field(
+        max_length=MAX_URI,
+        description=description,
+        json_schema_extra={"x-kubernetes-validations": [rule]},
+    )
+
+
+_MODEL = (("s3", "hf", "pvc"), "hf://Qwen/Qwen2.5-VL-3B-Instruct")
+_STORAGE = (("s3",), "s3://my-bucket/lmmr1")
+_DATASET = (("s3", "hf", "pvc"), "s3://my-bucket/data/deepscaler.jsonl")
+_CHECKPOINT = (("s3", "hf", "pvc"), "s3://my-bucket/lmmr1/ns/run/fre/step-40")
+ModelUri = Annotated[
+    str,
+    _uri_check(*_MODEL),
+    _uri_field(
+        *_MODEL, "Where the weights are: s3://bucket/path, hf://org/name or pvc://claim/path."
+    ),
+]
+StorageUri = Annotated[
+    str,
+    _uri_check(*_STORAGE),
+    _uri_field(*_STORAGE, "Checkpoints go under <uri>/<namespace>/<run>/<stage>/step-<N>/."),
+]
+DatasetUri = Annotated[
+    str,
+    _uri_check(*_DATASET),
+    _uri_field(
+        *_DATASET, "JSONL rows with a `message` chat list and an `answer`; s3://, hf:// or pvc://."
+    ),
+]
+CheckpointUri = Annotated[
+    str,
+    _uri_check(*_CHECKPOINT),
+    _uri_field(
+        *_CHECKPOINT, "Start this stage from these weights instead of the previous stage's."
+    ),
+]
+Quantity = Annotated[
+    str,
+    Field(
+        pattern=QUANTITY_PATTERN,
+        max_length=32,
+        description="A Kubernetes quantity, e.g. 16Gi or 500m.",
+    ),
+]
 DnsName = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
+# Child names are <run>-<stage>-<role>-<index>: 40 + 20 leaves room within 63.
+StageName = Annotated[
+    str,
+    Field(
+        pattern=NAME_PATTERN,
+        min_length=1,
+        max_length=20,
+        description="Lower-case DNS label, unique in the run (e.g. fre, mgt).",
+    ),
+]
 
 
 class ModelSource(ApiModel):
     """The base model the first stage starts from."""
 
     uri: ModelUri
-    revision: str | None = Field(default=None, max_length=128,
-                                 description="Hub revision (branch, tag or commit) for hf://.")
+    revision: str | None = Field(
+        default=None, max_length=128, description="Hub revision (branch, tag or commit) for hf://."
+    )
 
 
 class Storage(ApiModel):
@@ -73,7 +121,9 @@ class Storage(ApiModel):
 
     uri: StorageUri
     endpoint: str | None = Field(
-        default=None, max_length=MAX_URI, pattern=r"^https?://[^/ ]+(/[^ ]*)?$",
+        default=None,
+        max_length=MAX_URI,
+        pattern=r"^https?://[^/ ]+(/[^ ]*)?$",
         description="S3-compatible endpoint URL; omit for AWS S3.",
     )
     region: str | None = Field(default=None, max_length=64, description="S3 region.")
@@ -87,16 +137,26 @@ class Dataset(ApiModel):
     """A stage's training data."""
 
     uri: DatasetUri
-    prompt_key: str = Field(default="message", min_length=1, max_length=64,
-                            description="Row field with the JSON-encoded chat list.")
-    label_key: str = Field(default="answer", min_length=1, max_length=64,
-                           description="Row field with the reference answer.")
+    prompt_key: str = Field(
+        default="message",
+        min_length=1,
+        max_length=64,
+        description="Row field with the JSON-encoded chat list.",
+    )
+    label_key: str = Field(
+        default="answer",
+        min_length=1,
+        max_length=64,
+        description="Row field with the reference answer.",
+    )
     image_root: str | None = Field(
-        default=None, max_length=MAX_URI,
+        default=None,
+        max_length=MAX_URI,
         description="Prefix for relative image paths in the rows (s3://, pvc:// or a path).",
     )
-    max_samples: int | None = Field(default=None, ge=1, le=100_000_000,
-                                    description="Use only the first N rows.")
+    max_samples: int | None = Field(
+        default=None, ge=1, le=100_000_000, description="Use only the first N rows."
+    )
 
 
 class Algorithm(ApiModel):
@@ -105,10 +165,9 @@ class Algorithm(ApiModel):
     rules = (
         Rule(
             cel="(self.rolloutBatchSize * self.samplesPerPrompt) % self.trainBatchSize == 0",
-            message="rolloutBatchSize × samplesPerPrompt must be a multiple of trainBatchSize "
-                    "(each rollout batch is split into whole training batches)",
-            check=lambda a: (a.rollout_batch_size * a.samples_per_prompt)
-            % a.train_batch_size == 0,
+            message="rolloutBatchSize x samplesPerPrompt must be a multiple of trainBatchSize "
+            "(each rollout batch is split into whole training batches)",
+            check=lambda a: (a.rollout_batch_size * a.samples_per_prompt) % a.train_batch_size == 0,
             field="trainBatchSize",
         ),
         Rule(
@@ -120,7 +179,7 @@ class Algorithm(ApiModel):
         Rule(
             cel="self.advantageEstimator == 'gae' || self.samplesPerPrompt >= 2",
             message="group-baseline estimators (reinforce_baseline, grpo, rloo) need "
-                    "samplesPerPrompt >= 2",
+            "samplesPerPrompt >= 2",
             check=lambda a: a.advantage_estimator == "gae" or a.samples_per_prompt >= 2,
             field="samplesPerPrompt",
         ),
@@ -130,25 +189,40 @@ class Algorithm(ApiModel):
         default="reinforce_baseline",
         description="reinforce_baseline (paper): group-mean baseline, then batch whitening.",
     )
-    samples_per_prompt: int = Field(default=16, ge=1, le=256,
-                                    description="Responses sampled per prompt [n_samples_per_prompt].")
-    rollout_batch_size: int = Field(default=256, ge=1, le=65536,
-                                    description="Prompts per rollout [rollout_batch_size].")
-    train_batch_size: int = Field(default=256, ge=1, le=1_048_576,
-                                  description="Samples per optimizer step [train_batch_size].")
-    micro_train_batch_size: int = Field(default=4, ge=1, le=1024,
-                                        description="Samples per forward/backward per GPU.")
-    epochs_per_rollout: int = Field(default=1, ge=1, le=16,
-                                    description="Passes over each rollout batch [max_epochs].")
-    episodes: int = Field(default=1, ge=1, le=1000,
-                          description="Passes over the dataset [num_episodes].")
-    max_steps: int | None = Field(default=None, ge=1, le=10_000_000,
-                                  description="Stop the stage after this many optimizer steps.")
-    learning_rate: float = Field(default=4e-7, gt=0, le=1.0,
-                                 description="Peak learning rate (paper: 4e-7 FRE, 1e-6 MGT).")
+    samples_per_prompt: int = Field(
+        default=16, ge=1, le=256, description="Responses sampled per prompt [n_samples_per_prompt]."
+    )
+    rollout_batch_size: int = Field(
+        default=256, ge=1, le=65536, description="Prompts per rollout [rollout_batch_size]."
+    )
+    train_batch_size: int = Field(
+        default=256,
+        ge=1,
+        le=1_048_576,
+        description="Samples per optimizer step [train_batch_size].",
+    )
+    micro_train_batch_size: int = Field(
+        default=4, ge=1, le=1024, description="Samples per forward/backward per GPU."
+    )
+    epochs_per_rollout: int = Field(
+        default=1, ge=1, le=16, description="Passes over each rollout batch [max_epochs]."
+    )
+    episodes: int = Field(
+        default=1, ge=1, le=1000, description="Passes over the dataset [num_episodes]."
+    )
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Stop the stage after this many optimizer steps.",
+    )
+    learning_rate: float = Field(
+        default=4e-7, gt=0, le=1.0, description="Peak learning rate (paper: 4e-7 FRE, 1e-6 MGT)."
+    )
     warmup_ratio: float = Field(default=0.03, ge=0, le=1, description="Linear warm-up share.")
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1,
-                                description="Cosine decay floor as a share of the peak.")
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Cosine decay floor as a share of the peak."
+    )
     kl_coef: float = Field(default=0.001, ge=0, le=10, description="KL to the reference model.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(default="k1", description="KL estimator.")
     kl_in_reward: bool = Field(
@@ -170,18 +244,22 @@ class Algorithm(ApiModel):
 class Reward(ApiModel):
     """The rule-based reward (the verifier sidecar). Paper: format 0.5 + accuracy 1.0."""
 
-    verifier: str = Field(default="math", pattern=r"^[a-z][a-z0-9_.-]*$", max_length=64,
-                          description="Verifier task: math (default), choice, numeric or a "
-                                      "registered plug-in name.")
+    verifier: str = Field(
+        default="math",
+        pattern=r"^[a-z][a-z0-9_.-]*$",
+        max_length=64,
+        description="Verifier task: math (default), choice, numeric or a registered plug-in name.",
+    )
     format_weight: float = Field(default=0.5, ge=0, le=100)
     accuracy_weight: float = Field(default=1.0, ge=0, le=100)
     prompt_template: PromptTemplate = Field(
         default=PromptTemplate.CHATML,
-        description="How the verifier finds the response in the chat-templated query.")
+        description="How the verifier finds the response in the chat-templated query.",
+    )
     unparseable_label: UnparseableLabelPolicy = Field(
         default=UnparseableLabelPolicy.ZERO,
         description="Accuracy for labels that cannot be parsed: zero (default) or one (the "
-                    "reference implementation's choice); such samples are flagged either way.",
+        "reference implementation's choice); such samples are flagged either way.",
     )
 
 
@@ -202,8 +280,9 @@ class RolloutResources(ApiModel):
         Rule(
             cel="self.gpusPerReplica == 0 || self.gpusPerReplica % self.tensorParallelSize == 0",
             message="must divide gpusPerReplica",
-            check=lambda r: r.gpus_per_replica == 0
-            or r.gpus_per_replica % r.tensor_parallel_size == 0,
+            check=lambda r: (
+                r.gpus_per_replica == 0 or r.gpus_per_replica % r.tensor_parallel_size == 0
+            ),
             field="tensorParallelSize",
         ),
     )
@@ -231,8 +310,7 @@ class Checkpoint(ApiModel):
 class Stage(ApiModel):
     """One stage of the run (FRE, MGT, ...). Stages run in order."""
 
-    name: DnsName = Field(max_length=20,
-                          description="Lower-case DNS label, unique in the run (e.g. fre, mgt).")
+    name: StageName
     type: Literal["text", "multimodal"]
     dataset: Dataset
     algorithm: Algorithm = Field(default_factory=Algorithm)
@@ -242,7 +320,7 @@ class Stage(ApiModel):
     init_from: CheckpointUri | None = Field(
         default=None,
         description="Weights to start from. Default: the model (first stage) or the previous "
-                    "stage's final checkpoint.",
+        "stage's final checkpoint.",
     )
 
 
@@ -276,34 +354,51 @@ class LMMR1RunSpec(ApiModel):
             check=lambda s: len({st.name for st in s.stages}) == len(s.stages),
             field="stages",
         ),
-        Rule(cel="self.model == oldSelf.model", message=_IMMUTABLE, field="model",
-             transition=True),
-        Rule(cel="self.storage == oldSelf.storage", message=_IMMUTABLE, field="storage",
-             transition=True),
-        Rule(cel="self.stages == oldSelf.stages",
-             message=f"{_IMMUTABLE} (suspend it, or start a new run from a checkpoint)",
-             field="stages", transition=True),
+        Rule(cel="self.model == oldSelf.model", message=_IMMUTABLE, field="model", transition=True),
+        Rule(
+            cel="self.storage == oldSelf.storage",
+            message=_IMMUTABLE,
+            field="storage",
+            transition=True,
+        ),
+        Rule(
+            cel="self.stages == oldSelf.stages",
+            message=f"{_IMMUTABLE} (suspend it, or start a new run from a checkpoint)",
+            field="stages",
+            transition=True,
+        ),
     )
 
     model: ModelSource
     storage: Storage
     stages: list[Stage] = Field(min_length=1, max_length=8)
     images: Images = Field(default_factory=Images)
-    suspend: bool = Field(default=False,
-                          description="true stops the pods and keeps the run; false resumes "
-                                      "from the last checkpoint.")
-    backoff_limit: int = Field(default=3, ge=0, le=100,
-                               description="Stage restarts (from the last checkpoint) before "
-                                           "the run fails.")
+    suspend: bool = Field(
+        default=False,
+        description="true stops the pods and keeps the run; false resumes "
+        "from the last checkpoint.",
+    )
+    backoff_limit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Stage restarts (from the last checkpoint) before the run fails.",
+    )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, le=31_536_000, description="Fail the run after this long.")
+        default=None, ge=1, le=31_536_000, description="Fail the run after this long."
+    )
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, le=31_536_000,
-        description="Delete the run (not its checkpoints) this long after it ends.")
+        default=None,
+        ge=0,
+        le=31_536_000,
+        description="Delete the run (not its checkpoints) this long after it ends.",
+    )
     service_account_name: DnsName | None = Field(
-        default=None, description="Pods' service account (IRSA / workload identity).")
+        default=None, description="Pods' service account (IRSA / workload identity)."
+    )
     queue_name: DnsName | None = Field(
-        default=None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+        default=None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)."
+    )
     priority_class_name: DnsName | None = None
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)

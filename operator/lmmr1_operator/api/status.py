@@ -58,8 +58,8 @@ class LMMR1RunStatus(ApiModel):
     completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     stages: list[StageStatus] = Field(default_factory=list, max_length=8)
     conditions: list[Condition] = Field(
-        default_factory=list, max_length=32,
-        json_schema_extra={"x-kubernetes-list-type": "map",
-                           "x-kubernetes-list-map-keys": ["type"]},
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int | None = Field(default=None, ge=0)

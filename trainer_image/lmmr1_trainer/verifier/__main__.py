@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", help="address to bind (default 127.0.0.1; in a pod: its IP)")
     add("--port", type=int, help="port to bind (default 5000; 0 picks a free one)")
     add("--prompt-template", choices=[t.value for t in PromptTemplate], help="default chatml")
-    add("--workers", type=int, help="verifier processes (default 2; 0 runs inline)")
+    add("--workers", type=int, help="verifier processes (default 2, at least 1)")
     add("--worker-memory-mb", type=int, help="address-space limit per worker (default 2048)")
     add(
         "--unparseable-label-policy",
@@ -115,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if config.pool.workers < 1:
+        # Inline scoring runs in request threads, where nothing can bound its time.
+        print("error: pool.workers: the service needs at least 1 worker", file=sys.stderr)
         return 2
     # Imported here so `--help` and config errors stay fast (math-verify loads sympy).
     from lmmr1_trainer.verifier.engine import Verifier

@@ -1,0 +1,68 @@
+{{/* Names, truncated to 63 characters (the DNS label limit). */}}
+{{- define "lmmr1.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lmmr1.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- printf "%s-operator" .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s-operator" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lmmr1.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lmmr1.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lmmr1.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "lmmr1.labels" -}}
+helm.sh/chart: {{ include "lmmr1.chart" . }}
+{{ include "lmmr1.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lmmr1
+{{- end }}
+
+{{- define "lmmr1.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lmmr1.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create=false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "lmmr1.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Cross-value checks that a schema cannot express; fail with what to change. */}}
+{{- define "lmmr1.validate" -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled=true needs metrics.enabled=true" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled=true needs metrics.service.enabled=true" }}
+{{- end }}
+{{- if eq (int .Values.health.port) (int .Values.metrics.port) }}
+{{- fail "health.port and metrics.port must differ" }}
+{{- end }}
+{{- if and (not .Values.rbac.create) .Values.serviceAccount.create }}
+{{- /* allowed: RBAC granted out of band to a chart-made account */ -}}
+{{- end }}
+{{- end }}
+
+{{/* Namespaced Role (one watched namespace) or cluster-wide ClusterRole. */}}
+{{- define "lmmr1.roleKind" -}}
+{{- if .Values.watchNamespace }}Role{{ else }}ClusterRole{{ end }}
+{{- end }}

@@ -1,0 +1,279 @@
+"""Invalid LMMR1Runs, each with the field the API server must name and what it must say.
+
+Shared by the unit test (pydantic) and the integration test (the real API server), so the
+two validators are held to the same table.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Run = dict[str, Any]
+
+
+def valid_run(name: str = "valid") -> Run:
+    return {
+        "apiVersion": "lmmr1.io/v1alpha1",
+        "kind": "LMMR1Run",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "hf://Qwen/Qwen2.5-VL-3B-Instruct"},
+            "storage": {"uri": "s3://bucket/ckpt", "credentialsSecret": "s3-creds"},
+            "stages": [
+                {"name": "fre", "type": "text", "dataset": {"uri": "s3://bucket/fre.jsonl"}},
+                {"name": "mgt", "type": "multimodal", "dataset": {"uri": "s3://bucket/mgt.jsonl"}},
+            ],
+        },
+    }
+
+
+def _set(path: str, value: Any) -> Callable[[Run], None]:
+    """A mutation setting `path` (dots, [i] indices) under the run, e.g. spec.stages[0].type."""
+
+    def mutate(run: Run) -> None:
+        node: Any = run
+        parts = path.replace("[", ".").replace("]", "").split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+        last = parts[-1]
+        if value is _DELETE:
+            del node[last]
+        elif last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+    return mutate
+
+
+_DELETE = object()
+ALGO = "spec.stages[0].algorithm"
+
+
+@dataclass(frozen=True)
+class Invalid:
+    id: str
+    mutate: Callable[[Run], None]
+    field: str  # as the API server names it
+    says: str  # a fragment of the API server's message
+    pydantic: bool = True  # pydantic sees it too (not a transition or metadata rule)
+
+    def run(self, name: str) -> Run:
+        run = valid_run(name)
+        self.mutate(run)
+        return run
+
+
+def _dup_stage(run: Run) -> None:
+    run["spec"]["stages"][1]["name"] = "fre"
+
+
+def _nine_stages(run: Run) -> None:
+    base = run["spec"]["stages"][0]
+    run["spec"]["stages"] = [{**copy.deepcopy(base), "name": f"s{i}"} for i in range(9)]
+
+
+INVALID: list[Invalid] = [
+    Invalid(
+        "wrong-type",
+        _set(f"{ALGO}.samplesPerPrompt", "sixteen"),
+        f"{ALGO}.samplesPerPrompt",
+        "must be of type integer",
+    ),
+    Invalid(
+        "negative-gpus",
+        _set("spec.stages[0].resources.trainer.gpusPerNode", -1),
+        "spec.stages[0].resources.trainer.gpusPerNode",
+        "greater than or equal to 0",
+    ),
+    Invalid(
+        "too-many-gpus",
+        _set("spec.stages[0].resources.rollout.gpusPerReplica", 64),
+        "spec.stages[0].resources.rollout.gpusPerReplica",
+        "less than or equal to 16",
+    ),
+    Invalid(
+        "unknown-algorithm",
+        _set(f"{ALGO}.advantageEstimator", "ppo2"),
+        f"{ALGO}.advantageEstimator",
+        'Unsupported value: "ppo2"',
+    ),
+    Invalid("duplicate-stage-names", _dup_stage, "spec.stages", "stage names must be unique"),
+    Invalid(
+        "bad-model-uri",
+        _set("spec.model.uri", "ftp://models/qwen"),
+        "spec.model.uri",
+        "must be a URI starting with s3://, hf://, pvc://",
+    ),
+    Invalid(
+        "bad-storage-scheme",
+        _set("spec.storage.uri", "hf://org/bucket"),
+        "spec.storage.uri",
+        "must be a URI starting with s3://",
+    ),
+    Invalid(
+        "bad-dataset-uri",
+        _set("spec.stages[1].dataset.uri", "/data/mgt.jsonl"),
+        "spec.stages[1].dataset.uri",
+        "must be a URI starting with",
+    ),
+    Invalid(
+        "missing-dataset",
+        _set("spec.stages[0].dataset", _DELETE),
+        "spec.stages[0].dataset",
+        "Required value",
+    ),
+    Invalid("missing-model", _set("spec.model", _DELETE), "spec.model", "Required value"),
+    Invalid(
+        "oversize-samples",
+        _set(f"{ALGO}.samplesPerPrompt", 1000),
+        f"{ALGO}.samplesPerPrompt",
+        "less than or equal to 256",
+    ),
+    Invalid("no-stages", _set("spec.stages", []), "spec.stages", "at least 1 items"),
+    Invalid("nine-stages", _nine_stages, "spec.stages", "at most 8 items"),
+    Invalid(
+        "stage-name-pattern",
+        _set("spec.stages[0].name", "FRE_1"),
+        "spec.stages[0].name",
+        "should match",
+    ),
+    Invalid(
+        "stage-name-too-long",
+        _set("spec.stages[0].name", "f" * 21),
+        "spec.stages[0].name",
+        "may not be more than 20",
+    ),
+    Invalid(
+        "unknown-stage-type",
+        _set("spec.stages[0].type", "audio"),
+        "spec.stages[0].type",
+        'Unsupported value: "audio"',
+    ),
+    Invalid(
+        "rollout-not-divisible",
+        lambda r: [
+            _set(f"{ALGO}.rolloutBatchSize", 3)(r),
+            _set(f"{ALGO}.samplesPerPrompt", 2)(r),
+            _set(f"{ALGO}.trainBatchSize", 4)(r),
+            _set(f"{ALGO}.microTrainBatchSize", 2)(r),
+        ],
+        f"{ALGO}.trainBatchSize",
+        "must be a multiple of trainBatchSize",
+    ),
+    Invalid(
+        "micro-batch-not-dividing",
+        _set(f"{ALGO}.microTrainBatchSize", 3),
+        f"{ALGO}.microTrainBatchSize",
+        "must divide trainBatchSize",
+    ),
+    Invalid(
+        "baseline-needs-a-group",
+        _set(f"{ALGO}.samplesPerPrompt", 1),
+        f"{ALGO}.samplesPerPrompt",
+        "need samplesPerPrompt >= 2",
+    ),
+    Invalid(
+        "tensor-parallel-not-dividing",
+        lambda r: [
+            _set("spec.stages[0].resources.rollout.gpusPerReplica", 4)(r),
+            _set("spec.stages[0].resources.rollout.tensorParallelSize", 3)(r),
+        ],
+        "spec.stages[0].resources.rollout.tensorParallelSize",
+        "must divide gpusPerReplica",
+    ),
+    Invalid("unknown-field", _set(f"{ALGO}.lr", 0.1), f"{ALGO}.lr", "unknown field"),
+    Invalid(
+        "zero-learning-rate",
+        _set(f"{ALGO}.learningRate", 0),
+        f"{ALGO}.learningRate",
+        "greater than 0",
+    ),
+    Invalid(
+        "temperature-too-high",
+        _set(f"{ALGO}.temperature", 5),
+        f"{ALGO}.temperature",
+        "less than or equal to 2",
+    ),
+    Invalid(
+        "bad-endpoint",
+        _set("spec.storage.endpoint", "ftp://minio:9000"),
+        "spec.storage.endpoint",
+        "should match",
+    ),
+    Invalid(
+        "bad-secret-name",
+        _set("spec.storage.credentialsSecret", "S3_Creds"),
+        "spec.storage.credentialsSecret",
+        "should match",
+    ),
+    Invalid(
+        "negative-backoff",
+        _set("spec.backoffLimit", -1),
+        "spec.backoffLimit",
+        "greater than or equal to 0",
+    ),
+    Invalid(
+        "unknown-prompt-template",
+        _set("spec.stages[0].reward.promptTemplate", "jinja"),
+        "spec.stages[0].reward.promptTemplate",
+        'Unsupported value: "jinja"',
+    ),
+    Invalid(
+        "zero-stage-4", _set(f"{ALGO}.zeroStage", 4), f"{ALGO}.zeroStage", "Unsupported value: 4"
+    ),
+    Invalid(
+        "bad-shm-quantity",
+        _set("spec.stages[0].resources.trainer.shmSize", "lots"),
+        "spec.stages[0].resources.trainer.shmSize",
+        "should match",
+    ),
+    Invalid(
+        "warmup-above-one",
+        _set(f"{ALGO}.warmupRatio", 1.5),
+        f"{ALGO}.warmupRatio",
+        "less than or equal to 1",
+    ),
+    Invalid(
+        "node-selector-not-string",
+        _set("spec.nodeSelector", {"gpu": 1}),
+        "spec.nodeSelector.gpu",
+        "must be of type string",
+    ),
+    Invalid(
+        "run-name-too-long",
+        _set("metadata.name", "r" * 41),
+        "",
+        "metadata.name must be at most 40 characters",
+        pydantic=False,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class ImmutableChange:
+    id: str
+    mutate: Callable[[Run], None]
+    field: str
+    says: str = "cannot change once the run exists"
+
+
+IMMUTABLE: list[ImmutableChange] = [
+    ImmutableChange(
+        "model-changed", _set("spec.model.uri", "hf://Qwen/Qwen2.5-VL-7B-Instruct"), "spec.model"
+    ),
+    ImmutableChange("storage-changed", _set("spec.storage.uri", "s3://other/ckpt"), "spec.storage"),
+    ImmutableChange(
+        "stage-hyperparameter-changed", _set(f"{ALGO}.learningRate", 1e-5), "spec.stages"
+    ),
+    ImmutableChange(
+        "stage-added",
+        lambda r: r["spec"]["stages"].append(
+            {"name": "extra", "type": "text", "dataset": {"uri": "s3://b/x.jsonl"}}
+        ),
+        "spec.stages",
+    ),
+]
