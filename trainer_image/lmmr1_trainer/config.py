@@ -1,0 +1,164 @@
+"""The stage config: the contract between the operator (which renders it) and the pods
+(which run it). Pure pydantic: the operator imports this module, so nothing heavy here.
+
+The operator writes it as `stage.yaml` in the ConfigMap `<run>-<stage>-config`, mounted at
+`/etc/lmmr1/stage.yaml` in trainer and rollout pods. Every pod of a stage reads the same file;
+secrets never appear in it (S3 keys come as env from the run's Secret, the rollout token as
+a mounted file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmmr1_trainer.verifier.config import PromptTemplate, UnparseableLabelPolicy
+
+CONFIG_PATH = Path("/etc/lmmr1/stage.yaml")
+TOKEN_PATH = Path("/etc/lmmr1/token/token")
+TERMINATION_LOG = Path("/dev/termination-log")
+PROGRESS_KEY = "progress.json"
+
+# Exit codes the operator acts on (besides 0). Anything else is retried from the last
+# checkpoint, up to the run's backoffLimit.
+EXIT_CONFIG_ERROR = 78  # sysexits EX_CONFIG: retrying cannot help; the run fails at once.
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunRef(_Config):
+    namespace: str
+    name: str
+    uid: str = ""
+    stage: str
+    stage_index: int = Field(ge=0)
+
+
+class S3Settings(_Config):
+    """Where S3 is; credentials come from the environment (AWS_ACCESS_KEY_ID/...) or the
+    pod's identity (IRSA / workload identity)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+
+
+class DatasetConfig(_Config):
+    uri: str
+    type: Literal["text", "multimodal"]
+    prompt_key: str = "message"
+    label_key: str = "answer"
+    image_root: str | None = None
+    max_samples: int | None = None
+
+
+class AlgorithmConfig(_Config):
+    """RL hyperparameters; names and defaults match the CRD's `algorithm` (snake_case)."""
+
+    advantage_estimator: Literal["reinforce_baseline", "grpo", "rloo", "gae"] = (
+        "reinforce_baseline"
+    )
+    samples_per_prompt: int = 16
+    rollout_batch_size: int = 256
+    train_batch_size: int = 256
+    micro_train_batch_size: int = 4
+    epochs_per_rollout: int = 1
+    episodes: int = 1
+    max_steps: int | None = None
+    learning_rate: float = 4e-7
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    kl_coef: float = 0.001
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in_reward: bool = True
+    clip_range: float = 0.2
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_length: int = 4096
+    max_generation_length: int = 4096
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    seed: int = 42
+
+
+class RewardConfig(_Config):
+    """How the trainer reaches its verifier sidecar, and how the sidecar scores."""
+
+    url: str = Field(description="e.g. http://<pod IP>:5000 (the sidecar binds the pod IP)")
+    verifier: str = "math"
+    format_weight: float = 0.5
+    accuracy_weight: float = 1.0
+    prompt_template: PromptTemplate = PromptTemplate.CHATML
+    unparseable_label: UnparseableLabelPolicy = UnparseableLabelPolicy.ZERO
+
+
+class RolloutConfig(_Config):
+    """The stage's rollout servers. The operator starts them first and lists their URLs."""
+
+    urls: list[str] = Field(default_factory=list)
+    backend: Literal["vllm", "transformers"] = "vllm"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    token_file: str = str(TOKEN_PATH)
+
+
+class TrainerTopology(_Config):
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0: CPU (DeepSpeed with DS_ACCELERATOR=cpu, gloo)
+
+
+class CheckpointConfig(_Config):
+    """Checkpoints go to `<uri>/step-<N>/`; `uri` already names namespace, run and stage."""
+
+    uri: str
+    every_steps: int = 20
+    keep_last: int = 3
+
+
+class ProgressConfig(_Config):
+    """Rank 0 writes `progress.json` into this ConfigMap; the operator mirrors it into the
+    run's status (see docs/design.md, "Progress")."""
+
+    configmap: str
+    namespace: str
+
+
+class StageConfig(_Config):
+    run: RunRef
+    init_from: str = Field(description="Weights to start from: hf://, s3:// or pvc:// URI")
+    dataset: DatasetConfig
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    reward: RewardConfig
+    rollout: RolloutConfig = RolloutConfig()
+    trainer: TrainerTopology = TrainerTopology()
+    checkpoint: CheckpointConfig
+    progress: ProgressConfig
+    s3: S3Settings = S3Settings()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def load(cls, path: Path = CONFIG_PATH) -> StageConfig:
+        return cls.model_validate(yaml.safe_load(path.read_text()))
+
+
+class Progress(_Config):
+    """What rank 0 reports (the value of `progress.json`)."""
+
+    stage: str
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    reward: float | None = None
+    accuracy: float | None = None
+    initial_reward: float | None = None
+    tokens_per_second: float | None = None
+    last_checkpoint: str | None = None
+    final_checkpoint: str | None = None  # set once, when the stage's last checkpoint commits
+    updated_at: str
