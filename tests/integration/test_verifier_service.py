@@ -338,6 +338,14 @@ fuzz = settings(
 _session = requests.Session()
 
 
+def _post_json(url: str, payload: Any) -> requests.Response:
+    """POST like a Python client would: json.dumps writes NaN/Infinity as bare tokens
+    (requests' `json=` refuses them), so the server sees those too."""
+    return _session.post(
+        url, data=json.dumps(payload), timeout=60, headers={"Content-Type": "application/json"}
+    )
+
+
 def _check_answer(response: requests.Response) -> dict[str, Any]:
     assert response.status_code in (200, 400, 413, 422), response.text[:300]
     body: dict[str, Any] = response.json()
@@ -350,7 +358,7 @@ def _check_answer(response: requests.Response) -> dict[str, Any]:
 @given(payload=json_values | st.fixed_dictionaries({"query": json_values, "labels": json_values}))
 def test_fuzz_any_json_gets_an_answer(service: str, payload: Any) -> None:
     for path in ("/get_reward", "/v1/rewards"):
-        _check_answer(_session.post(f"{service}{path}", json=payload, timeout=60))
+        _check_answer(_post_json(f"{service}{path}", payload))
 
 
 @fuzz
@@ -371,7 +379,7 @@ def test_fuzz_well_shaped_requests_score_every_sample(
     queries = [chatml("q", response) for response, _ in rows]
     labels = [label for _, label in rows]
     payload = {"query": queries, "prompts": ["q"] * len(rows), "labels": labels}
-    body = _check_answer(_session.post(f"{service}/get_reward", json=payload, timeout=60))
+    body = _check_answer(_post_json(f"{service}/get_reward", payload))
     if any(isinstance(label, float) and not math.isfinite(label) for label in labels):
         return  # infinities are not labels: 422
     assert len(body["rewards"]) == len(rows)
