@@ -56,6 +56,11 @@ class LMMR1RunStatus(ApiModel):
     restarts: int | None = Field(default=None, ge=0)
     start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    retry_after: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="A restarting stage waits until then (exponential back-off).",
+    )
     stages: list[StageStatus] = Field(default_factory=list, max_length=8)
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -1,0 +1,104 @@
+"""Rollout servers: one pod per replica (vLLM on GPU, transformers on CPU) and a headless
+Service giving them stable DNS names in real clusters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmmr1_operator import naming
+from lmmr1_operator.children import pods
+from lmmr1_operator.children.context import StageContext
+
+
+def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
+    rollout = ctx.stage.resources.rollout
+    name = naming.rollout_pod(ctx.name, ctx.stage.name, replica)
+    labels = {**naming.stage_labels(ctx.name, ctx.stage.name, "rollout"), **pods.queue_labels(ctx)}
+    container: dict[str, Any] = {
+        "name": "rollout",
+        "image": ctx.rollout_image,
+        **pods.pull_policy(ctx),
+        "command": [
+            "python",
+            "-m",
+            "lmmr1_trainer.rollout",
+            "--host",
+            "$(POD_IP)",
+            "--port",
+            str(naming.ROLLOUT_PORT),
+            "--config",
+            f"{pods.CONFIG_DIR}/rollout.yaml",
+        ],
+        "env": [pods.POD_IP_ENV, *pods.s3_env(ctx)],
+        "ports": [{"name": "http", "containerPort": naming.ROLLOUT_PORT}],
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": naming.ROLLOUT_PORT},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": naming.ROLLOUT_PORT},
+            "periodSeconds": 2,
+            "failureThreshold": 900,
+        },
+        "resources": pods.resources(rollout.gpus_per_replica, rollout.cpu, rollout.memory),
+        "volumeMounts": [*pods.config_mounts(), {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            **naming.child_metadata(ctx.run, name, labels),
+            "annotations": {"lmmr1.io/replica": str(replica)},
+        },
+        "spec": {
+            # A rollout server that dies restarts the stage (from the last checkpoint), so
+            # the pod itself never restarts.
+            "restartPolicy": "Never",
+            "hostname": name,
+            "subdomain": naming.rollout_service(ctx.name, ctx.stage.name),
+            "containers": [container],
+            "volumes": [
+                *rollout_volumes(ctx),
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+            ],
+            "terminationGracePeriodSeconds": 30,
+            **pods.scheduling(ctx),
+        },
+    }
+
+
+def rollout_volumes(ctx: StageContext) -> list[dict[str, Any]]:
+    """Rollout pods start before the stage config exists (it lists their URLs), so they read
+    a rollout-only config (model and sampling) written under its own key."""
+    return [
+        {
+            "name": "stage-config",
+            "configMap": {
+                "name": naming.stage_config(ctx.name, ctx.stage.name),
+                "items": [{"key": "rollout.yaml", "path": "rollout.yaml"}],
+            },
+        },
+        {
+            "name": "rollout-token",
+            "secret": {"secretName": naming.token_secret(ctx.name), "defaultMode": 0o400},
+        },
+    ]
+
+
+def service(ctx: StageContext) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": naming.child_metadata(
+            ctx.run,
+            naming.rollout_service(ctx.name, ctx.stage.name),
+            naming.stage_labels(ctx.name, ctx.stage.name, "rollout"),
+        ),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": naming.stage_labels(ctx.name, ctx.stage.name, "rollout"),
+            "ports": [{"name": "http", "port": naming.ROLLOUT_PORT}],
+        },
+    }

@@ -1,0 +1,87 @@
+"""The stage's config (`lmmr1_trainer.config.StageConfig`) and the ConfigMap carrying it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmmr1_operator import naming
+from lmmr1_operator.children.context import StageContext
+from lmmr1_trainer.config import (
+    AlgorithmConfig,
+    CheckpointConfig,
+    DatasetConfig,
+    ProgressConfig,
+    RewardConfig,
+    RolloutConfig,
+    RunRef,
+    S3Settings,
+    StageConfig,
+    TrainerTopology,
+)
+
+CONFIG_KEY = "stage.yaml"
+ROLLOUT_KEY = "rollout.yaml"
+# The trainer reaches its verifier sidecar at its own pod IP; the pod fills this in.
+VERIFIER_URL = f"http://$(POD_IP):{naming.VERIFIER_PORT}"
+
+
+def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
+    stage = ctx.stage
+    reward = stage.reward
+    rollout = stage.resources.rollout
+    return StageConfig(
+        run=RunRef(
+            namespace=ctx.namespace,
+            name=ctx.name,
+            uid=ctx.run["metadata"]["uid"],
+            stage=stage.name,
+            stage_index=ctx.index,
+        ),
+        init_from=ctx.init_from,
+        dataset=DatasetConfig(type=stage.type, **stage.dataset.model_dump()),
+        algorithm=AlgorithmConfig(**stage.algorithm.model_dump()),
+        reward=RewardConfig(
+            url=VERIFIER_URL,
+            verifier=reward.verifier,
+            format_weight=reward.format_weight,
+            accuracy_weight=reward.accuracy_weight,
+            prompt_template=reward.prompt_template,
+            unparseable_label=reward.unparseable_label,
+        ),
+        rollout=RolloutConfig(
+            urls=rollout_urls,
+            backend="vllm" if rollout.gpus_per_replica > 0 else "transformers",
+            tensor_parallel_size=rollout.tensor_parallel_size,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+        ),
+        trainer=TrainerTopology(
+            nodes=stage.resources.trainer.nodes, gpus_per_node=stage.resources.trainer.gpus_per_node
+        ),
+        checkpoint=CheckpointConfig(
+            uri=ctx.checkpoint_uri,
+            every_steps=stage.checkpoint.every_steps,
+            keep_last=stage.checkpoint.keep_last,
+        ),
+        progress=ProgressConfig(
+            configmap=naming.progress_configmap(ctx.name), namespace=ctx.namespace
+        ),
+        s3=S3Settings(endpoint=ctx.s3_endpoint, region=ctx.s3_region),
+    )
+
+
+def configmap(ctx: StageContext, rollout_urls: list[str] | None) -> dict[str, Any]:
+    """`rollout.yaml` (what rollout servers need) from the start; `stage.yaml` (with the
+    rollout servers' URLs) once they are up and the trainer can start."""
+    data = {ROLLOUT_KEY: render(ctx, []).to_yaml()}
+    if rollout_urls is not None:
+        data[CONFIG_KEY] = render(ctx, rollout_urls).to_yaml()
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": naming.child_metadata(
+            ctx.run,
+            naming.stage_config(ctx.name, ctx.stage.name),
+            naming.stage_labels(ctx.name, ctx.stage.name, "config"),
+        ),
+        "data": data,
+    }

@@ -1,0 +1,159 @@
+"""The trainer: an indexed Job (one pod per node) with the verifier as a native sidecar, and
+a headless Service for rendezvous between nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmmr1_operator import naming
+from lmmr1_operator.children import pods
+from lmmr1_operator.children.context import StageContext
+
+
+def _launch(ctx: StageContext) -> list[str]:
+    """One process per GPU through torchrun; a single process runs plainly."""
+    topology = ctx.stage.resources.trainer
+    train = ["-m", "lmmr1_trainer.train", "--config", f"{pods.CONFIG_DIR}/stage.yaml"]
+    per_node = max(topology.gpus_per_node, 1)
+    if topology.nodes == 1 and per_node == 1:
+        return ["python", *train]
+    return [
+        "torchrun",
+        f"--nnodes={topology.nodes}",
+        f"--nproc-per-node={per_node}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=$(MASTER_ADDR)",
+        f"--master-port={naming.RENDEZVOUS_PORT}",
+        *train,
+    ]
+
+
+def _master_addr(ctx: StageContext) -> str:
+    if ctx.stage.resources.trainer.nodes == 1:
+        return "$(POD_IP)"
+    job = naming.trainer_job(ctx.name, ctx.stage.name)
+    return f"{job}-0.{job}.{ctx.namespace}.svc"
+
+
+def _env(ctx: StageContext) -> list[dict[str, Any]]:
+    topology = ctx.stage.resources.trainer
+    env: list[dict[str, Any]] = [
+        pods.POD_IP_ENV,
+        {"name": "MASTER_ADDR", "value": _master_addr(ctx)},
+        {"name": "MASTER_PORT", "value": str(naming.RENDEZVOUS_PORT)},
+        {"name": "WORLD_SIZE", "value": str(topology.nodes * max(topology.gpus_per_node, 1))},
+        {"name": "NNODES", "value": str(topology.nodes)},
+        *pods.s3_env(ctx),
+    ]
+    if topology.gpus_per_node == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    else:
+        env += [
+            {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+            {"name": "NCCL_DEBUG", "value": "WARN"},
+        ]
+    return env
+
+
+def _verifier(ctx: StageContext) -> dict[str, Any]:
+    reward = ctx.stage.reward
+    return {
+        "name": "verifier",
+        "image": ctx.trainer_image,
+        **pods.pull_policy(ctx),
+        # A native sidecar: starts before the trainer, lives as long as it does.
+        "restartPolicy": "Always",
+        "command": [
+            "python",
+            "-m",
+            "lmmr1_trainer.verifier",
+            "--host",
+            "$(POD_IP)",
+            "--port",
+            str(naming.VERIFIER_PORT),
+            "--prompt-template",
+            str(reward.prompt_template),
+            "--unparseable-label-policy",
+            str(reward.unparseable_label),
+            "--format-weight",
+            str(reward.format_weight),
+            "--accuracy-weight",
+            str(reward.accuracy_weight),
+            "--default-task",
+            reward.verifier,
+        ],
+        "env": [pods.POD_IP_ENV],
+        "ports": [{"name": "verifier", "containerPort": naming.VERIFIER_PORT}],
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": naming.VERIFIER_PORT},
+            "periodSeconds": 1,
+            "failureThreshold": 120,
+        },
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+    }
+
+
+def job(ctx: StageContext) -> dict[str, Any]:
+    topology = ctx.stage.resources.trainer
+    name = naming.trainer_job(ctx.name, ctx.stage.name)
+    labels = {**naming.stage_labels(ctx.name, ctx.stage.name, "trainer"), **pods.queue_labels(ctx)}
+    trainer = {
+        "name": "trainer",
+        "image": ctx.trainer_image,
+        **pods.pull_policy(ctx),
+        "command": _launch(ctx),
+        "env": _env(ctx),
+        "ports": [{"name": "rendezvous", "containerPort": naming.RENDEZVOUS_PORT}],
+        "resources": pods.resources(topology.gpus_per_node, topology.cpu, topology.memory),
+        "volumeMounts": [*pods.config_mounts(), {"name": "dshm", "mountPath": "/dev/shm"}],
+        # The final checkpoint's URI and metrics land in the pod status on exit.
+        "terminationMessagePolicy": "File",
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": naming.child_metadata(ctx.run, name, labels),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": topology.nodes,
+            "parallelism": topology.nodes,
+            # Retries are the operator's: a restart must restart the rollouts too, and
+            # resumes from the last checkpoint.
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "subdomain": name,
+                    "initContainers": [_verifier(ctx)],
+                    "containers": [trainer],
+                    "volumes": [
+                        *pods.config_volumes(ctx),
+                        {
+                            "name": "dshm",
+                            "emptyDir": {"medium": "Memory", "sizeLimit": topology.shm_size},
+                        },
+                    ],
+                    "terminationGracePeriodSeconds": 60,
+                    **pods.scheduling(ctx),
+                },
+            },
+        },
+    }
+
+
+def service(ctx: StageContext) -> dict[str, Any]:
+    name = naming.trainer_job(ctx.name, ctx.stage.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": naming.child_metadata(
+            ctx.run, name, naming.stage_labels(ctx.name, ctx.stage.name, "trainer")
+        ),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"job-name": name},
+            "ports": [{"name": "rendezvous", "port": naming.RENDEZVOUS_PORT}],
+        },
+    }

@@ -1,0 +1,60 @@
+"""Standard conditions (metav1.Condition) on the run's status (pure)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lmmr1_operator.api.status import Condition
+
+RUNNING = "Running"
+SUSPENDED = "Suspended"
+COMPLETE = "Complete"
+FAILED = "Failed"
+BLOCKED = "Blocked"  # True while pods cannot make progress (missing Secret, bad image, ...)
+
+
+def set_condition(
+    conditions: list[Condition],
+    kind: str,
+    true: bool,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None,
+) -> list[Condition]:
+    """A copy with `kind` set; lastTransitionTime moves only when the status flips."""
+    status: Literal["True", "False"] = "True" if true else "False"
+    out = []
+    found = False
+    for condition in conditions:
+        if condition.type != kind:
+            out.append(condition)
+            continue
+        found = True
+        changed = condition.status != status
+        out.append(
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=now if changed else condition.last_transition_time,
+                observed_generation=generation,
+            )
+        )
+    if not found:
+        out.append(
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
+            )
+        )
+    return out
+
+
+def is_true(conditions: list[Condition], kind: str) -> bool:
+    return any(c.type == kind and c.status == "True" for c in conditions)

@@ -1,0 +1,90 @@
+"""The operator's one I/O module for Kubernetes: create-if-absent, replace, delete and list
+objects given as plain dicts, through the kubernetes dynamic client."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from kubernetes import client, dynamic
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+
+Obj = dict[str, Any]
+log = logging.getLogger("lmmr1.kube")
+
+# kind -> apiVersion, for every kind the operator touches.
+API_VERSIONS: dict[str, str] = {
+    "Pod": "v1",
+    "Service": "v1",
+    "ConfigMap": "v1",
+    "Secret": "v1",
+    "Job": "batch/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "LMMR1Run": "lmmr1.io/v1alpha1",
+}
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.dynamic = dynamic.DynamicClient(api_client)  # type: ignore[no-untyped-call]
+        self._resources: dict[str, Any] = {}
+
+    def _resource(self, kind: str) -> Any:
+        if kind not in self._resources:
+            self._resources[kind] = self.dynamic.resources.get(
+                api_version=API_VERSIONS[kind], kind=kind
+            )
+        return self._resources[kind]
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None:
+        try:
+            found = self._resource(kind).get(name=name, namespace=namespace)
+        except NotFoundError:
+            return None
+        return dict(found.to_dict())
+
+    def list(self, kind: str, namespace: str, labels: dict[str, str]) -> list[Obj]:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        found = self._resource(kind).get(namespace=namespace, label_selector=selector)
+        return list(found.to_dict().get("items", []))
+
+    def ensure(self, obj: Obj) -> bool:
+        """Create `obj` unless an object of that name exists. True if it created it."""
+        meta = obj["metadata"]
+        try:
+            self._resource(obj["kind"]).create(body=obj, namespace=meta["namespace"])
+        except ConflictError:  # exists, or is still terminating: the next pass sees which
+            return False
+        log.info("created %s %s/%s", obj["kind"], meta["namespace"], meta["name"])
+        return True
+
+    def replace(self, obj: Obj) -> None:
+        """Create `obj`, or overwrite an existing object's `data` with it."""
+        meta = obj["metadata"]
+        if self.ensure(obj):
+            return
+        self._resource(obj["kind"]).patch(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            body={"data": obj.get("data")},
+            content_type=MERGE_PATCH,
+        )
+        log.info("updated %s %s/%s", obj["kind"], meta["namespace"], meta["name"])
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            self._resource(kind).delete(
+                name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+            )
+
+    def patch_status(self, namespace: str, name: str, status: Obj) -> None:
+        self._resource("LMMR1Run").status.patch(
+            name=name, namespace=namespace, body={"status": status}, content_type=MERGE_PATCH
+        )
+
+    def delete_run(self, namespace: str, name: str) -> None:
+        self.delete("LMMR1Run", namespace, name)

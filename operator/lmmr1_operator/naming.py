@@ -1,0 +1,80 @@
+"""Deterministic names and labels of a run's children (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmmr1_operator.api import API_VERSION, KIND
+
+LABEL_RUN = "lmmr1.io/run"
+LABEL_STAGE = "lmmr1.io/stage"
+LABEL_ROLE = "lmmr1.io/role"
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+MANAGER = "lmmr1-operator"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+ROLLOUT_PORT = 8000
+VERIFIER_PORT = 5000
+RENDEZVOUS_PORT = 29500
+
+
+def run_labels(run: str) -> dict[str, str]:
+    return {LABEL_RUN: run, LABEL_MANAGED: MANAGER}
+
+
+def stage_labels(run: str, stage: str, role: str) -> dict[str, str]:
+    return {**run_labels(run), LABEL_STAGE: stage, LABEL_ROLE: role}
+
+
+def rollout_pod(run: str, stage: str, replica: int) -> str:
+    return f"{run}-{stage}-rollout-{replica}"
+
+
+def rollout_service(run: str, stage: str) -> str:
+    return f"{run}-{stage}-rollout"
+
+
+def trainer_job(run: str, stage: str) -> str:
+    return f"{run}-{stage}-trainer"
+
+
+def stage_config(run: str, stage: str) -> str:
+    return f"{run}-{stage}-config"
+
+
+def rollout_policy(run: str, stage: str) -> str:
+    return f"{run}-{stage}-rollout"
+
+
+def progress_configmap(run: str) -> str:
+    return f"{run}-progress"
+
+
+def progress_role(run: str) -> str:
+    return f"{run}-progress"
+
+
+def token_secret(run: str) -> str:
+    return f"{run}-rollout-token"
+
+
+def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
+    """Children are owned by the run: deleting it garbage-collects them all."""
+    meta = run["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(run: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run["metadata"]["namespace"],
+        "labels": labels,
+        "ownerReferences": [owner_reference(run)],
+    }

@@ -1,0 +1,364 @@
+"""The run's state machine (pure): what the operator saw -> what it should do.
+
+`decide()` is called for every run every few seconds and whenever a child changes. It
+must be idempotent: the plan for an unchanged world is "create what is missing (nothing),
+patch the same status". All memory lives in the run's status and in its children, so an
+operator killed at any point continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmmr1_operator import conditions as cond
+from lmmr1_operator import podstate
+from lmmr1_operator.api.spec import LMMR1RunSpec
+from lmmr1_operator.api.status import LMMR1RunStatus, StageStatus
+from lmmr1_operator.children import access, rollout, stage_config, trainer
+from lmmr1_operator.children.context import StageContext, init_weights
+from lmmr1_operator.naming import ROLLOUT_PORT
+from lmmr1_operator.settings import OperatorSettings
+from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
+
+Obj = dict[str, Any]
+MAX_BACKOFF_S = 300.0
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the operator read for one run; children are the current stage's."""
+
+    run: Obj
+    now: dt.datetime
+    token: str  # the rollout token to use if the Secret does not exist yet
+    service_account: str
+    credentials_missing: str | None = None  # the missing Secret's name
+    rollout_pods: list[Obj] = field(default_factory=list)
+    job: Obj | None = None
+    trainer_pods: list[Obj] = field(default_factory=list)
+    config: Obj | None = None
+    progress: Progress | None = None
+    final_checkpoint_committed: bool | None = None  # checked only once the Job completed
+    stage_children_exist: bool = False
+
+
+@dataclass
+class Plan:
+    ensure: list[Obj] = field(default_factory=list)  # create when absent
+    replace: list[Obj] = field(default_factory=list)  # create, or replace when different
+    delete_stage: bool = False  # remove the current stage's children
+    delete_run: bool = False  # ttlSecondsAfterFinished expired
+    status: Obj = field(default_factory=dict)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
+    check_final_checkpoint: str | None = None  # ask the caller to verify this in S3
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(text: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+class _Decision:
+    """One pass of the state machine; mutates its own copy of the status."""
+
+    def __init__(self, seen: Observed, settings: OperatorSettings) -> None:
+        self.seen = seen
+        self.settings = settings
+        self.spec = LMMR1RunSpec.model_validate(seen.run["spec"])
+        self.status = LMMR1RunStatus.model_validate(seen.run.get("status") or {})
+        self.now = _iso(seen.now)
+        self.generation = seen.run["metadata"].get("generation")
+        self.plan = Plan()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def event(self, reason: str, message: str, kind: str = "Normal") -> None:
+        self.plan.events.append((kind, reason, message))
+
+    def condition(self, kind: str, true: bool, reason: str, message: str = "") -> None:
+        self.status.conditions = cond.set_condition(
+            self.status.conditions, kind, true, reason, message, self.now, self.generation
+        )
+
+    def finish(self, succeeded: bool, reason: str, message: str) -> None:
+        self.status.phase = "Succeeded" if succeeded else "Failed"
+        self.status.completion_time = self.now
+        self.condition(cond.RUNNING, False, reason, message)
+        self.condition(cond.COMPLETE, succeeded, reason, message)
+        self.condition(cond.FAILED, not succeeded, reason, message)
+        self.condition(cond.BLOCKED, False, reason)
+        self.plan.delete_stage = True
+        self.event(reason, message, "Normal" if succeeded else "Warning")
+
+    @property
+    def index(self) -> int:
+        return self.status.stage_index or 0
+
+    def record(self) -> StageStatus:
+        while len(self.status.stages) <= self.index:
+            self.status.stages.append(
+                StageStatus(name=self.spec.stages[len(self.status.stages)].name)
+            )
+        return self.status.stages[self.index]
+
+    def context(self) -> StageContext:
+        finals = [s.final_checkpoint for s in self.status.stages]
+        return StageContext(
+            run=self.seen.run,
+            spec=self.spec,
+            index=self.index,
+            settings=self.settings,
+            init_from=init_weights(self.spec, self.index, finals),
+        )
+
+    # -- the decision ----------------------------------------------------------------------
+
+    def decide(self) -> Plan:
+        status = self.status
+        status.observed_generation = self.generation
+        if status.phase in ("Succeeded", "Failed"):
+            self.after_finish()
+            return self.done()
+        if status.phase is None:
+            status.phase = "Pending"
+            status.start_time = self.now
+            status.stage_index = 0
+            status.restarts = 0
+            self.event(
+                "Created", f"run accepted with stages {', '.join(s.name for s in self.spec.stages)}"
+            )
+        start = _parse(status.start_time)
+        deadline = self.spec.active_deadline_seconds
+        if deadline and start and (self.seen.now - start).total_seconds() > deadline:
+            self.finish(
+                False,
+                "DeadlineExceeded",
+                f"activeDeadlineSeconds={deadline} passed; stopped at stage "
+                f"{self.record().name} step {status.step or 0}",
+            )
+            return self.done()
+        if self.spec.suspend:
+            self.suspend()
+            return self.done()
+        if status.phase == "Suspended":
+            status.phase = "Running" if (status.step or self.index) else "Pending"
+            self.condition(cond.SUSPENDED, False, "Resumed", "resumed from the last checkpoint")
+            self.event("Resumed", f"stage {self.record().name} resumes from its last checkpoint")
+        self.condition(cond.SUSPENDED, False, "NotSuspended")
+        if self.seen.credentials_missing:
+            message = (
+                f"Secret {self.seen.credentials_missing!r} (spec.storage."
+                "credentialsSecret) not found in this namespace: create it with keys "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+            if not cond.is_true(status.conditions, cond.BLOCKED):
+                self.event("SecretNotFound", message, "Warning")
+            self.condition(cond.BLOCKED, True, "SecretNotFound", message)
+            return self.done()
+        retry_after = _parse(status.retry_after)
+        if retry_after and self.seen.now < retry_after:
+            return self.done()
+        status.retry_after = None
+        self.run_stage()
+        return self.done()
+
+    def after_finish(self) -> None:
+        if self.seen.stage_children_exist:
+            self.plan.delete_stage = True
+        ttl = self.spec.ttl_seconds_after_finished
+        finished = _parse(self.status.completion_time)
+        if ttl is not None and finished and (self.seen.now - finished).total_seconds() >= ttl:
+            self.plan.delete_run = True
+
+    def suspend(self) -> None:
+        if self.status.phase != "Suspended":
+            self.event(
+                "Suspended",
+                f"pods of stage {self.record().name} stopped; the run "
+                "resumes from its last checkpoint when unsuspended",
+            )
+        self.status.phase = "Suspended"
+        self.condition(cond.SUSPENDED, True, "Suspended", "spec.suspend is true")
+        self.condition(cond.RUNNING, False, "Suspended")
+        self.plan.delete_stage = self.seen.stage_children_exist
+
+    def run_stage(self) -> None:
+        seen, record, ctx = self.seen, self.record(), self.context()
+        if record.phase == "Pending":
+            record.phase = "Running"
+            record.start_time = self.now
+            record.init_checkpoint = ctx.init_from
+            self.status.stage = record.name
+            self.event(
+                "StageStarted",
+                f"stage {record.name} ({ctx.stage.type}) starts from {ctx.init_from}",
+            )
+        self.status.stage = record.name
+        self.apply_progress(record)
+        self.plan.ensure += [
+            access.token_secret(seen.run, seen.token),
+            access.progress_configmap(seen.run),
+            access.progress_role(seen.run),
+            access.progress_binding(seen.run, seen.service_account),
+            access.rollout_network_policy(ctx),
+            rollout.service(ctx),
+            *(rollout.pod(ctx, r) for r in range(ctx.stage.resources.rollout.replicas)),
+        ]
+        if self.failed(ctx):
+            return
+        ready = [p for p in seen.rollout_pods if podstate.is_ready(p)]
+        urls = None
+        if len(ready) == ctx.stage.resources.rollout.replicas:
+            by_replica = sorted(ready, key=lambda p: p["metadata"]["name"])
+            urls = [f"http://{p['status']['podIP']}:{ROLLOUT_PORT}" for p in by_replica]
+        config = stage_config.configmap(ctx, urls)
+        have = (seen.config or {}).get("data", {})
+        if seen.config is None or (urls is not None and have != config["data"]):
+            self.plan.replace.append(config)
+        if urls is not None:
+            self.plan.ensure += [trainer.service(ctx), trainer.job(ctx)]
+        if podstate.job_condition(seen.job, "Complete"):
+            self.complete_stage(record)
+            return
+        stuck = podstate.why_stuck([*seen.rollout_pods, *seen.trainer_pods])
+        if stuck:
+            if not cond.is_true(self.status.conditions, cond.BLOCKED):
+                self.event(stuck[0], stuck[1], "Warning")
+            self.condition(cond.BLOCKED, True, *stuck)
+        else:
+            self.condition(cond.BLOCKED, False, "Progressing")
+        if any(podstate.phase(p) == "Running" for p in seen.trainer_pods):
+            self.status.phase = "Running"
+        if self.status.phase == "Running":
+            self.condition(cond.RUNNING, True, "StageRunning", f"stage {record.name}")
+        else:
+            self.condition(cond.RUNNING, False, "StageStarting", f"stage {record.name} starting")
+
+    def apply_progress(self, record: StageStatus) -> None:
+        progress, status = self.seen.progress, self.status
+        if progress is None or progress.stage != record.name:
+            return
+        status.step, status.total_steps = progress.step, progress.total_steps
+        status.progress = (
+            f"{100 * progress.step // progress.total_steps}%" if progress.total_steps else None
+        )
+        status.reward, status.accuracy = progress.reward, progress.accuracy
+        status.tokens_per_second = progress.tokens_per_second
+        status.last_checkpoint = progress.last_checkpoint or status.last_checkpoint
+        record.step, record.total_steps = progress.step, progress.total_steps
+        record.reward, record.accuracy = progress.reward, progress.accuracy
+        record.initial_reward = progress.initial_reward
+
+    def failed(self, ctx: StageContext) -> bool:
+        """Handle a failed rollout or trainer pod. True when the stage is not running."""
+        seen = self.seen
+        failed_pods = [
+            p for p in [*seen.rollout_pods, *seen.trainer_pods] if podstate.phase(p) == "Failed"
+        ]
+        if not failed_pods and not podstate.job_condition(seen.job, "Failed"):
+            return False
+        for pod in seen.trainer_pods:
+            if podstate.exit_code(pod, "trainer") == EXIT_CONFIG_ERROR:
+                detail = podstate.termination_message(pod, "trainer") or "see the trainer log"
+                self.finish(
+                    False,
+                    "ConfigError",
+                    f"stage {ctx.stage.name}: the trainer rejected its configuration "
+                    f"(exit {EXIT_CONFIG_ERROR}), retrying cannot help: {detail}",
+                )
+                return True
+        what = (
+            ", ".join(
+                f"{p['metadata']['name']} (exit "
+                f"{podstate.exit_code(p, 'trainer') or podstate.exit_code(p, 'rollout')})"
+                for p in failed_pods
+            )
+            or "the trainer Job"
+        )
+        self.restart(ctx, f"{what} failed")
+        return True
+
+    def restart(self, ctx: StageContext, why: str) -> None:
+        status, record = self.status, self.record()
+        restarts = status.restarts or 0
+        if restarts >= self.spec.backoff_limit:
+            record.phase = "Failed"
+            self.finish(
+                False,
+                "BackoffLimitExceeded",
+                f"stage {ctx.stage.name}: {why}; backoffLimit="
+                f"{self.spec.backoff_limit} restarts used",
+            )
+            return
+        status.restarts = restarts + 1
+        record.restarts += 1
+        delay = min(MAX_BACKOFF_S, self.settings.restart_backoff_seconds * 2**restarts)
+        status.retry_after = _iso(self.seen.now + dt.timedelta(seconds=delay))
+        self.plan.delete_stage = True
+        self.condition(cond.RUNNING, False, "StageRestarting", why)
+        self.event(
+            "StageRestarting",
+            f"stage {ctx.stage.name}: {why}; restart "
+            f"{status.restarts}/{self.spec.backoff_limit} in "
+            f"{delay:.0f}s from the last checkpoint",
+            "Warning",
+        )
+
+    def complete_stage(self, record: StageStatus) -> None:
+        progress = self.seen.progress
+        final = progress.final_checkpoint if progress and progress.stage == record.name else None
+        if final is None:
+            for pod in self.seen.trainer_pods:
+                message = podstate.termination_message(pod, "trainer")
+                if message.startswith("{"):
+                    final = Progress.model_validate_json(message).final_checkpoint
+        if final is None:
+            self.restart(self.context(), "the trainer exited 0 without a final checkpoint")
+            return
+        if self.seen.final_checkpoint_committed is None:
+            self.plan.check_final_checkpoint = final
+            return
+        if not self.seen.final_checkpoint_committed:
+            self.restart(self.context(), f"final checkpoint {final} has no manifest in S3")
+            return
+        record.phase, record.completion_time, record.final_checkpoint = (
+            "Succeeded",
+            self.now,
+            final,
+        )
+        self.status.last_checkpoint = final
+        self.plan.delete_stage = True
+        self.event(
+            "StageSucceeded",
+            f"stage {record.name} finished at step {record.step}; final checkpoint {final}",
+        )
+        if self.index + 1 == len(self.spec.stages):
+            self.finish(
+                True,
+                "Succeeded",
+                f"all {len(self.spec.stages)} stages finished; final checkpoint {final}",
+            )
+            return
+        self.status.stage_index = self.index + 1
+        self.status.stage = self.spec.stages[self.index].name
+        self.status.step = self.status.total_steps = None
+        self.status.progress = self.status.reward = self.status.accuracy = None
+        self.record()
+
+    def done(self) -> Plan:
+        # Unset top-level fields go as null so a merge patch clears them.
+        status = self.status.model_dump(by_alias=True, mode="json")
+        status["stages"] = [stage.wire() for stage in self.status.stages]
+        status["conditions"] = [c.wire() for c in self.status.conditions]
+        self.plan.status = status
+        return self.plan
+
+
+def decide(seen: Observed, settings: OperatorSettings) -> Plan:
+    """The plan for one run, given what the operator observed."""
+    return _Decision(seen, settings).decide()
