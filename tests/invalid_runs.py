@@ -143,9 +143,9 @@ INVALID: list[Invalid] = [
     ),
     Invalid(
         "stage-name-too-long",
-        _set("spec.stages[0].name", "f" * 21),
+        _set("spec.stages[0].name", "f" * 15),
         "spec.stages[0].name",
-        "may not be more than 20",
+        "may not be more than 14",
     ),
     Invalid(
         "unknown-stage-type",
@@ -245,9 +245,9 @@ INVALID: list[Invalid] = [
     ),
     Invalid(
         "run-name-too-long",
-        _set("metadata.name", "r" * 41),
+        _set("metadata.name", "r" * 37),
         "",
-        "metadata.name must be at most 40 characters",
+        "metadata.name must be at most 36 characters",
         pydantic=False,
     ),
 ]

@@ -40,11 +40,13 @@ def ensure_peering(name: str, namespace: str | None) -> None:
     body = {"apiVersion": "kopf.dev/v1", "metadata": {"name": name}}
     try:
         if namespace:
-            api.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings",
-                                                {**body, "kind": "KopfPeering"})
+            api.create_namespaced_custom_object(
+                "kopf.dev", "v1", namespace, "kopfpeerings", {**body, "kind": "KopfPeering"}
+            )
         else:
-            api.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings",
-                                             {**body, "kind": "ClusterKopfPeering"})
+            api.create_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", {**body, "kind": "ClusterKopfPeering"}
+            )
     except client.ApiException as err:
         if err.status != 409:
             raise
@@ -69,9 +71,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.clusterwide = SETTINGS.cluster_wide
         settings.peering.mandatory = True
         settings.peering.priority = random.randint(1, 1_000_000)
-        ensure_peering(SETTINGS.peering, None if SETTINGS.cluster_wide
-                       else os.environ.get("LMMR1_WATCH_NAMESPACE"))
-    settings.posting.level = logging.INFO
+        ensure_peering(
+            SETTINGS.peering,
+            None if SETTINGS.cluster_wide else os.environ.get("LMMR1_WATCH_NAMESPACE"),
+        )
+    # Transitions are posted as Events explicitly (reason + message); kopf's own per-handler
+    # "succeeded" lines would repeat every resync, so only its warnings are kept.
+    settings.posting.level = logging.WARNING
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
     metrics = Metrics()

@@ -77,7 +77,7 @@ def test_the_api_server_fills_in_the_papers_defaults(kubectl: Cli) -> None:
 
 @pytest.mark.parametrize("case", INVALID, ids=lambda c: c.id)
 def test_the_api_server_rejects_the_invalid_table(kubectl: Cli, case: Invalid) -> None:
-    run = case.run(f"bad-{case.id}"[:40])
+    run = case.run(f"bad-{case.id}"[:36])
     result = kubectl("apply", "-f", "-", stdin=json.dumps(run), check=False)
     assert result.returncode != 0, f"{case.id} was accepted"
     assert case.says in result.stderr, result.stderr

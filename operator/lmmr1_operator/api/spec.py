@@ -94,13 +94,16 @@ Quantity = Annotated[
     ),
 ]
 DnsName = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
-# Child names are <run>-<stage>-<role>-<index>: 40 + 20 leaves room within 63.
+# Child names (also hostnames and label values, so DNS labels of at most 63 characters)
+# are <run>-<stage>-rollout-<replica> and <run>-<stage>-trainer-<index>: a run name of at
+# most 36 and a stage name of at most 14 characters leave room for 3-digit indices.
+MAX_STAGE_NAME = 14
 StageName = Annotated[
     str,
     Field(
         pattern=NAME_PATTERN,
         min_length=1,
-        max_length=20,
+        max_length=MAX_STAGE_NAME,
         description="Lower-case DNS label, unique in the run (e.g. fre, mgt).",
     ),
 ]

@@ -1,0 +1,154 @@
+"""The operator's pure builders: what a stage's pods look like."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+from tests.invalid_runs import valid_run
+
+from lmmr1_operator import naming
+from lmmr1_operator.api import crd
+from lmmr1_operator.api.spec import MAX_STAGE_NAME, LMMR1RunSpec
+from lmmr1_operator.children import access, rollout, stage_config, trainer
+from lmmr1_operator.children.context import StageContext, init_weights
+from lmmr1_operator.settings import OperatorSettings
+from lmmr1_trainer.config import StageConfig
+
+SETTINGS = OperatorSettings(trainer_image="trainer:1", rollout_image="rollout:1")
+
+
+def run_obj(**spec_updates: Any) -> dict[str, Any]:
+    run = valid_run("r")
+    run["metadata"].update(namespace="ns", uid="uid-1", generation=1)
+    run["spec"].update(spec_updates)
+    return run
+
+
+def context(
+    run: dict[str, Any], index: int = 0, finals: list[str | None] | None = None
+) -> StageContext:
+    spec = LMMR1RunSpec.model_validate(run["spec"])
+    return StageContext(
+        run=run,
+        spec=spec,
+        index=index,
+        settings=SETTINGS,
+        init_from=init_weights(spec, index, finals or []),
+    )
+
+
+def test_stages_start_from_the_model_then_the_previous_final_checkpoint() -> None:
+    spec = LMMR1RunSpec.model_validate(run_obj()["spec"])
+    assert init_weights(spec, 0, []) == "hf://Qwen/Qwen2.5-VL-3B-Instruct"
+    assert init_weights(spec, 1, ["s3://b/ns/r/fre/step-40"]) == "s3://b/ns/r/fre/step-40"
+    explicit = copy.deepcopy(run_obj())
+    explicit["spec"]["stages"][1]["initFrom"] = "s3://elsewhere/ckpt"
+    spec = LMMR1RunSpec.model_validate(explicit["spec"])
+    assert init_weights(spec, 1, [None]) == "s3://elsewhere/ckpt"
+
+
+def test_trainer_job_is_indexed_with_gpus_sidecar_and_references_only() -> None:
+    run = run_obj(
+        queueName="team-q",
+        priorityClassName="high",
+        nodeSelector={"pool": "h100"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        serviceAccountName="irsa",
+        images={"pullSecrets": ["regcred"]},
+    )
+    run["spec"]["stages"][0]["resources"] = {"trainer": {"nodes": 2, "gpusPerNode": 8}}
+    job = trainer.job(context(run))
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["backoffLimit"] == 0
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert job["metadata"]["labels"][naming.KUEUE_QUEUE] == "team-q"
+    pod = spec["template"]["spec"]
+    assert pod["priorityClassName"] == "high" and pod["nodeSelector"] == {"pool": "h100"}
+    assert pod["serviceAccountName"] == "irsa"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    (verifier,) = pod["initContainers"]
+    assert verifier["restartPolicy"] == "Always"  # a native sidecar
+    assert "$(POD_IP)" in verifier["command"]
+    main = pod["containers"][0]
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert main["command"][0] == "torchrun" and "--nproc-per-node=8" in main["command"]
+    env = {e["name"]: e for e in main["env"]}
+    assert env["MASTER_ADDR"]["value"] == "r-fre-trainer-0.r-fre-trainer.ns.svc"
+    assert env["WORLD_SIZE"]["value"] == "16"
+    # Credentials by reference only.
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in main["volumeMounts"]
+
+
+def test_a_cpu_stage_runs_one_plain_process_with_deepspeed_on_cpu() -> None:
+    run = run_obj()
+    run["spec"]["stages"][0]["resources"] = {
+        "trainer": {"gpusPerNode": 0},
+        "rollout": {"gpusPerReplica": 0},
+    }
+    main = trainer.job(context(run))["spec"]["template"]["spec"]["containers"][0]
+    assert main["command"][:3] == ["python", "-m", "lmmr1_trainer.train"]
+    assert {"name": "DS_ACCELERATOR", "value": "cpu"} in main["env"]
+    assert "resources" not in main or "limits" not in main["resources"]
+    config = stage_config.render(context(run), ["http://127.101.0.1:8000"])
+    assert config.rollout.backend == "transformers"
+
+
+def test_rollout_pods_and_service() -> None:
+    ctx = context(run_obj())
+    pod = rollout.pod(ctx, 1)
+    assert pod["metadata"]["name"] == "r-fre-rollout-1"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["containers"][0]["image"] == "rollout:1"
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    service = rollout.service(ctx)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == pod["metadata"]["labels"]
+
+
+def test_stage_config_round_trips_through_the_trainers_model() -> None:
+    ctx = context(run_obj(), index=1, finals=["s3://bucket/ckpt/ns/r/fre/step-20"])
+    configmap = stage_config.configmap(ctx, ["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
+    loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
+    assert loaded.init_from == "s3://bucket/ckpt/ns/r/fre/step-20"
+    assert loaded.run.stage == "mgt" and loaded.dataset.type == "multimodal"
+    assert loaded.checkpoint.uri == "s3://bucket/ckpt/ns/r/mgt"
+    assert loaded.rollout.urls == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    assert loaded.progress.configmap == "r-progress"
+    assert loaded.algorithm.samples_per_prompt == 16
+    # Before the rollout servers are up only their own config exists.
+    early = stage_config.configmap(ctx, None)
+    assert set(early["data"]) == {"rollout.yaml"}
+
+
+def test_pods_may_write_their_progress_configmap_and_nothing_else() -> None:
+    run = run_obj()
+    (rule,) = access.progress_role(run)["rules"]
+    assert rule == {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["r-progress"],
+        "verbs": ["get", "patch", "update"],
+    }
+    binding = access.progress_binding(run, "default")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default", "namespace": "ns"}]
+
+
+def test_child_names_fit_dns_labels_at_the_longest_names() -> None:
+    run = run_obj()
+    run["metadata"]["name"] = "r" * crd.MAX_RUN_NAME
+    run["spec"]["stages"][0]["name"] = "s" * MAX_STAGE_NAME
+    ctx = context(run)
+    for name in (
+        rollout.pod(ctx, 255)["metadata"]["name"],
+        trainer.job(ctx)["metadata"]["name"] + "-255",  # an indexed pod's hostname
+        rollout.service(ctx)["metadata"]["name"],
+        stage_config.configmap(ctx, None)["metadata"]["name"],
+    ):
+        assert len(name) <= 63, name

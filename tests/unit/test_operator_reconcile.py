@@ -1,0 +1,333 @@
+"""The run's state machine, scenario by scenario, with no cluster: what the operator saw in,
+what it does out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import replace
+from typing import Any
+
+from tests.invalid_runs import valid_run
+
+from lmmr1_operator.reconcile import Observed, Plan, decide
+from lmmr1_operator.settings import OperatorSettings
+from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
+
+SETTINGS = OperatorSettings(restart_backoff_seconds=10)
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def new_run(**spec: Any) -> dict[str, Any]:
+    run = valid_run("r")
+    run["metadata"].update(namespace="ns", uid="uid-1", generation=1)
+    run["spec"].update(spec)
+    return run
+
+
+def with_status(run: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """The run as the API server returns it after the plan's status patch."""
+    status = {k: v for k, v in plan.status.items() if v is not None}
+    return {**run, "status": status}
+
+
+def seen(run: dict[str, Any], **kwargs: Any) -> Observed:
+    return Observed(
+        run=run, now=kwargs.pop("now", NOW), token="tok", service_account="default", **kwargs
+    )
+
+
+def pod(
+    name: str,
+    phase: str = "Running",
+    ready: bool = True,
+    ip: str = "10.0.0.1",
+    exit_code: int | None = None,
+    message: str = "",
+    container: str = "rollout",
+    waiting: str | None = None,
+    unschedulable: bool = False,
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "phase": phase,
+        "podIP": ip,
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+    if exit_code is not None:
+        status["containerStatuses"] = [
+            {
+                "name": container,
+                "state": {"terminated": {"exitCode": exit_code, "message": message}},
+            }
+        ]
+    if waiting:
+        status["containerStatuses"] = [
+            {"name": container, "image": "img:1", "state": {"waiting": {"reason": waiting}}}
+        ]
+    if unschedulable:
+        status["conditions"].append(
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/5 nodes: Insufficient nvidia.com/gpu",
+            }
+        )
+    return {"metadata": {"name": name}, "status": status}
+
+
+def job(complete: bool = False, failed: bool = False) -> dict[str, Any]:
+    conditions = []
+    if complete:
+        conditions.append({"type": "Complete", "status": "True"})
+    if failed:
+        conditions.append({"type": "Failed", "status": "True"})
+    return {"metadata": {"name": "r-fre-trainer", "uid": "j"}, "status": {"conditions": conditions}}
+
+
+def kinds(objs: list[dict[str, Any]]) -> list[str]:
+    return [f"{o['kind']}/{o['metadata']['name']}" for o in objs]
+
+
+def conditions(plan: Plan) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in plan.status["conditions"]}
+
+
+def started() -> tuple[dict[str, Any], Plan]:
+    run = new_run()
+    plan = decide(seen(run), SETTINGS)
+    return with_status(run, plan), plan
+
+
+def test_a_new_run_starts_its_first_stage_with_rollouts_first() -> None:
+    _, plan = started()
+    assert plan.status["phase"] == "Pending"
+    assert plan.status["stage"] == "fre" and plan.status["stageIndex"] == 0
+    assert "Pod/r-fre-rollout-0" in kinds(plan.ensure)
+    assert "Secret/r-rollout-token" in kinds(plan.ensure)
+    assert "Role/r-progress" in kinds(plan.ensure)
+    assert not any(o["kind"] == "Job" for o in plan.ensure)  # rollouts are not ready yet
+    assert kinds(plan.replace) == ["ConfigMap/r-fre-config"]
+    assert [e[1] for e in plan.events] == ["Created", "StageStarted"]
+
+
+def test_deciding_twice_on_the_same_world_changes_nothing() -> None:
+    run, plan = started()
+    again = decide(seen(run), SETTINGS)
+    assert again.status == plan.status | {"conditions": again.status["conditions"]}
+    assert again.events == [] and kinds(again.ensure) == kinds(plan.ensure)
+    assert decide(seen(run), SETTINGS).status == again.status
+
+
+def test_ready_rollouts_give_the_trainer_its_config_and_job() -> None:
+    run, _ = started()
+    config = {"data": {"rollout.yaml": "x"}}
+    plan = decide(
+        seen(run, rollout_pods=[pod("r-fre-rollout-0", ip="10.0.0.7")], config=config), SETTINGS
+    )
+    assert "Job/r-fre-trainer" in kinds(plan.ensure)
+    assert "stage.yaml" in plan.replace[0]["data"]
+    assert "http://10.0.0.7:8000" in plan.replace[0]["data"]["stage.yaml"]
+
+
+def test_progress_reaches_the_status() -> None:
+    run, _ = started()
+    progress = Progress(
+        stage="fre",
+        step=12,
+        total_steps=40,
+        reward=0.75,
+        accuracy=0.5,
+        last_checkpoint="s3://b/c/step-10",
+        initial_reward=0.1,
+        updated_at="2026-01-01T12:00:00Z",
+    )
+    plan = decide(
+        seen(run, progress=progress, trainer_pods=[pod("t", container="trainer")]), SETTINGS
+    )
+    status = plan.status
+    assert (status["phase"], status["step"], status["totalSteps"], status["progress"]) == (
+        "Running",
+        12,
+        40,
+        "30%",
+    )
+    assert status["reward"] == 0.75 and status["lastCheckpoint"] == "s3://b/c/step-10"
+    assert status["stages"][0]["initialReward"] == 0.1
+    assert conditions(plan)["Running"] == "True"
+
+
+def test_a_finished_stage_is_verified_in_s3_then_the_next_stage_starts_from_it() -> None:
+    run, _ = started()
+    final = "s3://bucket/ckpt/ns/r/fre/step-40"
+    progress = Progress(
+        stage="fre",
+        step=40,
+        total_steps=40,
+        final_checkpoint=final,
+        updated_at="2026-01-01T12:00:00Z",
+    )
+    world = seen(run, job=job(complete=True), progress=progress, stage_children_exist=True)
+    plan = decide(world, SETTINGS)
+    assert plan.check_final_checkpoint == final and plan.status["stageIndex"] == 0
+    plan = decide(replace(world, final_checkpoint_committed=True), SETTINGS)
+    assert plan.delete_stage
+    assert plan.status["stageIndex"] == 1 and plan.status["stage"] == "mgt"
+    assert plan.status["stages"][0]["finalCheckpoint"] == final
+    assert "StageSucceeded" in [e[1] for e in plan.events]
+    nxt = decide(seen(with_status(run, plan)), SETTINGS)
+    config = next(o for o in nxt.replace if o["kind"] == "ConfigMap")
+    assert f"init_from: {final}" in config["data"]["rollout.yaml"]
+    assert nxt.status["stages"][1]["initCheckpoint"] == final
+
+
+def test_the_last_stage_finishing_succeeds_the_run() -> None:
+    run, _ = started()
+    run["status"].update(
+        stageIndex=1,
+        stage="mgt",
+        stages=[
+            {
+                "name": "fre",
+                "phase": "Succeeded",
+                "finalCheckpoint": "s3://b/fre/step-4",
+                "restarts": 0,
+            },
+            {"name": "mgt", "phase": "Running", "restarts": 0},
+        ],
+    )
+    progress = Progress(
+        stage="mgt",
+        step=4,
+        total_steps=4,
+        final_checkpoint="s3://b/mgt/step-4",
+        updated_at="2026-01-01T12:00:00Z",
+    )
+    plan = decide(
+        seen(run, job=job(complete=True), progress=progress, final_checkpoint_committed=True),
+        SETTINGS,
+    )
+    assert plan.status["phase"] == "Succeeded"
+    assert (
+        conditions(plan).items()
+        >= {"Complete": "True", "Failed": "False", "Running": "False"}.items()
+    )
+    assert plan.delete_stage
+
+
+def test_a_completed_trainer_without_a_committed_checkpoint_restarts() -> None:
+    run, _ = started()
+    progress = Progress(
+        stage="fre",
+        step=40,
+        total_steps=40,
+        final_checkpoint="s3://b/x",
+        updated_at="2026-01-01T12:00:00Z",
+    )
+    plan = decide(
+        seen(run, job=job(complete=True), progress=progress, final_checkpoint_committed=False),
+        SETTINGS,
+    )
+    assert plan.status["restarts"] == 1 and plan.delete_stage
+
+
+def test_a_failed_pod_restarts_the_stage_with_backoff_until_the_limit() -> None:
+    run, _ = started()
+    failed = seen(run, rollout_pods=[pod("r-fre-rollout-0", phase="Failed", exit_code=137)])
+    plan = decide(failed, SETTINGS)
+    assert plan.delete_stage and plan.status["restarts"] == 1
+    assert plan.status["retryAfter"] == "2026-01-01T12:00:10Z"
+    assert plan.events[-1][:2] == ("Warning", "StageRestarting")
+    run = with_status(run, plan)
+    # Waiting out the back-off: nothing is created.
+    waiting = decide(seen(run, now=NOW + dt.timedelta(seconds=5)), SETTINGS)
+    assert not waiting.ensure and not waiting.delete_stage
+    # After it, the stage comes back.
+    later = decide(seen(run, now=NOW + dt.timedelta(seconds=11)), SETTINGS)
+    assert "Pod/r-fre-rollout-0" in kinds(later.ensure)
+    # The second failure doubles the wait; the fourth exceeds backoffLimit=3.
+    run["status"]["restarts"] = 3
+    run["status"]["retryAfter"] = None
+    final = decide(replace(failed, run=run), SETTINGS)
+    assert final.status["phase"] == "Failed"
+    assert conditions(final)["Failed"] == "True"
+    assert "BackoffLimitExceeded" in [c["reason"] for c in final.status["conditions"]]
+
+
+def test_a_config_error_fails_fast_without_retrying() -> None:
+    run, _ = started()
+    trainer = pod(
+        "r-fre-trainer-0",
+        phase="Failed",
+        container="trainer",
+        exit_code=EXIT_CONFIG_ERROR,
+        message="dataset.uri: no such object",
+    )
+    plan = decide(seen(run, trainer_pods=[trainer], job=job(failed=True)), SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.status.get("restarts") == 0
+    message = next(c["message"] for c in plan.status["conditions"] if c["type"] == "Failed")
+    assert "dataset.uri: no such object" in message and "retrying cannot help" in message
+
+
+def test_suspend_stops_the_pods_and_resume_continues() -> None:
+    run, _ = started()
+    run["spec"]["suspend"] = True
+    plan = decide(seen(run, stage_children_exist=True), SETTINGS)
+    assert plan.status["phase"] == "Suspended" and plan.delete_stage
+    assert conditions(plan)["Suspended"] == "True"
+    run = with_status(run, plan)
+    run["spec"]["suspend"] = False
+    plan = decide(seen(run), SETTINGS)
+    assert plan.status["phase"] == "Pending" and conditions(plan)["Suspended"] == "False"
+    assert "Pod/r-fre-rollout-0" in kinds(plan.ensure)
+    assert "Resumed" in [e[1] for e in plan.events]
+
+
+def test_active_deadline_and_ttl_behave_as_in_batch_jobs() -> None:
+    run, _ = started()
+    run["spec"]["activeDeadlineSeconds"] = 60
+    run["spec"]["ttlSecondsAfterFinished"] = 30
+    plan = decide(seen(run, now=NOW + dt.timedelta(seconds=61)), SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.delete_stage
+    assert "DeadlineExceeded" in [c["reason"] for c in plan.status["conditions"]]
+    run = with_status(run, plan)
+    assert not decide(seen(run, now=NOW + dt.timedelta(seconds=70)), SETTINGS).delete_run
+    assert decide(seen(run, now=NOW + dt.timedelta(seconds=92)), SETTINGS).delete_run
+
+
+def test_a_missing_secret_blocks_with_a_condition_saying_what_to_do() -> None:
+    run = new_run()
+    plan = decide(seen(run, credentials_missing="s3-creds"), SETTINGS)
+    blocked = next(c for c in plan.status["conditions"] if c["type"] == "Blocked")
+    assert blocked["status"] == "True" and blocked["reason"] == "SecretNotFound"
+    assert "'s3-creds'" in blocked["message"] and "AWS_ACCESS_KEY_ID" in blocked["message"]
+    assert not plan.ensure
+
+
+def test_unschedulable_and_bad_images_show_as_conditions() -> None:
+    run, _ = started()
+    plan = decide(
+        seen(
+            run,
+            rollout_pods=[pod("r-fre-rollout-0", phase="Pending", ready=False, unschedulable=True)],
+        ),
+        SETTINGS,
+    )
+    blocked = next(c for c in plan.status["conditions"] if c["type"] == "Blocked")
+    assert blocked["reason"] == "Unschedulable" and "nvidia.com/gpu" in blocked["message"]
+    plan = decide(
+        seen(
+            run,
+            rollout_pods=[
+                pod("r-fre-rollout-0", phase="Pending", ready=False, waiting="ImagePullBackOff")
+            ],
+        ),
+        SETTINGS,
+    )
+    blocked = next(c for c in plan.status["conditions"] if c["type"] == "Blocked")
+    assert blocked["reason"] == "ImagePullError"
+
+
+def test_status_is_json_serialisable_and_carries_the_generation() -> None:
+    _, plan = started()
+    assert json.loads(json.dumps(plan.status))["observedGeneration"] == 1
