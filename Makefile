@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV = $(shell bash scripts/venv.sh $(EXTRAS) | tail -n1)
-EXTRAS ?= dev,operator,verifier
+EXTRAS ?= dev,operator,verifier,trainer
 PY = $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/testbed
 

@@ -14,5 +14,4 @@ render() { # output file, then helm template arguments
     | sed -e '/^  *helm.sh\/chart: /d' -e 's/app.kubernetes.io\/managed-by: Helm/app.kubernetes.io\/managed-by: kubectl/' \
     > "$out/$file"
 }
-render 11-crd-kopf-peering.yaml --show-only templates/crd-kopf-peering.yaml --set crds.keep=false
 render 20-operator.yaml --set crds.enabled=false

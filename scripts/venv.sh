@@ -24,6 +24,13 @@ stamp="$venv/.lmmr1-$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)-${ext
 if [[ ! -f "$stamp" ]] || ! "$venv/bin/python" -c 'import lmmr1_operator' 2>/dev/null \
    || [[ "$("$venv/bin/python" -c 'import lmmr1_operator, os; print(os.path.dirname(os.path.dirname(os.path.dirname(lmmr1_operator.__file__))))')" != "$root" ]]; then
   echo "venv: installing lmmr1[$extras] into $venv" >&2
+  if [[ ",$extras," == *",trainer,"* || ",$extras," == *",gpu,"* ]]; then
+    # DeepSpeed's setup imports torch, so torch (the PyPI default build; it also runs on
+    # CPU) goes in first and DeepSpeed is built against it without build isolation.
+    # Keep these pins equal to the `trainer` extra in pyproject.toml.
+    "$venv/bin/pip" install -q "torch==2.14.0" "torchvision==0.29.0" >&2
+    "$venv/bin/pip" install -q --no-build-isolation "deepspeed==0.19.8" >&2
+  fi
   "$venv/bin/pip" install -q -e "$root[$extras]" >&2
   touch "$stamp"
 fi

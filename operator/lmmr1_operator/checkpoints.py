@@ -39,8 +39,12 @@ def manifest_exists(
         region_name=region or "us-east-1",
         aws_access_key_id=key_id,
         aws_secret_access_key=secret_key,
+        # Bounded: a slow or unreachable S3 must not stall the operator's loop.
         config=Config(
-            retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"},
+            connect_timeout=5,
+            read_timeout=15,
         ),
     )
     bucket, prefix = split_s3(uri)

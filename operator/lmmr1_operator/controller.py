@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kubernetes.dynamic.exceptions import ConflictError
 from pydantic import ValidationError
 
 from lmmr1_operator import checkpoints, naming
@@ -67,31 +68,49 @@ class Controller:
                 self.metrics.reconcile_seconds.observe(time.monotonic() - started)
 
     def _reconcile(self, run: Obj) -> None:
-        seen = self.observe(run)
+        seen, stale = self.observe(run)
         plan = decide(seen, self.settings)
         if plan.check_final_checkpoint:
             committed = self.checkpoint_committed(run, plan.check_final_checkpoint)
             plan = decide(
                 dataclasses.replace(seen, final_checkpoint_committed=committed), self.settings
             )
-        self.act(run, plan)
+        self.act(run, plan, stale)
 
     # -- observe -----------------------------------------------------------------------
 
-    def observe(self, run: Obj) -> Observed:
+    def observe(self, run: Obj) -> tuple[Observed, list[tuple[str, str]]]:
+        """What the run's children look like, and which children are stale (of an earlier
+        stage or attempt, left by a restart or by an operator that died mid-way)."""
         meta = run["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         spec = LMMR1RunSpec.model_validate(run["spec"])
-        index = (run.get("status") or {}).get("stageIndex") or 0
-        stage = spec.stages[min(index, len(spec.stages) - 1)].name
-        live = [
+        status = run.get("status") or {}
+        index = min(status.get("stageIndex") or 0, len(spec.stages) - 1)
+        stage = spec.stages[index].name
+        records = status.get("stages") or []
+        attempt = str(records[index].get("restarts", 0) if index < len(records) else 0)
+
+        def current(obj: Obj) -> bool:
+            labels = obj["metadata"].get("labels") or {}
+            return (
+                labels.get(naming.LABEL_STAGE) == stage
+                and labels.get(naming.LABEL_ATTEMPT) == attempt
+            )
+
+        def alive(obj: Obj) -> bool:
+            return not obj["metadata"].get("deletionTimestamp")
+
+        owned = {naming.LABEL_RUN: name, naming.LABEL_MANAGED: naming.MANAGER}
+        rollout_pods = [
             p
-            for p in self.kube.list("Pod", namespace, naming.stage_labels(name, stage, "rollout"))
-            if not p["metadata"].get("deletionTimestamp")
+            for p in self.kube.list("Pod", namespace, {**owned, naming.LABEL_ROLE: "rollout"})
+            if alive(p)
         ]
-        job = self.kube.get("Job", namespace, naming.trainer_job(name, stage))
-        if job and job["metadata"].get("deletionTimestamp"):
-            job = None
+        jobs = [j for j in self.kube.list("Job", namespace, owned) if alive(j)]
+        stale = [("Pod", p["metadata"]["name"]) for p in rollout_pods if not current(p)]
+        stale += [("Job", j["metadata"]["name"]) for j in jobs if not current(j)]
+        job = next((j for j in jobs if current(j)), None)
         trainer_pods: list[Obj] = []
         if job is not None:
             uid = job["metadata"]["uid"]
@@ -103,20 +122,23 @@ class Controller:
         config = self.kube.get("ConfigMap", namespace, naming.stage_config(name, stage))
         token_secret = self.kube.get("Secret", namespace, naming.token_secret(name))
         secret = spec.storage.credentials_secret or self.settings.default_s3_secret
-        missing = secret if secret and self.kube.get("Secret", namespace, secret) is None else None
-        return Observed(
+        missing = None
+        if secret and self.kube.get("Secret", namespace, secret) is None:
+            missing = secret
+        seen = Observed(
             run=run,
             now=dt.datetime.now(dt.UTC),
             token=secrets.token_urlsafe(32) if token_secret is None else "",
             service_account=spec.service_account_name or "default",
             credentials_missing=missing,
-            rollout_pods=live,
+            rollout_pods=[p for p in rollout_pods if current(p)],
             job=job,
             trainer_pods=trainer_pods,
             config=config,
             progress=self.progress(namespace, name),
-            stage_children_exist=bool(live or job or config),
+            stage_children_exist=bool(rollout_pods or jobs or config),
         )
+        return seen, stale
 
     def progress(self, namespace: str, name: str) -> Progress | None:
         configmap = self.kube.get("ConfigMap", namespace, naming.progress_configmap(name))
@@ -151,7 +173,13 @@ class Controller:
 
     # -- act ---------------------------------------------------------------------------
 
-    def act(self, run: Obj, plan: Plan) -> None:
+    # -- act ---------------------------------------------------------------------------
+
+    def act(self, run: Obj, plan: Plan, stale: list[tuple[str, str]]) -> None:
+        """Status first, guarded by the run's resourceVersion: if another actor (a second
+        replica during a peering hand-over, or kopf's own bookkeeping) changed the run since
+        it was read, nothing happens and the next pass decides again on fresh data. Events
+        and deletions follow only a successful status write, so none happens twice."""
         meta = run["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         if plan.delete_run:
@@ -159,26 +187,32 @@ class Controller:
             self.kube.delete_run(namespace, name)
             self.metrics.forget(namespace, name)
             return
-        if plan.delete_stage:
-            for kind, role in _STAGE_CHILDREN:
-                for child in self.kube.list(
-                    kind, namespace, {naming.LABEL_RUN: name, naming.LABEL_ROLE: role}
-                ):
-                    self.kube.delete(kind, namespace, child["metadata"]["name"])
-        for obj in plan.ensure:
-            if plan.delete_stage and naming.LABEL_STAGE in obj["metadata"]["labels"]:
-                continue
-            self.kube.ensure(obj)
-        for obj in plan.replace:
-            if not plan.delete_stage:
-                self.kube.replace(obj)
-        old = run.get("status") or {}
-        if _comparable(old) != _comparable(plan.status):
-            self.kube.patch_status(namespace, name, plan.status)
+        if _comparable(run.get("status") or {}) != _comparable(plan.status):
+            try:
+                self.kube.patch_status(
+                    namespace, name, plan.status, resource_version=meta["resourceVersion"]
+                )
+            except ConflictError:
+                log.debug("run %s/%s changed while reconciling; deciding again", namespace, name)
+                return
         for kind, reason, message in plan.events:
             self.post_event(run, kind, reason, message)
             if reason == "StageRestarting":
                 self.metrics.restarts.inc()
+        for kind, child in stale:
+            self.kube.delete(kind, namespace, child)
+        if plan.delete_stage:
+            for kind, role in _STAGE_CHILDREN:
+                labels = {naming.LABEL_RUN: name, naming.LABEL_ROLE: role}
+                for obj in self.kube.list(kind, namespace, labels):
+                    self.kube.delete(kind, namespace, obj["metadata"]["name"])
+        else:
+            for obj in plan.replace:
+                self.kube.replace(obj)
+        for obj in plan.ensure:
+            if plan.delete_stage and naming.LABEL_STAGE in obj["metadata"]["labels"]:
+                continue
+            self.kube.ensure(obj)
         self.metrics.observe_phase(namespace, name, plan.status.get("phase"))
 
 

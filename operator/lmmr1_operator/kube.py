@@ -4,6 +4,7 @@ objects given as plain dicts, through the kubernetes dynamic client."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 from typing import Any
 
@@ -24,12 +25,14 @@ API_VERSIONS: dict[str, str] = {
     "Role": "rbac.authorization.k8s.io/v1",
     "RoleBinding": "rbac.authorization.k8s.io/v1",
     "LMMR1Run": "lmmr1.io/v1alpha1",
+    "Event": "v1",
 }
 MERGE_PATCH = "application/merge-patch+json"
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(self, api_client: client.ApiClient, identity: str = "lmmr1-operator") -> None:
+        self.identity = identity
         self.dynamic = dynamic.DynamicClient(api_client)  # type: ignore[no-untyped-call]
         self._resources: dict[str, Any] = {}
 
@@ -81,10 +84,50 @@ class Kube:
                 name=name, namespace=namespace, body={"propagationPolicy": "Background"}
             )
 
-    def patch_status(self, namespace: str, name: str, status: Obj) -> None:
+    def patch_status(
+        self, namespace: str, name: str, status: Obj, resource_version: str | None = None
+    ) -> None:
+        """Merge-patch the run's status; with `resource_version`, only if the run is still
+        at that version (else kubernetes.dynamic.exceptions.ConflictError)."""
+        body: Obj = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         self._resource("LMMR1Run").status.patch(
-            name=name, namespace=namespace, body={"status": status}, content_type=MERGE_PATCH
+            name=name, namespace=namespace, body=body, content_type=MERGE_PATCH
         )
 
     def delete_run(self, namespace: str, name: str) -> None:
         self.delete("LMMR1Run", namespace, name)
+
+    def post_event(self, run: Obj, kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the run (what `kubectl describe lmmr1run` shows). Best-effort:
+        an Event that cannot be written is logged, never fatal."""
+        meta = run["metadata"]
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": run["apiVersion"],
+                "kind": run["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "lmmr1-operator"},
+            "reportingComponent": "lmmr1.io/operator",
+            "reportingInstance": self.identity,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self._resource("Event").create(body=event, namespace=meta["namespace"])
+        except Exception as err:
+            log.warning(
+                "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err
+            )

@@ -24,6 +24,9 @@ class Metrics:
             "Stages restarted from their last checkpoint",
             registry=self.registry,
         )
+        self.leader = Gauge(
+            "lmmr1_leader", "1 on the replica that holds the leader lease", registry=self.registry
+        )
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         for phase in PHASES:

@@ -9,6 +9,9 @@ from lmmr1_operator.api import API_VERSION, KIND
 LABEL_RUN = "lmmr1.io/run"
 LABEL_STAGE = "lmmr1.io/stage"
 LABEL_ROLE = "lmmr1.io/role"
+# Which attempt of the stage a pod belongs to (the stage's restart count): children of an
+# older attempt are stale and removed, whatever else happened in between.
+LABEL_ATTEMPT = "lmmr1.io/attempt"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGER = "lmmr1-operator"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"

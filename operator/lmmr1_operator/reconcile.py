@@ -109,6 +109,7 @@ class _Decision:
     def context(self) -> StageContext:
         finals = [s.final_checkpoint for s in self.status.stages]
         return StageContext(
+            attempt=self.record().restarts,
             run=self.seen.run,
             spec=self.spec,
             index=self.index,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,8 +19,12 @@ class OperatorSettings(BaseModel):
     default_s3_secret: str | None = None
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     bind_address: str = "0.0.0.0"
-    peering: str = "lmmr1-operator"
-    cluster_wide: bool = True
+    # Leader election: only the replica holding this Lease (in the operator's namespace)
+    # reconciles.
+    lease_name: str = "lmmr1-operator"
+    operator_namespace: str = "default"
+    identity: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    watch_namespace: str | None = None  # None: every namespace
     # Seconds between reconciles of each run (events on children also trigger one).
     resync_seconds: float = Field(default=2.0, gt=0)
     # First restart waits this long, doubling each time (capped at 5 minutes).
@@ -40,8 +45,10 @@ class OperatorSettings(BaseModel):
             "default_s3_secret": opt("LMMR1_DEFAULT_S3_SECRET"),
             "metrics_port": opt("LMMR1_METRICS_PORT"),
             "bind_address": opt("POD_IP"),
-            "peering": opt("LMMR1_PEERING"),
-            "cluster_wide": opt("LMMR1_CLUSTER_WIDE"),
+            "lease_name": opt("LMMR1_LEASE_NAME"),
+            "operator_namespace": opt("POD_NAMESPACE"),
+            "identity": opt("POD_NAME"),
+            "watch_namespace": opt("LMMR1_WATCH_NAMESPACE"),
             "resync_seconds": opt("LMMR1_RESYNC_SECONDS"),
             "restart_backoff_seconds": opt("LMMR1_RESTART_BACKOFF_SECONDS"),
         }

@@ -262,6 +262,9 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
             f"--server-address={host}:{ports['kwok']}",
             "--cidr=10.244.0.0/16",
             f"--node-ip={host}",
+            # Without it kwok keeps no node leases and the controller manager, seeing only
+            # status heartbeats, marks busy fake nodes NotReady now and then.
+            "--node-lease-duration-seconds=40",
         ],
         run_dir=directory,
     )

@@ -18,7 +18,7 @@ def installed_manifests(testbed: TestBedState) -> Path:
     """`kubectl apply -f manifests/` as a user would, then wait for the CRDs."""
     kubectl = Cli(testbed, "kubectl")
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(MANIFESTS))
-    for name in ("lmmr1runs.lmmr1.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
+    for name in ("lmmr1runs.lmmr1.io",):
         wait_for(
             f"CRD {name} established",
             lambda name=name: (

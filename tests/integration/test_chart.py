@@ -42,10 +42,12 @@ def test_default_render_is_cluster_wide_hardened_and_complete(helm: Cli) -> None
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
             "Service",
             "Deployment",
-            "CustomResourceDefinition",
-            "CustomResourceDefinition",
             "CustomResourceDefinition",
         ]
     )
@@ -74,10 +76,16 @@ def test_the_chart_crd_is_the_generated_crd(helm: Cli) -> None:
 
 def test_watch_namespace_gives_a_namespaced_role(helm: Cli) -> None:
     docs = template(helm, "--set", "watchNamespace=team-a")
-    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
-    (role,) = by_kind(docs, "Role")
-    assert role["metadata"]["namespace"] == "team-a"
-    assert ["kopfpeerings"] in [rule["resources"] for rule in role["rules"]]
+    # Only kopf's read-only discovery is cluster-wide.
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert {verb for rule in cluster_role["rules"] for verb in rule["verbs"]} == {
+        "get",
+        "list",
+        "watch",
+    }
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
+    assert set(roles) == {"team-a", "ops"}  # runs' namespace; the Lease in the release's
+    assert {"leases"} == {res for rule in roles["ops"]["rules"] for res in rule["resources"]}
     command = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert "--namespace=team-a" in command
 
@@ -197,6 +205,7 @@ def test_install_upgrade_uninstall(
 ALLOWED = [
     ("watch", "lmmr1runs.lmmr1.io"),
     ("patch", "lmmr1runs.lmmr1.io"),
+    ("delete", "lmmr1runs.lmmr1.io"),
     ("patch", "lmmr1runs.lmmr1.io/status"),
     ("update", "lmmr1runs.lmmr1.io/finalizers"),
     ("create", "jobs.batch"),
@@ -212,17 +221,21 @@ ALLOWED = [
     ("create", "networkpolicies.networking.k8s.io"),
     ("create", "events"),
     ("create", "events.events.k8s.io"),
+    ("create", "roles.rbac.authorization.k8s.io"),
+    ("create", "rolebindings.rbac.authorization.k8s.io"),
 ]
 DENIED = [
     ("list", "secrets"),
     ("watch", "secrets"),
     ("update", "secrets"),
     ("create", "pods/exec"),
-    ("delete", "lmmr1runs.lmmr1.io"),
+    ("deletecollection", "lmmr1runs.lmmr1.io"),
     ("create", "lmmr1runs.lmmr1.io"),
     ("create", "deployments.apps"),
-    ("create", "roles.rbac.authorization.k8s.io"),
-    ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ("escalate", "roles.rbac.authorization.k8s.io"),
+    ("bind", "roles.rbac.authorization.k8s.io"),
+    ("update", "roles.rbac.authorization.k8s.io"),
+    ("create", "clusterroles.rbac.authorization.k8s.io"),
     ("get", "nodes"),
     ("create", "serviceaccounts/token"),
     ("update", "pods"),
@@ -258,11 +271,27 @@ def test_operator_rbac_is_least_privilege(
             assert can_i(kubectl, who, verb, resource, watched), f"cannot {verb} {resource}"
         for verb, resource in DENIED:
             assert not can_i(kubectl, who, verb, resource, watched), f"can {verb} {resource}"
-        peering = "kopfpeerings.kopf.dev" if watch_namespace else "clusterkopfpeerings.kopf.dev"
-        assert can_i(kubectl, who, "patch", peering, watched)
+
+        # Leader election: its own Lease in the release namespace, nothing else.
+        def can_update_lease(lease: str) -> bool:
+            result = kubectl(
+                "auth",
+                "can-i",
+                "update",
+                f"leases.coordination.k8s.io/{lease}",
+                f"--as={who}",
+                "-n",
+                namespace,
+                check=False,
+            )
+            return result.stdout.strip() == "yes"
+
+        assert can_update_lease(f"{release}-lmmr1-operator")
+        assert not can_update_lease("kube-scheduler")
         if watch_namespace:  # nothing outside the watched namespace
             assert not can_i(kubectl, who, "watch", "lmmr1runs.lmmr1.io", "default")
             assert not can_i(kubectl, who, "create", "pods", "default")
+            assert not can_i(kubectl, who, "get", "secrets", "default")
     finally:
         helm("uninstall", release, check=False)
         subprocess.run(

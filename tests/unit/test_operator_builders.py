@@ -109,7 +109,8 @@ def test_rollout_pods_and_service() -> None:
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     service = rollout.service(ctx)
     assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == pod["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["metadata"]["labels"]["lmmr1.io/attempt"] == "0"
 
 
 def test_stage_config_round_trips_through_the_trainers_model() -> None:

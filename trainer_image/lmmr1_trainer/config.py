@@ -59,9 +59,7 @@ class DatasetConfig(_Config):
 class AlgorithmConfig(_Config):
     """RL hyperparameters; names and defaults match the CRD's `algorithm` (snake_case)."""
 
-    advantage_estimator: Literal["reinforce_baseline", "grpo", "rloo", "gae"] = (
-        "reinforce_baseline"
-    )
+    advantage_estimator: Literal["reinforce_baseline", "grpo", "rloo", "gae"] = "reinforce_baseline"
     samples_per_prompt: int = 16
     rollout_batch_size: int = 256
     train_batch_size: int = 256

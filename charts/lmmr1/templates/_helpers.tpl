@@ -16,6 +16,12 @@
 {{- end }}
 {{- end }}
 
+{{/* fullname plus a suffix, still within 63 characters: (dict "root" . "suffix" "x") */}}
+{{- define "lmmr1.suffixed" -}}
+{{- $room := sub 62 (len .suffix) | int }}
+{{- printf "%s-%s" (include "lmmr1.fullname" .root | trunc $room | trimSuffix "-") .suffix }}
+{{- end }}
+
 {{- define "lmmr1.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}

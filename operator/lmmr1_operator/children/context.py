@@ -16,6 +16,7 @@ class StageContext:
     index: int
     settings: OperatorSettings
     init_from: str  # the weights this stage starts from
+    attempt: int = 0  # the stage's restart count
 
     @property
     def stage(self) -> Stage:

@@ -13,7 +13,11 @@ from lmmr1_operator.children.context import StageContext
 def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
     rollout = ctx.stage.resources.rollout
     name = naming.rollout_pod(ctx.name, ctx.stage.name, replica)
-    labels = {**naming.stage_labels(ctx.name, ctx.stage.name, "rollout"), **pods.queue_labels(ctx)}
+    labels = {
+        **naming.stage_labels(ctx.name, ctx.stage.name, "rollout"),
+        naming.LABEL_ATTEMPT: str(ctx.attempt),
+        **pods.queue_labels(ctx),
+    }
     container: dict[str, Any] = {
         "name": "rollout",
         "image": ctx.rollout_image,

@@ -96,7 +96,11 @@ def _verifier(ctx: StageContext) -> dict[str, Any]:
 def job(ctx: StageContext) -> dict[str, Any]:
     topology = ctx.stage.resources.trainer
     name = naming.trainer_job(ctx.name, ctx.stage.name)
-    labels = {**naming.stage_labels(ctx.name, ctx.stage.name, "trainer"), **pods.queue_labels(ctx)}
+    labels = {
+        **naming.stage_labels(ctx.name, ctx.stage.name, "trainer"),
+        naming.LABEL_ATTEMPT: str(ctx.attempt),
+        **pods.queue_labels(ctx),
+    }
     trainer = {
         "name": "trainer",
         "image": ctx.trainer_image,

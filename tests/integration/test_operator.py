@@ -1,0 +1,413 @@
+"""The operator on the test bed, installed by its own chart and running under that chart's
+RBAC on the process node (two replicas: kopf peering lets one act). Runs land on the kwok
+GPU nodes; each test plays the trainer's part: it reports progress into the run's progress
+ConfigMap with the pods' own service account, commits checkpoints in the S3 server, and
+ends pods with an exit code."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lmmr1_testbed.layout import REPO_ROOT, TestBedState
+from lmmr1_testbed.pytest_plugin import Cli
+from lmmr1_testbed.waiting import wait_for
+
+pytestmark = pytest.mark.usefixtures("installed_manifests")
+CHART = str(REPO_ROOT / "charts" / "lmmr1")
+
+
+class Bed:
+    """The module's namespace with a running operator, and helpers to play the trainer."""
+
+    def __init__(self, testbed: TestBedState, namespace: str, bucket: str, s3: Any) -> None:
+        self.testbed = testbed
+        self.ns = namespace
+        self.bucket = bucket
+        self.s3 = s3
+        self.kubectl = Cli(testbed, "kubectl", namespace)
+        self.created: list[str] = []
+
+    def wait(self, what: str, probe: Any, timeout: float = 60) -> Any:
+        return wait_for(what, probe, timeout=timeout, state=self.testbed, namespace=self.ns)
+
+    def apply_run(self, name: str, stages: int = 2, trainer_gpus: int = 4, **spec: Any) -> None:
+        run = {
+            "apiVersion": "lmmr1.io/v1alpha1",
+            "kind": "LMMR1Run",
+            "metadata": {"name": name},
+            "spec": {
+                "model": {"uri": "hf://Qwen/Qwen2.5-VL-3B-Instruct"},
+                "storage": {
+                    "uri": f"s3://{self.bucket}/runs",
+                    "endpoint": self.testbed.s3_endpoint,
+                    "credentialsSecret": "s3",
+                },
+                "backoffLimit": 2,
+                "stages": [
+                    {
+                        "name": "fre",
+                        "type": "text",
+                        "dataset": {"uri": "s3://d/fre.jsonl"},
+                        "resources": {
+                            "trainer": {"gpusPerNode": trainer_gpus},
+                            "rollout": {"replicas": 2, "gpusPerReplica": 1},
+                        },
+                    },
+                    {
+                        "name": "mgt",
+                        "type": "multimodal",
+                        "dataset": {"uri": "s3://d/mgt.jsonl"},
+                        "algorithm": {"learningRate": 1e-6},
+                        "resources": {
+                            "trainer": {"gpusPerNode": 4},
+                            "rollout": {"replicas": 1, "gpusPerReplica": 1},
+                        },
+                    },
+                ][:stages],
+                **spec,
+            },
+        }
+        self.kubectl("apply", "-f", "-", stdin=json.dumps(run))
+        self.created.append(name)
+
+    def cleanup(self) -> None:
+        """Delete this test's runs: the simulated GPUs are shared by the module's tests."""
+        for name in self.created:
+            self.kubectl("delete", "lmr", name, "--ignore-not-found", "--wait=false")
+        self.created.clear()
+
+    def run(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.kubectl("get", "lmr", name, "-o", "json").stdout))
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.run(name).get("status") or {})
+
+    def pods(self, selector: str) -> list[dict[str, Any]]:
+        items = json.loads(self.kubectl("get", "pods", "-l", selector, "-o", "json").stdout)
+        return [p for p in items["items"] if not p["metadata"].get("deletionTimestamp")]
+
+    def running_trainer(self, run: str, stage: str) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            pods = self.pods(f"lmmr1.io/run={run},lmmr1.io/stage={stage},lmmr1.io/role=trainer")
+            running = [p for p in pods if p["status"].get("phase") == "Running"]
+            return running[0] if len(pods) == 1 and running else None
+
+        return dict(self.wait(f"{run} {stage} trainer pod Running", probe))
+
+    def report(self, run: str, **progress: Any) -> None:
+        """Write progress as the trainer does: as the pods' service account."""
+        body = {"updated_at": "2026-01-01T00:00:00Z", **progress}
+        patch = {"data": {"progress.json": json.dumps(body)}}
+        self.kubectl(
+            "patch",
+            "configmap",
+            f"{run}-progress",
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
+            f"--as=system:serviceaccount:{self.ns}:default",
+        )
+
+    def commit(self, run: str, stage: str, step: int) -> str:
+        prefix = f"runs/{self.ns}/{run}/{stage}/step-{step}"
+        self.s3.put_object(Bucket=self.bucket, Key=f"{prefix}/model.safetensors", Body=b"w")
+        self.s3.put_object(Bucket=self.bucket, Key=f"{prefix}/manifest.json", Body=b"{}")
+        return f"s3://{self.bucket}/{prefix}"
+
+    def exit(self, pod: dict[str, Any], code: int) -> None:
+        self.kubectl(
+            "annotate", "pod", pod["metadata"]["name"], f"testbed.lmmr1.io/exit-code={code}"
+        )
+
+    def finish_stage(self, run: str, stage: str, steps: int = 4) -> str:
+        trainer = self.running_trainer(run, stage)
+        final = self.commit(run, stage, steps)
+        self.report(
+            run,
+            stage=stage,
+            step=steps,
+            total_steps=steps,
+            reward=1.2,
+            accuracy=0.8,
+            last_checkpoint=final,
+            final_checkpoint=final,
+        )
+        self.exit(trainer, 0)
+        return final
+
+    def phase(self, run: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+        return dict(
+            self.wait(
+                f"{run} {phase}",
+                lambda: (s := self.status(run)).get("phase") == phase and s,
+                timeout,
+            )
+        )
+
+    def events(self, run: str) -> list[str]:
+        out = self.kubectl(
+            "get",
+            "events",
+            "--field-selector",
+            f"involvedObject.name={run},involvedObject.kind=LMMR1Run",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ).stdout
+        return out.split()
+
+
+@pytest.fixture(scope="module")
+def bed(testbed: TestBedState, s3_client: Any, installed_manifests: Any) -> Iterator[Bed]:
+    namespace = f"t-operator-{secrets.token_hex(3)}"
+    bucket = f"t-operator-{secrets.token_hex(3)}"
+    s3_client.create_bucket(Bucket=bucket)
+    admin = Cli(testbed, "kubectl")
+    admin("create", "namespace", namespace)
+    admin(
+        "create",
+        "secret",
+        "generic",
+        "s3",
+        "-n",
+        namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={testbed.s3_access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={testbed.s3_secret_key}",
+    )
+    values = {
+        "crds": {"enabled": False},
+        "replicaCount": 2,
+        # Process-node pod IPs are loopback addresses, which EndpointSlices reject.
+        "metrics": {"service": {"enabled": False}},
+        "watchNamespace": namespace,
+        "nodeSelector": {"lmmr1.io/process-node": "true"},
+        "tolerations": [{"key": "lmmr1.io/process-node", "operator": "Exists"}],
+        "operator": {
+            "logFormat": "plain",
+            "extraEnv": [
+                {"name": "LMMR1_RESYNC_SECONDS", "value": "1"},
+                {"name": "LMMR1_RESTART_BACKOFF_SECONDS", "value": "1"},
+            ],
+        },
+    }
+    helm = Cli(testbed, "helm", namespace)
+    release = f"op-{secrets.token_hex(2)}"
+    helm(
+        "install", release, CHART, "-f", "-", "--wait", "--timeout", "90s", stdin=json.dumps(values)
+    )
+    yield Bed(testbed, namespace, bucket, s3_client)
+    helm("uninstall", release, check=False)
+    admin("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@pytest.fixture(autouse=True)
+def _delete_runs_after_each_test(bed: Bed) -> Iterator[None]:
+    yield
+    bed.cleanup()
+
+
+def test_two_stage_run_goes_fre_then_mgt_to_succeeded(bed: Bed) -> None:
+    bed.apply_run("happy")
+    trainer = bed.running_trainer("happy", "fre")
+    rollouts = bed.pods("lmmr1.io/run=happy,lmmr1.io/role=rollout")
+    assert len(rollouts) == 2 and all(
+        p["spec"]["nodeName"].startswith("kwok-gpu") for p in rollouts
+    )
+    spec = trainer["spec"]
+    assert spec["initContainers"][0]["name"] == "verifier"
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert bed.phase("happy", "Running")["stage"] == "fre"
+
+    bed.report("happy", stage="fre", step=3, total_steps=8, reward=0.4, accuracy=0.2)
+    bed.wait("progress in status", lambda: bed.status("happy").get("step") == 3, 10)
+    row = bed.kubectl("get", "lmmr1runs", "happy", "--no-headers").stdout.split()
+    assert row[1:6] == ["Running", "fre", "3", "37%", "0.4"]
+
+    final_fre = bed.finish_stage("happy", "fre", steps=8)
+    status = bed.wait(
+        "stage mgt", lambda: (s := bed.status("happy")).get("stage") == "mgt" and s, 30
+    )
+    assert status["stages"][0]["finalCheckpoint"] == final_fre
+    config = bed.wait(
+        "stage mgt config",
+        lambda: (
+            bed.kubectl(
+                "get",
+                "configmap",
+                "happy-mgt-config",
+                "-o",
+                "jsonpath={.data.rollout\\.yaml}",
+                check=False,
+            ).stdout
+        ),
+    )
+    assert f"init_from: {final_fre}" in config  # stage 2 starts from stage 1's checkpoint
+    assert not bed.pods("lmmr1.io/run=happy,lmmr1.io/stage=fre")  # stage 1 torn down
+
+    final_mgt = bed.finish_stage("happy", "mgt")
+    status = bed.phase("happy", "Succeeded")
+    assert status["lastCheckpoint"] == final_mgt
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Succeeded"]
+    bed.wait("children removed", lambda: not bed.pods("lmmr1.io/run=happy"))
+    events = bed.events("happy")
+    for reason in ("Created", "StageStarted", "StageSucceeded", "Succeeded"):
+        assert reason in events
+    assert events.count("StageSucceeded") == 2  # one operator acted, not two
+
+
+def test_a_failed_trainer_resumes_then_the_run_fails_at_the_backoff_limit(bed: Bed) -> None:
+    bed.apply_run("flaky", stages=1)
+    first = bed.running_trainer("flaky", "fre")
+    bed.exit(first, 1)
+    bed.wait("restart 1", lambda: bed.status("flaky").get("restarts") == 1, 30)
+    second = bed.running_trainer("flaky", "fre")
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    bed.exit(second, 1)
+    bed.wait("restart 2", lambda: bed.status("flaky").get("restarts") == 2, 30)
+    bed.exit(bed.running_trainer("flaky", "fre"), 1)
+    status = bed.phase("flaky", "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert bed.events("flaky").count("StageRestarting") == 2
+
+
+def test_a_config_error_exit_code_fails_at_once(bed: Bed) -> None:
+    bed.apply_run("badconfig", stages=1)
+    bed.exit(bed.running_trainer("badconfig", "fre"), 78)
+    status = bed.phase("badconfig", "Failed")
+    assert status.get("restarts", 0) == 0
+    assert "ConfigError" in [c["reason"] for c in status["conditions"]]
+
+
+def test_suspend_stops_pods_and_resume_restarts_them(bed: Bed) -> None:
+    bed.apply_run("pausable", stages=1)
+    bed.running_trainer("pausable", "fre")
+    bed.kubectl("patch", "lmr", "pausable", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    bed.phase("pausable", "Suspended")
+    bed.wait("pods gone", lambda: not bed.pods("lmmr1.io/run=pausable"), 30)
+    bed.kubectl("patch", "lmr", "pausable", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    bed.running_trainer("pausable", "fre")
+    assert "Resumed" in bed.events("pausable")
+
+
+def test_missing_secret_is_a_condition_until_it_exists(bed: Bed) -> None:
+    bed.apply_run(
+        "nosecret",
+        stages=1,
+        storage={
+            "uri": f"s3://{bed.bucket}/runs",
+            "endpoint": bed.testbed.s3_endpoint,
+            "credentialsSecret": "later",
+        },
+    )
+    status = bed.wait(
+        "Blocked",
+        lambda: next(
+            (
+                c
+                for c in (bed.status("nosecret").get("conditions") or [])
+                if c["type"] == "Blocked" and c["status"] == "True"
+            ),
+            None,
+        ),
+        30,
+    )
+    assert status["reason"] == "SecretNotFound" and "'later'" in status["message"]
+    assert not bed.pods("lmmr1.io/run=nosecret")
+    bed.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "later",
+        "--from-literal=AWS_ACCESS_KEY_ID=a",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=b",
+    )
+    bed.running_trainer("nosecret", "fre")
+
+
+def test_unschedulable_gpus_show_as_a_condition(bed: Bed) -> None:
+    bed.apply_run("toobig", stages=1, trainer_gpus=16)  # the GPU nodes have 8 each
+    blocked = bed.wait(
+        "Blocked",
+        lambda: next(
+            (
+                c
+                for c in (bed.status("toobig").get("conditions") or [])
+                if c["type"] == "Blocked" and c["status"] == "True"
+            ),
+            None,
+        ),
+        60,
+    )
+    assert blocked["reason"] == "Unschedulable"
+    assert "nvidia.com/gpu" in blocked["message"]
+    assert "Unschedulable" in bed.events("toobig")
+
+
+def test_deadline_fails_and_ttl_deletes_the_run_and_its_children(bed: Bed) -> None:
+    bed.apply_run("shortlived", stages=1, activeDeadlineSeconds=8, ttlSecondsAfterFinished=3)
+    bed.running_trainer("shortlived", "fre")
+    status = bed.phase("shortlived", "Failed", 30)
+    assert "DeadlineExceeded" in [c["reason"] for c in status["conditions"]]
+    bed.wait(
+        "run deleted by TTL",
+        lambda: bed.kubectl("get", "lmr", "shortlived", check=False).returncode != 0,
+        30,
+    )
+    bed.wait("children garbage-collected", lambda: not bed.pods("lmmr1.io/run=shortlived"), 30)
+
+
+def test_killing_the_operator_midway_loses_nothing_and_duplicates_nothing(bed: Bed) -> None:
+    bed.apply_run("survivor")
+    bed.running_trainer("survivor", "fre")
+    bed.report("survivor", stage="fre", step=2, total_steps=4, reward=0.5)
+    bed.wait("progress", lambda: bed.status("survivor").get("step") == 2, 10)
+    bed.kubectl("delete", "pods", "-l", "app.kubernetes.io/component=operator", "--wait=false")
+    final = bed.finish_stage("survivor", "fre")  # while the operator is restarting
+    bed.wait("stage mgt", lambda: bed.status("survivor").get("stage") == "mgt", 60)
+    bed.running_trainer("survivor", "mgt")
+    assert len(bed.pods("lmmr1.io/run=survivor,lmmr1.io/role=rollout")) == 1
+    assert bed.status("survivor")["stages"][0]["finalCheckpoint"] == final
+    status = bed.status("survivor")
+    assert status.get("restarts", 0) == 0 and status["stages"][0]["restarts"] == 0
+    assert len(bed.pods("lmmr1.io/run=survivor,lmmr1.io/role=trainer")) == 1
+    # Events are best-effort (an operator killed right after a transition may not have
+    # posted its event yet), but a transition is never posted twice.
+    assert bed.events("survivor").count("StageSucceeded") <= 1
+
+
+def test_metrics_endpoint_reports_runs_by_phase(bed: Bed) -> None:
+    pods = bed.pods("app.kubernetes.io/component=operator")
+    ip = next(p["status"]["podIP"] for p in pods if p["status"].get("phase") == "Running")
+
+    def scrape() -> str | None:
+        with urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=5) as response:
+            text = str(response.read().decode())
+        return text if "lmmr1_runs{" in text else None
+
+    text = bed.wait("metrics", scrape, 30)
+    assert "lmmr1_reconcile_duration_seconds_count" in text
+
+
+def test_deleting_a_run_removes_every_child_but_keeps_checkpoints(bed: Bed) -> None:
+    bed.apply_run("doomed", stages=1)
+    bed.running_trainer("doomed", "fre")
+    bed.commit("doomed", "fre", 1)
+    bed.kubectl("delete", "lmr", "doomed", "--wait=true", "--timeout=60s")
+    bed.wait(
+        "children removed",
+        lambda: (
+            not bed.pods("lmmr1.io/run=doomed")
+            and not bed.kubectl(
+                "get", "jobs,configmaps,secrets,services", "-l", "lmmr1.io/run=doomed", "-o", "name"
+            ).stdout.strip()
+        ),
+        60,
+    )
+    listed = bed.s3.list_objects_v2(Bucket=bed.bucket, Prefix=f"runs/{bed.ns}/doomed/")
+    assert listed["KeyCount"] == 2

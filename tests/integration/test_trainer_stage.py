@@ -1,0 +1,270 @@
+"""A real (tiny) LMM-R1 stage on CPU against the test bed's S3 server: the model and the
+synthetic multimodal dataset in S3, a verifier and a transformers rollout server as
+subprocesses, the trainer with DeepSpeed ZeRO-2 on CPU writing checkpoints to S3. The
+trainer is killed mid-run (SIGKILL) and restarted: it must resume from the last committed
+checkpoint and finish the stage with a final checkpoint, progress and termination message.
+Also: the progress reporter against the test bed's API server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lmmr1_testbed.layout import TestBedState
+from lmmr1_trainer.checkpoint import CheckpointStore
+from lmmr1_trainer.config import PROGRESS_KEY, Progress, ProgressConfig
+from lmmr1_trainer.localrun import CPU_ENV, Service, start_rollout, start_verifier
+from lmmr1_trainer.progress import ConfigMapReporter
+from lmmr1_trainer.storage import open_storage, upload_tree
+from lmmr1_trainer.train import STEP_LOG_PREFIX
+
+MAX_STEPS = 5
+KILL_AFTER_STEP = 2
+
+
+@pytest.fixture(scope="module")
+def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2.5-VL that already half-follows the answer format (so rewards vary)."""
+    out = tmp_path_factory.mktemp("tiny-vl-warm")
+    command = [
+        sys.executable,
+        "-m",
+        "lmmr1_trainer.tiny_model",
+        str(out),
+        "--warm-start-steps",
+        "100",
+    ]
+    subprocess.run(command, check=True, env={**os.environ, **CPU_ENV}, capture_output=True)
+    return out
+
+
+@pytest.fixture
+def s3_env(testbed: TestBedState, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = testbed.s3_env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def verifier() -> Iterator[Service]:
+    service = start_verifier()
+    yield service
+    service.stop()
+
+
+def _stage_config(
+    bucket: str, endpoint: str, rollout_urls: list[str], reward_url: str, token_file: Path
+) -> dict[str, Any]:
+    return {
+        "run": {"namespace": "ns", "name": "tiny", "stage": "mgt", "stage_index": 1},
+        "init_from": f"s3://{bucket}/models/tiny",
+        "dataset": {"uri": f"s3://{bucket}/data", "type": "multimodal"},
+        "algorithm": {
+            "samples_per_prompt": 4,
+            "rollout_batch_size": 2,
+            "train_batch_size": 4,
+            "micro_train_batch_size": 2,
+            "epochs_per_rollout": 1,
+            "max_steps": MAX_STEPS,
+            "learning_rate": 1e-3,
+            "max_generation_length": 24,
+            "zero_stage": 2,
+            "bf16": False,
+            "gradient_checkpointing": True,
+            "kl_coef": 0.001,
+        },
+        "reward": {"url": reward_url},
+        "rollout": {"urls": rollout_urls, "backend": "transformers", "token_file": str(token_file)},
+        "trainer": {"nodes": 1, "gpus_per_node": 0},
+        "checkpoint": {"uri": f"s3://{bucket}/ckpt/ns/tiny/mgt", "every_steps": 1, "keep_last": 2},
+        "progress": {"configmap": "tiny-progress", "namespace": "ns"},
+        "s3": {"endpoint": endpoint},
+    }
+
+
+def _trainer(config: Path, workdir: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmmr1_trainer.train", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={
+            **os.environ,
+            **CPU_ENV,
+            **env,
+            "LMMR1_TORCH_THREADS": "1",
+            "LMMR1_PROGRESS_FILE": str(workdir / "progress.json"),
+            "LMMR1_TERMINATION_LOG": str(workdir / "termination-log"),
+            "LMMR1_MODEL_CACHE": str(workdir / "models"),
+        },
+    )
+
+
+def _steps(lines: list[str]) -> list[dict[str, Any]]:
+    return [
+        json.loads(line[len(STEP_LOG_PREFIX) :])
+        for line in lines
+        if line.startswith(STEP_LOG_PREFIX)
+    ]
+
+
+def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
+    testbed: TestBedState,
+    s3_bucket: str,
+    s3_env: dict[str, str],
+    warm_model: Path,
+    verifier: Service,
+    tmp_path: Path,
+) -> None:
+    endpoint = testbed.s3_endpoint
+    upload_tree(open_storage(f"s3://{s3_bucket}/models/tiny"), warm_model, "")
+    for task, folder in (("arithmetic", "text"), ("mixed", "images")):  # one prefix, two files
+        subprocess.run(
+            [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", task, "--count", "8",
+             "--out", f"s3://{s3_bucket}/data/{folder}", "--s3-endpoint", endpoint],
+            check=True, env={**os.environ, **s3_env}, capture_output=True,
+        )  # fmt: skip
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump(_stage_config(s3_bucket, endpoint, [], verifier.url, token)))
+    rollout = start_rollout(
+        config, token, env={**s3_env, "LMMR1_MODEL_CACHE": str(tmp_path / "rm")}
+    )
+    try:
+        stage = _stage_config(s3_bucket, endpoint, [rollout.url], verifier.url, token)
+        config.write_text(yaml.safe_dump(stage))
+        store = CheckpointStore(open_storage(stage["checkpoint"]["uri"]))
+
+        # Run 1: kill it (SIGKILL, no clean-up) right after step 2's checkpoint.
+        first = _trainer(config, tmp_path, s3_env)
+        assert first.stdout is not None
+        first_lines: list[str] = []
+        started = time.monotonic()
+        for line in first.stdout:
+            first_lines.append(line)
+            if line.startswith(STEP_LOG_PREFIX) and _steps([line])[0]["step"] == KILL_AFTER_STEP:
+                first.send_signal(signal.SIGKILL)
+                break
+        first.wait(timeout=30)
+        output = "".join(first_lines[-30:])
+        assert first.returncode == -signal.SIGKILL, output
+        resumed_from = store.latest()
+        assert resumed_from is not None and resumed_from >= KILL_AFTER_STEP, output
+        assert not (tmp_path / "termination-log").exists()
+
+        # Run 2: resumes from the newest committed checkpoint and finishes the stage.
+        second = _trainer(config, tmp_path, s3_env)
+        out, _ = second.communicate(timeout=400)
+        assert second.returncode == 0, out[-4000:]
+        lines = out.splitlines(keepends=True)
+        assert f"resumed from {store.uri(resumed_from)} (step {resumed_from})" in out
+        steps = _steps(first_lines) + _steps(lines)
+        assert [s["step"] for s in _steps(lines)] == list(range(resumed_from + 1, MAX_STEPS + 1))
+        assert all(math.isfinite(s["reward"]) and math.isfinite(s["policy_loss"]) for s in steps)
+        assert all(math.isfinite(s["kl"]) for s in steps)
+        print(f"trained {len(steps)} steps in {time.monotonic() - started:.1f}s:",
+              [(s["step"], round(s["reward"], 3), s["seconds"]) for s in steps])  # fmt: skip
+
+        assert store.latest() == MAX_STEPS and store.manifest(MAX_STEPS).final
+        assert store.committed_steps() == sorted({resumed_from, MAX_STEPS - 1, MAX_STEPS})
+        final_uri = store.uri(MAX_STEPS)
+        progress = Progress.model_validate_json((tmp_path / "progress.json").read_text())
+        assert progress.final_checkpoint == final_uri and progress.step == MAX_STEPS
+        assert progress.reward is not None and math.isfinite(progress.reward)
+        assert progress.initial_reward is not None
+        termination = json.loads((tmp_path / "termination-log").read_text())
+        assert termination == {"final_checkpoint": final_uri, "step": MAX_STEPS}
+
+        # The final checkpoint is an HF model the next stage (or transformers) loads as is.
+        from lmmr1_trainer.models import ChatEncoder, load_model, resolve_model
+
+        os.environ["LMMR1_MODEL_CACHE"] = str(tmp_path / "final")
+        final_dir = resolve_model(final_uri, None)
+        assert not (final_dir / "trainer_state").exists()
+        model, encoder = load_model(final_dir), ChatEncoder.load(final_dir)
+        assert encoder.image_token_id is not None and model.config.model_type == "qwen2_5_vl"
+        health = json.loads(
+            __import__("urllib.request").request.urlopen(f"{rollout.url}/health").read()
+        )
+        assert health["weight_version"] == MAX_STEPS  # the servers serve the final policy
+    finally:
+        rollout.stop()
+
+
+def test_two_cpu_ranks_train_and_checkpoint_every_zero_shard(
+    testbed: TestBedState,
+    s3_bucket: str,
+    s3_env: dict[str, str],
+    warm_model: Path,
+    verifier: Service,
+    tmp_path: Path,
+) -> None:
+    """torchrun with 2 ranks (gloo): rank 0 drives rollouts, both train their share, and the
+    checkpoint holds both ZeRO-2 optimizer shards."""
+    endpoint = testbed.s3_endpoint
+    upload_tree(open_storage(f"s3://{s3_bucket}/models/tiny"), warm_model, "")
+    subprocess.run(
+        [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", "arithmetic", "--count", "8",
+         "--out", f"s3://{s3_bucket}/data", "--s3-endpoint", endpoint],
+        check=True, env={**os.environ, **s3_env}, capture_output=True,
+    )  # fmt: skip
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump(_stage_config(s3_bucket, endpoint, [], verifier.url, token)))
+    rollout = start_rollout(
+        config, token, env={**s3_env, "LMMR1_MODEL_CACHE": str(tmp_path / "rm")}
+    )
+    try:
+        stage = _stage_config(s3_bucket, endpoint, [rollout.url], verifier.url, token)
+        stage["algorithm"].update(max_steps=2, gradient_checkpointing=False)
+        config.write_text(yaml.safe_dump(stage))
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        result = subprocess.run(
+            [*torchrun, "-m", "lmmr1_trainer.train", "--config", str(config)],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, **CPU_ENV, **s3_env, "LMMR1_TORCH_THREADS": "1",
+                 "LMMR1_PROGRESS_FILE": str(tmp_path / "progress.json"),
+                 "LMMR1_TERMINATION_LOG": str(tmp_path / "termination-log"),
+                 "LMMR1_MODEL_CACHE": str(tmp_path / "models"), "LMMR1_WORKDIR": str(tmp_path)},
+        )  # fmt: skip
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        assert [s["step"] for s in _steps(result.stdout.splitlines())] == [1, 2]
+        store = CheckpointStore(open_storage(stage["checkpoint"]["uri"]))
+        files = {f.path for f in store.manifest(2).files}
+        for rank in (0, 1):
+            assert (
+                f"trainer_state/deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
+            )
+    finally:
+        rollout.stop()
+
+
+def test_progress_reaches_the_configmap(
+    testbed: TestBedState, kube_client: Any, namespace: str
+) -> None:
+    from kubernetes import client
+
+    api = client.CoreV1Api(kube_client)
+    api.create_namespaced_config_map(namespace, {"metadata": {"name": "run-progress"}, "data": {}})
+    reporter = ConfigMapReporter(ProgressConfig(configmap="run-progress", namespace=namespace), api)
+    progress = Progress(stage="fre", step=3, total_steps=10, reward=0.5, updated_at="now")
+    assert reporter.report(progress)
+    stored = api.read_namespaced_config_map("run-progress", namespace).data[PROGRESS_KEY]
+    assert Progress.model_validate_json(stored) == progress
+    missing = ConfigMapReporter(ProgressConfig(configmap="absent", namespace=namespace), api)
+    assert missing.report(progress) is False  # logged, never raised

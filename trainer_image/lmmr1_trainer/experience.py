@@ -1,0 +1,197 @@
+"""From prompts to scored samples (rank 0), and from samples to token advantages (every rank).
+
+`collect_rollout` asks the rollout servers for `samples_per_prompt` responses per prompt,
+scores them with the verifier (OpenRLHF payload) and applies the group baseline.
+`prepare_micro_batches` computes, on each rank's share, the old policy's and the reference's
+log-probs, the KL penalty and the returns; `whiten_across_ranks` then normalises the
+advantages over the whole rollout batch (all ranks), as OpenRLHF does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lmmr1_trainer.algorithms import (
+    approx_kl,
+    cumulative_returns,
+    group_baseline,
+    masked_mean,
+    token_rewards,
+)
+from lmmr1_trainer.config import AlgorithmConfig, RewardConfig
+from lmmr1_trainer.data import ImageLoader, PromptRow, decode_images
+from lmmr1_trainer.models import (
+    ChatEncoder,
+    SequenceBatch,
+    build_sequence_batch,
+    response_log_probs,
+)
+from lmmr1_trainer.rollout.client import RewardClient, RolloutClient
+from lmmr1_trainer.rollout.protocol import SamplingParams
+
+
+@dataclass
+class ScoredSample:
+    prompt: dict[str, Tensor]  # encoded prompt (input_ids, pixel_values, image_grid_thw)
+    response: list[int]
+    reward: float
+    accuracy: float
+    shaped_reward: float = 0.0  # after the group baseline
+
+
+@dataclass
+class RolloutStats:
+    reward: float
+    accuracy: float | None
+    format_reward: float
+    response_length: float
+    generated_tokens: int
+    seconds: float
+    weight_version: int
+
+
+def truncate_at(tokens: list[int], forbidden: set[int]) -> list[int]:
+    """The response up to its first forbidden token (a server that ignored the ban)."""
+    for i, token in enumerate(tokens):
+        if token in forbidden:
+            return tokens[:i]
+    return tokens
+
+
+def collect_rollout(
+    rows: list[PromptRow],
+    client: RolloutClient,
+    verifier: RewardClient,
+    encoder: ChatEncoder,
+    images: ImageLoader,
+    algo: AlgorithmConfig,
+    reward: RewardConfig,
+    seed: int,
+) -> tuple[list[ScoredSample], RolloutStats]:
+    started = time.monotonic()
+    sampling = SamplingParams(
+        n=algo.samples_per_prompt,
+        temperature=algo.temperature,
+        top_p=algo.top_p,
+        max_tokens=algo.max_generation_length,
+        seed=seed,
+    )
+    results, version = client.generate([images.inline(r.messages) for r in rows], sampling)
+    forbidden = set(encoder.vision_token_ids)
+    samples: list[ScoredSample] = []
+    queries: list[str] = []
+    prompts: list[str] = []
+    labels: list[str] = []
+    for row, result in zip(rows, results, strict=True):
+        encoded = encoder.encode(row.messages, decode_images(row.messages, images))
+        length = int(encoded["input_ids"].shape[-1])
+        if length > algo.max_prompt_length:
+            raise ValueError(f"row {row.index}: prompt of {length} tokens > max_prompt_length")
+        prompt_ids = encoded["input_ids"][0].tolist()
+        for sample in result.samples:
+            response = truncate_at(sample.token_ids, forbidden)
+            queries.append(encoder.decode(prompt_ids + response))
+            prompts.append(encoder.prompt_text(row.messages))
+            labels.append(row.label)
+            samples.append(ScoredSample(encoded, response, 0.0, 0.0))
+    scores = verifier.score(queries, prompts, labels)
+    rewards = torch.tensor(scores["rewards"], dtype=torch.float32)
+    shaped = group_baseline(rewards, algo.samples_per_prompt, algo.advantage_estimator)
+    for i, scored in enumerate(samples):
+        scored.reward = float(rewards[i])
+        scored.accuracy = float(scores["acc_rewards"][i])
+        scored.shaped_reward = float(shaped[i])
+    generated = sum(len(s.response) for s in samples)
+    stats = RolloutStats(
+        reward=float(rewards.mean()),
+        accuracy=(
+            sum(scores["acc_rewards"]) / len(samples) / reward.accuracy_weight
+            if reward.accuracy_weight > 0
+            else None
+        ),
+        format_reward=sum(scores["format_rewards"]) / len(samples),
+        response_length=generated / len(samples),
+        generated_tokens=generated,
+        seconds=time.monotonic() - started,
+        weight_version=version,
+    )
+    return samples, stats
+
+
+@dataclass
+class MicroBatch:
+    batch: SequenceBatch
+    old_log_probs: Tensor
+    ref_log_probs: Tensor | None
+    advantages: Tensor
+    kl: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_micro_batches(
+    samples: list[ScoredSample],
+    policy: Any,
+    reference: Any | None,
+    encoder: ChatEncoder,
+    algo: AlgorithmConfig,
+) -> list[MicroBatch]:
+    """Old/ref log-probs, KL and returns (not yet whitened) per micro-batch of this rank."""
+    size = algo.micro_train_batch_size
+    prepared: list[MicroBatch] = []
+    with torch.no_grad():
+        for start in range(0, len(samples), size):
+            chunk = samples[start : start + size]
+            batch = build_sequence_batch(
+                [s.prompt for s in chunk],
+                [s.response for s in chunk],
+                encoder.pad_token_id,
+                encoder.image_token_id,
+            )
+            old = response_log_probs(policy, batch, algo.temperature).cpu()
+            mask = batch.response_mask
+            ref = None
+            kl = torch.zeros_like(old)
+            if reference is not None:
+                ref = response_log_probs(reference, batch, algo.temperature).cpu()
+                estimator = "k1" if algo.kl_in_reward else algo.kl_estimator
+                kl = approx_kl(old, ref, estimator) * mask
+            in_reward_kl = kl if algo.kl_in_reward else torch.zeros_like(kl)
+            shaped = torch.tensor([s.shaped_reward for s in chunk])
+            returns = cumulative_returns(
+                token_rewards(shaped, in_reward_kl, mask, algo.kl_coef), mask
+            )
+            prepared.append(MicroBatch(batch, old, ref, returns, kl))
+    return prepared
+
+
+def whiten_across_ranks(micro_batches: list[MicroBatch], eps: float = 1e-8) -> None:
+    """Mean 0, variance 1 over every real response token of the rollout batch (all ranks)."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for mb in micro_batches:
+        mask = mb.batch.response_mask.double()
+        totals[0] += (mb.advantages.double() * mask).sum()
+        totals[1] += mask.sum()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    mean = totals[0] / totals[1].clamp(min=1)
+    variance = torch.zeros(1, dtype=torch.float64)
+    for mb in micro_batches:
+        mask = mb.batch.response_mask.double()
+        variance += (((mb.advantages.double() - mean) ** 2) * mask).sum()
+    if dist.is_initialized():
+        dist.all_reduce(variance)
+    rstd = (variance / totals[1].clamp(min=1)).clamp(min=eps).rsqrt()
+    for mb in micro_batches:
+        mask = mb.batch.response_mask.float()
+        mb.advantages = ((mb.advantages.double() - mean) * rstd).float() * mask
+
+
+def mean_kl(micro_batches: list[MicroBatch]) -> float:
+    values = [masked_mean(mb.kl, mb.batch.response_mask).item() for mb in micro_batches]
+    return sum(values) / max(1, len(values))

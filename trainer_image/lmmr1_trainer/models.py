@@ -1,0 +1,203 @@
+"""Models through transformers: where the weights come from, how prompts are encoded, and
+per-token log-probs of responses.
+
+Two kinds of model: Qwen2.5-VL (images + text, `AutoModelForImageTextToText`, encoded by its
+processor) and text-only causal LMs (`AutoModelForCausalLM`, encoded by the tokenizer's
+chat template). Sources: `hf://org/name[@revision]` (huggingface_hub, real clusters only),
+`s3://bucket/prefix` (downloaded), `pvc://claim/path`, `file://` or a local path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+from torch import Tensor
+
+from lmmr1_trainer.algorithms import token_log_probs
+from lmmr1_trainer.config import S3Settings
+from lmmr1_trainer.data import ChatMessage
+from lmmr1_trainer.storage import download_tree, local_path, open_storage
+
+MODEL_CACHE_ENV = "LMMR1_MODEL_CACHE"
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+class ModelSourceError(RuntimeError):
+    """A model URI that cannot be resolved or loaded."""
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get(MODEL_CACHE_ENV, Path.home() / ".cache" / "lmmr1" / "models"))
+
+
+def resolve_model(uri: str, settings: S3Settings | None = None) -> Path:
+    """A local directory holding the HF model files of `uri` (downloading when needed)."""
+    parts = urlsplit(uri)
+    if parts.scheme == "hf":
+        from huggingface_hub import snapshot_download
+
+        repo, _, revision = (parts.netloc + parts.path).partition("@")
+        target = _cache_root() / "hf" / repo.replace("/", "--") / (revision or "main")
+        snapshot_download(repo_id=repo, revision=revision or None, local_dir=str(target))
+        return target
+    if parts.scheme == "s3":
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        target = _cache_root() / "s3" / digest
+        if not (target / ".complete").exists():
+            # A checkpoint is an HF model directory plus trainer state the policy never needs.
+            files = download_tree(
+                open_storage(uri, settings), "", target, exclude=("trainer_state/",)
+            )
+            if not files:
+                raise ModelSourceError(f"{uri}: no objects under this prefix")
+            (target / ".complete").touch()
+        return target
+    path = local_path(uri)
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{uri}: no config.json in {path}")
+    return path
+
+
+def is_multimodal(model_dir: Path) -> bool:
+    config = json.loads((model_dir / "config.json").read_text())
+    return "vision_config" in config
+
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if is_multimodal(model_dir) else AutoModelForCausalLM
+    return auto.from_pretrained(str(model_dir), dtype=dtype)
+
+
+@dataclass
+class ChatEncoder:
+    """Turns a chat (with PIL images) into model inputs, for either kind of model."""
+
+    tokenizer: Any
+    processor: Any | None  # None for text-only models
+    image_token_id: int | None
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ChatEncoder:
+        from transformers import AutoProcessor, AutoTokenizer
+
+        if is_multimodal(model_dir):
+            processor = AutoProcessor.from_pretrained(str(model_dir))  # type: ignore[no-untyped-call]
+            tokenizer = processor.tokenizer
+            image_token_id = int(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+            return cls(tokenizer, processor, image_token_id)
+        return cls(AutoTokenizer.from_pretrained(str(model_dir)), None, None)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = {int(self.tokenizer.eos_token_id)}
+        if self.tokenizer.pad_token_id is not None:
+            ids.add(int(self.tokenizer.pad_token_id))
+        return sorted(ids)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def vision_token_ids(self) -> list[int]:
+        """Placeholders a response must never contain (the model would expect image features)."""
+        if self.processor is None:
+            return []
+        return [int(self.tokenizer.convert_tokens_to_ids(t)) for t in VISION_TOKENS]
+
+    def prompt_text(self, messages: list[ChatMessage]) -> str:
+        owner = self.processor if self.processor is not None else self.tokenizer
+        text: str = owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text
+
+    def encode(self, messages: list[ChatMessage], images: list[Any]) -> dict[str, Tensor]:
+        """input_ids (1, P) plus, with images, pixel_values and image_grid_thw."""
+        text = self.prompt_text(messages)
+        if self.processor is None:
+            if images:
+                raise ValueError("a text-only model got a prompt with images")
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            return {"input_ids": ids["input_ids"]}
+        encoded = self.processor(
+            text=[text], images=images or None, return_tensors="pt", add_special_tokens=False
+        )
+        out = {"input_ids": encoded["input_ids"]}
+        if images:
+            out["pixel_values"] = encoded["pixel_values"]
+            out["image_grid_thw"] = encoded["image_grid_thw"]
+        return out
+
+    def decode(self, token_ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        return text
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response sequences, right-padded, with response-aligned masks (B, T)."""
+
+    input_ids: Tensor  # (B, L)
+    attention_mask: Tensor  # (B, L)
+    prompt_lengths: Tensor  # (B,)
+    response_mask: Tensor  # (B, T): 1 on real response tokens
+    pixel_values: Tensor | None = None
+    image_grid_thw: Tensor | None = None
+    mm_token_type_ids: Tensor | None = None
+
+
+def build_sequence_batch(
+    prompts: list[dict[str, Tensor]],
+    responses: list[list[int]],
+    pad_token_id: int,
+    image_token_id: int | None = None,
+) -> SequenceBatch:
+    lengths = [int(p["input_ids"].shape[-1]) for p in prompts]
+    total = max(p + len(r) for p, r in zip(lengths, responses, strict=True))
+    longest_response = max(1, max(len(r) for r in responses))
+    input_ids = torch.full((len(prompts), total), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), total), dtype=torch.long)
+    response_mask = torch.zeros((len(prompts), longest_response), dtype=torch.long)
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        sequence = torch.cat([prompt["input_ids"].reshape(-1), torch.tensor(response).long()])
+        input_ids[i, : sequence.numel()] = sequence
+        attention[i, : sequence.numel()] = 1
+        response_mask[i, : len(response)] = 1
+    pixels = [p["pixel_values"] for p in prompts if "pixel_values" in p]
+    grids = [p["image_grid_thw"] for p in prompts if "image_grid_thw" in p]
+    batch = SequenceBatch(input_ids, attention, torch.tensor(lengths), response_mask)
+    if pixels:
+        batch.pixel_values = torch.cat(pixels)
+        batch.image_grid_thw = torch.cat(grids)
+    if image_token_id is not None:
+        batch.mm_token_type_ids = (input_ids == image_token_id).int()
+    return batch
+
+
+def response_log_probs(model: Any, batch: SequenceBatch, temperature: float = 1.0) -> Tensor:
+    """log pi(response token | prefix) for every response position, (B, T) (0 on padding)."""
+    kwargs: dict[str, Tensor] = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+    }
+    if batch.pixel_values is not None and batch.image_grid_thw is not None:
+        kwargs["pixel_values"] = batch.pixel_values
+        kwargs["image_grid_thw"] = batch.image_grid_thw
+    if batch.mm_token_type_ids is not None:
+        kwargs["mm_token_type_ids"] = batch.mm_token_type_ids
+    device = next(model.parameters()).device
+    kwargs = {k: v.to(device) for k, v in kwargs.items()}
+    logits = model(**kwargs, use_cache=False).logits
+    full = token_log_probs(logits[:, :-1], kwargs["input_ids"][:, 1:], temperature)  # (B, L-1)
+    steps = torch.arange(batch.response_mask.size(1), device=device)
+    index = (batch.prompt_lengths.to(device).unsqueeze(1) - 1 + steps).clamp(max=full.size(1) - 1)
+    return full.gather(1, index) * batch.response_mask.to(device)

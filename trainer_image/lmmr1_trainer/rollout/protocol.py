@@ -1,0 +1,72 @@
+"""The rollout protocol (HTTP + JSON), shared by the server, its back ends and the client.
+
+`POST /generate` takes chats (images inlined as `data:` URLs) and sampling settings and
+returns, per prompt, the prompt's token ids and `n` samples with their token ids and
+per-token log-probs (under the sampling temperature). `POST /update_weights` (bearer token)
+takes a safetensors-serialised state dict. `GET /health`, `GET /metrics`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WEIGHT_VERSION_HEADER = "X-Weight-Version"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingParams(_Message):
+    n: int = Field(default=1, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=256, ge=1)
+    seed: int | None = None
+
+
+class GenerateRequest(_Message):
+    prompts: list[list[dict[str, Any]]] = Field(min_length=1)
+    sampling: SamplingParams = SamplingParams()
+
+
+class Sample(_Message):
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+class PromptResult(_Message):
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+
+
+class GenerateResponse(_Message):
+    results: list[PromptResult]
+    weight_version: int
+
+
+class WeightUpdateResponse(_Message):
+    weight_version: int
+    tensors: int
+
+
+class NcclInitRequest(_Message):
+    """GPU weight sync: join the trainer's NCCL group (the trainer is rank 0)."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int = Field(ge=1)
+    world_size: int = Field(ge=2)
+
+
+class NcclUpdateRequest(_Message):
+    """GPU weight sync: receive these tensors, in this order, by broadcast from rank 0."""
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    weight_version: int

@@ -1,0 +1,275 @@
+"""python -m lmmr1_trainer.tiny_model OUT_DIR [--text-only] [--seed 0] [--warm-start-steps 0]
+
+Builds a TINY, randomly initialised Qwen2.5-VL (or, with `--text-only`, a Qwen2 causal LM)
+with a byte-level BPE tokenizer trained here with the `tokenizers` library, and saves it as
+an HF directory (config, safetensors, tokenizer, chat template, image/video processor) that
+`transformers` loads like the real Qwen2.5-VL-3B-Instruct. Nothing is downloaded.
+
+The tokenizer has Qwen2.5-VL's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>,
+<|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>) and its chatml chat template,
+so prompts, the verifier's `chatml` response marker and image placeholders look exactly as
+with the real model. `--warm-start-steps N` runs N SFT steps on arithmetic answers in the
+`<think>…</think><answer>…</answer>` format (60% correct) so that sampled responses earn
+varied rewards and RL has a signal. Used by the tests and the local demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+PAD_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|im_end|>"
+BPE_VOCAB_SIZE = 640
+IMAGE_MIN_PIXELS = 28 * 28
+IMAGE_MAX_PIXELS = 112 * 112  # at most 16 merged image tokens per image
+
+# Qwen2.5-VL's chatml template: default system prompt, images as
+# <|vision_start|><|image_pad|><|vision_end|> (the processor expands the pad per image patch).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _corpus() -> Iterator[str]:
+    """Text the tokenizer learns from: what the synthetic tasks and the verifier's format use."""
+    yield "You are a helpful assistant. system user assistant"
+    yield "<think> </think> <answer> </answer> \\boxed{} \\frac{}{} $ $"
+    yield "What is How many Count the circles squares triangles in the image? Read the digits."
+    yield "Answer with the number. Think step by step. The answer is"
+    for a in range(0, 100, 3):
+        for b in range(0, 100, 7):
+            yield f"What is {a} + {b}? {a} + {b} = {a + b}. {a} * {b} = {a * b}. {a} - {b}"
+    yield "0123456789 + - * / = ( ) [ ] , . ? ! : ;"
+
+
+def build_tokenizer() -> Any:
+    """A byte-level BPE tokenizer with Qwen2.5-VL's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=None,
+        model_max_length=32768,
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor(tokenizer: Any) -> Any:
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS
+    )
+    return Qwen2_5_VLProcessor(  # type: ignore[no-untyped-call]
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _text_settings(tokenizer: Any) -> dict[str, Any]:
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,  # head_dim 16
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        "pad_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    }
+
+
+def build_model(tokenizer: Any, *, text_only: bool = False, seed: int = 0) -> Any:
+    """A randomly initialised tiny model (fp32) whose vocabulary matches `tokenizer`."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    text = _text_settings(tokenizer)
+    if text_only:
+        return Qwen2ForCausalLM(Qwen2Config(**text))  # type: ignore[no-untyped-call]
+    ids = tokenizer.convert_tokens_to_ids
+    # mrope splits the rotary half of head_dim (16 / 2 = 8) over (time, height, width).
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
+    config = Qwen2_5_VLConfig(
+        text_config={**text, "rope_parameters": rope},
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": text["hidden_size"],
+            "fullatt_block_indexes": [1],
+            "window_size": 112,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)  # type: ignore[no-untyped-call]
+
+
+def _warm_start_texts(tokenizer: Any, count: int, seed: int) -> list[str]:
+    """Chats answered in the verifier's format, right 60% of the time (so RL has signal)."""
+    import random
+
+    from lmmr1_trainer.synthetic import chat_message, generate_rows
+
+    rng = random.Random(seed)
+    texts = []
+    for row in generate_rows("arithmetic", count, seed):
+        answer = row.answer if rng.random() < 0.6 else str(int(row.answer) + rng.randint(1, 9))
+        prompt = tokenizer.apply_chat_template(
+            chat_message(row.question, None), tokenize=False, add_generation_prompt=True
+        )
+        texts.append(f"{prompt}<think>{row.question}</think><answer>{answer}</answer>{EOS_TOKEN}")
+    return texts
+
+
+def warm_start(model: Any, tokenizer: Any, steps: int, seed: int = 0) -> float:
+    """A few SFT steps on format-following answers (the response tokens only), so that a
+    tiny model's samples earn varied rewards; returns the last loss."""
+    import torch
+
+    torch.manual_seed(seed)
+    texts = _warm_start_texts(tokenizer, 256, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    marker = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    model.train()
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        batch = [texts[(step * 16 + i) % len(texts)] for i in range(16)]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = encoded["input_ids"].clone()
+        labels[encoded["attention_mask"] == 0] = -100
+        for row in range(labels.size(0)):  # learn only the answer, not the prompt
+            ids = encoded["input_ids"][row].tolist()
+            start = max(i for i in range(len(ids)) if ids[i : i + len(marker)] == marker)
+            labels[row, : start + len(marker)] = -100
+        loss = model(**encoded, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return float(loss.detach())
+
+
+def build_tiny_model(
+    out_dir: Path, *, text_only: bool = False, seed: int = 0, warm_start_steps: int = 0
+) -> Path:
+    """Build and save the tiny model, tokenizer and (multimodal) processor under `out_dir`."""
+    from transformers import GenerationConfig
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, text_only=text_only, seed=seed)
+    if warm_start_steps:
+        warm_start(model, tokenizer, warm_start_steps, seed)
+    eos_ids = [
+        tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    ]
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        do_sample=True,
+        temperature=1.0,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if text_only:
+        tokenizer.save_pretrained(out_dir)
+    else:
+        build_processor(tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmmr1_trainer.tiny_model",
+        description="Build a tiny random Qwen2.5-VL (or Qwen2) with a local tokenizer.",
+    )
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--text-only", action="store_true", help="a Qwen2 causal LM instead")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--warm-start-steps",
+        type=int,
+        default=0,
+        help="SFT steps on format-following arithmetic answers (0: purely random weights)",
+    )
+    args = parser.parse_args(argv)
+    path = build_tiny_model(
+        args.out_dir,
+        text_only=args.text_only,
+        seed=args.seed,
+        warm_start_steps=args.warm_start_steps,
+    )
+    print(f"tiny model saved to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

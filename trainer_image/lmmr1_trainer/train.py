@@ -1,0 +1,433 @@
+"""python -m lmmr1_trainer.train --config /etc/lmmr1/stage.yaml
+
+Runs one LMM-R1 stage: rule-based RL of the policy with DeepSpeed. Launched once per rank
+(torchrun or an indexed Job: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK; without
+them, a world of one). Rank 0 drives each step: prompts -> rollout servers -> verifier ->
+group baseline; every rank then computes old/reference log-probs and advantages for its
+share and trains (PPO-clip, several updates per rollout batch); rank 0 pushes the new
+weights to the rollout servers, reports progress and, every `checkpoint.every_steps`,
+everybody writes a checkpoint to `<checkpoint.uri>/step-<N>/` (manifest last).
+
+Start: resume from the newest committed checkpoint under `checkpoint.uri`, else load
+`init_from`. End: final checkpoint committed -> progress with `final_checkpoint` ->
+termination message (/dev/termination-log) -> exit 0. Exit 78 on a configuration error.
+CPU: `trainer.gpus_per_node: 0` (DeepSpeed with DS_ACCELERATOR=cpu, gloo, ZeRO-2, fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from lmmr1_trainer.config import (
+    CONFIG_PATH,
+    EXIT_CONFIG_ERROR,
+    TERMINATION_LOG,
+    Progress,
+    StageConfig,
+)
+
+if TYPE_CHECKING:
+    from lmmr1_trainer.experience import RolloutStats
+
+logger = logging.getLogger("lmmr1_trainer.train")
+TERMINATION_LOG_ENV = "LMMR1_TERMINATION_LOG"
+THREADS_ENV = "LMMR1_TORCH_THREADS"
+WORKDIR_ENV = "LMMR1_WORKDIR"
+STEP_LOG_PREFIX = "lmmr1-train step "
+
+
+class ConfigError(ValueError):
+    """The stage cannot run as configured: exit 78, the operator fails the run at once."""
+
+
+def total_steps(config: StageConfig, dataset_rows: int) -> int:
+    per_episode = dataset_rows // config.algorithm.rollout_batch_size
+    if per_episode < 1:
+        raise ConfigError(
+            f"algorithm.rollout_batch_size ({config.algorithm.rollout_batch_size}) is larger "
+            f"than the dataset ({dataset_rows} rows)"
+        )
+    steps = per_episode * config.algorithm.episodes
+    if config.algorithm.max_steps is not None:
+        steps = min(steps, config.algorithm.max_steps)
+    return steps
+
+
+def _broadcast(value: Any, rank: int) -> Any:
+    import torch.distributed as dist
+
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _scatter(items: list[Any] | None, rank: int, world: int) -> list[Any]:
+    import torch.distributed as dist
+
+    if world == 1:
+        return items or []
+    shards: list[Any] | None = None
+    if rank == 0 and items is not None:
+        size = len(items) // world
+        shards = [items[r * size : (r + 1) * size] for r in range(world)]
+    out: list[Any] = [None]
+    dist.scatter_object_list(out, shards, src=0)
+    return list(out[0])
+
+
+def node_workdir(config: StageConfig) -> Path:
+    """Scratch space shared by the ranks of one node (checkpoint staging, resume download):
+    DeepSpeed writes every rank's shard into one folder, uploaded by the node's local rank 0."""
+    base = Path(os.environ.get(WORKDIR_ENV) or tempfile.gettempdir())
+    run = config.run
+    return base / f"lmmr1-{run.namespace}-{run.name}-{run.stage}"
+
+
+def write_termination_message(message: dict[str, Any]) -> None:
+    path = Path(os.environ.get(TERMINATION_LOG_ENV, str(TERMINATION_LOG)))
+    try:
+        with path.open("w") as handle:
+            handle.write(json.dumps(message))
+    except OSError as err:
+        logger.info("no termination message (%s: %s)", path, err)
+
+
+class StageTrainer:
+    """Wires data, rollouts, rewards, the DeepSpeed engine, weight sync and checkpoints."""
+
+    def __init__(self, config: StageConfig) -> None:
+        self.config = config
+        self.algo = config.algorithm
+        self.on_gpu = config.trainer.gpus_per_node > 0
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        import torch
+
+        from lmmr1_trainer.checkpoint import CheckpointStore
+        from lmmr1_trainer.data import ImageLoader, PromptSampler, load_dataset
+        from lmmr1_trainer.engine import PolicyEngine, plan_batches, setup_distributed
+        from lmmr1_trainer.models import ChatEncoder, load_model, resolve_model
+        from lmmr1_trainer.storage import open_storage
+
+        if self.on_gpu and not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.gpus_per_node is {self.config.trainer.gpus_per_node} "
+                "but no CUDA device is visible (use 0 for CPU)"
+            )
+        plan_batches(self.algo, int(os.environ.get("WORLD_SIZE", "1")))  # fail before init
+        self.rank, self.local_rank, self.world = setup_distributed(self.on_gpu)
+        self.plan = plan_batches(self.algo, self.world)
+        torch.manual_seed(self.algo.seed + self.rank)
+        random.seed(self.algo.seed + self.rank)
+        self.store = CheckpointStore(open_storage(self.config.checkpoint.uri, self.config.s3))
+        self.resume_step: int | None = _broadcast(
+            self.store.latest() if self.rank == 0 else None, self.rank
+        )
+        self.workdir = node_workdir(self.config)
+        if self.local_rank == 0:
+            shutil.rmtree(self.workdir, ignore_errors=True)  # what a killed run left behind
+            self.workdir.mkdir(parents=True)
+        self._barrier()
+        init_dir = resolve_model(self.config.init_from, self.config.s3)
+        policy_dir = init_dir
+        if self.resume_step is not None:
+            policy_dir = self.workdir / "resume"
+            if self.local_rank == 0 or self.world == 1:
+                self.store.download(self.resume_step, policy_dir)
+            self._barrier()
+        self.encoder = ChatEncoder.load(policy_dir)
+        self.images = ImageLoader(self.config.s3)
+        device = torch.device("cuda", self.local_rank) if self.on_gpu else torch.device("cpu")
+        self.reference = None
+        if self.algo.kl_coef > 0:
+            dtype = torch.bfloat16 if self.on_gpu and self.algo.bf16 else torch.float32
+            self.reference = load_model(init_dir, dtype).to(device).eval().requires_grad_(False)
+        self.rows = load_dataset(self.config.dataset, self.config.s3) if self.rank == 0 else []
+        self.total_steps: int = _broadcast(
+            total_steps(self.config, len(self.rows)) if self.rank == 0 else None, self.rank
+        )
+        self.sampler = PromptSampler(len(self.rows), self.algo.seed) if self.rank == 0 else None
+        self.policy = PolicyEngine(
+            load_model(policy_dir),
+            self.algo,
+            self.world,
+            self.total_steps * self.plan.updates_per_rollout,
+            self.on_gpu,
+        )
+        self.step = 0
+        self.initial_reward: float | None = None
+        self.last_checkpoint: str | None = None
+        self.last_stats: RolloutStats | None = None
+        if self.resume_step is not None:
+            self._restore(policy_dir)
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and self.world > 1:
+            dist.barrier()
+
+    def _restore(self, directory: Path) -> None:
+        import torch
+
+        from lmmr1_trainer.checkpoint import TRAINER_STATE_DIR
+
+        state_dir = directory / TRAINER_STATE_DIR
+        self.policy.load_state(state_dir)
+        state = torch.load(state_dir / "state.pt", weights_only=False)
+        self.step = int(state["step"])
+        self.initial_reward = state.get("initial_reward")
+        self.last_checkpoint = self.store.uri(self.step)
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"][self.rank % len(state["torch_rng"])])
+        random.setstate(state["python_rng"])
+        logger.info("resumed from %s (step %d)", self.last_checkpoint, self.step)
+
+    def _connect(self) -> None:
+        from lmmr1_trainer.progress import make_reporter
+        from lmmr1_trainer.rollout.client import RewardClient, RolloutClient
+        from lmmr1_trainer.weight_sync import make_weight_sync
+
+        token_file = Path(self.config.rollout.token_file)
+        try:
+            token = token_file.read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"rollout.token_file: cannot read {token_file}: {err}") from err
+        try:
+            self.client = RolloutClient(self.config.rollout.urls, token)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        self.verifier = RewardClient(self.config.reward.url)
+        self.reporter = make_reporter(self.config.progress)
+        self.client.wait_ready()
+        self.weight_sync = make_weight_sync(
+            self.client,
+            self.config.rollout.backend,
+            self.config.rollout.tensor_parallel_size,
+            self.on_gpu,
+        )
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._setup()
+        if self.rank == 0:
+            self._connect()
+        self._sync_weights()  # the servers serve init_from (or stale weights) until told
+        while self.step < self.total_steps:
+            started = time.monotonic()
+            stats, metrics = self._one_step()
+            self.step += 1
+            self._sync_weights()
+            final = self.step == self.total_steps
+            if final or self.step % self.config.checkpoint.every_steps == 0:
+                self.last_checkpoint = self._save(final)
+            if self.rank == 0 and stats is not None:
+                metrics["seconds"] = round(time.monotonic() - started, 3)
+                print(STEP_LOG_PREFIX + json.dumps(metrics), flush=True)
+                self._report(stats)
+        if self.rank == 0:
+            final_uri = self.store.uri(self.total_steps)
+            self.last_checkpoint = final_uri
+            self._report(self.last_stats, final=final_uri)
+            write_termination_message({"final_checkpoint": final_uri, "step": self.total_steps})
+        self._barrier()
+        if self.local_rank == 0:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return 0
+
+    def _one_step(self) -> tuple[RolloutStats | None, dict[str, Any]]:
+        import torch
+
+        from lmmr1_trainer.algorithms import kl_loss, policy_loss
+        from lmmr1_trainer.experience import (
+            collect_rollout,
+            mean_kl,
+            prepare_micro_batches,
+            whiten_across_ranks,
+        )
+        from lmmr1_trainer.models import response_log_probs
+
+        samples = stats = None
+        if self.rank == 0 and self.sampler is not None:
+            batch = [self.rows[i] for i in self.sampler.next_batch(self.algo.rollout_batch_size)]
+            samples, stats = collect_rollout(
+                batch,
+                self.client,
+                self.verifier,
+                self.encoder,
+                self.images,
+                self.algo,
+                self.config.reward,
+                seed=self.algo.seed * 100_003 + self.step,
+            )
+            if self.initial_reward is None:
+                self.initial_reward = stats.reward
+        mine = _scatter(samples, self.rank, self.world)
+        engine = self.policy.engine
+        micro_batches = prepare_micro_batches(mine, engine, self.reference, self.encoder, self.algo)
+        if self.algo.advantage_estimator != "grpo":
+            whiten_across_ranks(micro_batches)
+        order = torch.Generator().manual_seed(self.algo.seed + self.step)
+        losses, clips = [], []
+        engine.train()
+        for _ in range(self.algo.epochs_per_rollout):
+            for index in torch.randperm(len(micro_batches), generator=order).tolist():
+                mb = micro_batches[index]
+                mask = mb.batch.response_mask.to(engine.device)
+                log_probs = response_log_probs(engine, mb.batch, self.algo.temperature)
+                loss, clip = policy_loss(
+                    log_probs,
+                    mb.old_log_probs.to(engine.device),
+                    mb.advantages.to(engine.device),
+                    mask,
+                    self.algo.clip_range,
+                )
+                if not self.algo.kl_in_reward and mb.ref_log_probs is not None:
+                    ref = mb.ref_log_probs.to(engine.device)
+                    loss = loss + self.algo.kl_coef * kl_loss(
+                        log_probs, ref, mask, self.algo.kl_estimator
+                    )
+                self.policy.backward_and_step(loss)
+                losses.append(float(loss.detach()))
+                clips.append(float(clip))
+        metrics: dict[str, Any] = {"step": self.step + 1, "total_steps": self.total_steps}
+        if stats is not None:
+            metrics.update(
+                reward=stats.reward,
+                accuracy=stats.accuracy,
+                format_reward=stats.format_reward,
+                response_length=stats.response_length,
+                rollout_seconds=round(stats.seconds, 3),
+                weight_version=stats.weight_version,
+            )
+        metrics.update(
+            policy_loss=sum(losses) / max(1, len(losses)),
+            clip_fraction=sum(clips) / max(1, len(clips)),
+            kl=mean_kl(micro_batches),
+            lr=self.policy.learning_rate(),
+        )
+        return stats, metrics
+
+    def _sync_weights(self) -> None:
+        state_dict = self.policy.full_state_dict(self.rank)
+        if self.rank == 0 and state_dict is not None:
+            self.weight_sync.push(state_dict, version=self.step)
+
+    def _report(self, stats: RolloutStats | None, final: str | None = None) -> None:
+        from lmmr1_trainer.progress import now
+
+        self.last_stats = stats or self.last_stats
+        stats = self.last_stats
+        self.reporter.report(
+            Progress(
+                stage=self.config.run.stage,
+                step=self.step,
+                total_steps=self.total_steps,
+                reward=stats.reward if stats else None,
+                accuracy=stats.accuracy if stats else None,
+                initial_reward=self.initial_reward,
+                tokens_per_second=stats.generated_tokens / stats.seconds if stats else None,
+                last_checkpoint=self.last_checkpoint,
+                final_checkpoint=final,
+                updated_at=now(),
+            )
+        )
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def _save(self, final: bool) -> str:
+        import torch
+        import torch.distributed as dist
+
+        from lmmr1_trainer.checkpoint import TRAINER_STATE_DIR, FileEntry
+
+        local = self.workdir / f"save-{self.step}"
+        state_dir = local / TRAINER_STATE_DIR
+        state_dict = self.policy.full_state_dict(self.rank)
+        if self.rank == 0 and state_dict is not None:
+            self.policy.module.save_pretrained(local, state_dict=state_dict)
+            owner = self.encoder.processor or self.encoder.tokenizer
+            owner.save_pretrained(local)
+        self.policy.save_state(state_dir)
+        rngs: list[Any] = [None] * self.world
+        dist.all_gather_object(rngs, torch.get_rng_state())
+        if self.rank == 0:
+            state = {
+                "step": self.step,
+                "sampler": self.sampler.state_dict() if self.sampler else None,
+                "initial_reward": self.initial_reward,
+                "torch_rng": rngs,
+                "python_rng": random.getstate(),
+            }
+            torch.save(state, state_dir / "state.pt")
+        self._barrier()
+        entries: list[FileEntry] = []
+        if self.local_rank == 0:
+            entries = self.store.upload(self.step, local)
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, entries)
+        uri = self.store.uri(self.step)
+        if self.rank == 0:
+            unique = {e.path: e for part in gathered for e in part}
+            uri = self.store.commit(self.step, list(unique.values()), final=final)
+            protected = {self.step} | ({self.resume_step} if self.resume_step else set())
+            removed = self.store.prune(self.config.checkpoint.keep_last, protected)
+            logger.info("checkpoint %s committed; removed steps %s", uri, removed)
+        self._barrier()
+        if self.local_rank == 0:
+            shutil.rmtree(local, ignore_errors=True)
+        return uri
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmmr1_trainer.train")
+    parser.add_argument("--config", type=Path, default=CONFIG_PATH)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    from lmmr1_trainer.data import DatasetError
+    from lmmr1_trainer.engine import EngineConfigError
+    from lmmr1_trainer.models import ModelSourceError
+
+    try:
+        config = StageConfig.load(args.config)
+        return StageTrainer(config).run()
+    except (OSError, ValidationError) as err:
+        if isinstance(err, OSError) and not Path(args.config).exists():
+            print(f"error: stage config: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        if isinstance(err, ValidationError):
+            print(f"error: stage config {args.config}: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        raise
+    except (ConfigError, DatasetError, EngineConfigError, ModelSourceError) as err:
+        print(f"error: stage config: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
