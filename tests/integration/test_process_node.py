@@ -264,3 +264,19 @@ def test_deleting_a_pod_kills_its_processes(kubectl: Cli, wait: WaitFor) -> None
         return False
 
     wait("process gone", gone, 15)
+
+
+def test_the_termination_message_reaches_the_container_status(kubectl: Cli, wait: WaitFor) -> None:
+    script = "open('/dev/termination-log', 'w').write('final: s3://b/step-4')"
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "says-goodbye",
+            [{"name": "main", "image": "x", "command": [sys.executable, "-c", script]}],
+        ),
+    )
+    pod = wait("pod Succeeded", lambda: phase_is(kubectl, "says-goodbye", "Succeeded"))
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["message"] == "final: s3://b/step-4"

@@ -102,7 +102,7 @@ class PodRunner(threading.Thread):
         self.api = api
         self.pod_ip = pod_ip
         self.host_ip = host_ip
-        self.dir = pods_dir / meta["namespace"] / meta["name"]
+        self.dir: Path = pods_dir / str(meta["namespace"]) / str(meta["name"])
         self.base_env = {**base_env, "LMMR1_TESTBED_POD_DIR": str(self.dir)}
         self.stop_requested = threading.Event()
         self.grace = 30.0
@@ -271,6 +271,9 @@ class PodRunner(threading.Thread):
                 "containerID": f"process://{c.proc.pid if c.proc else 0}",
             }
         }
+        message = self._termination_message(c, exit_code)
+        if message:
+            c.state["terminated"]["message"] = message
         c.proc, c.ready, c.started = None, False, False
         log.info("pod %s container %s exited %d", self.label, c.name, exit_code)
         restart = (
@@ -310,6 +313,16 @@ class PodRunner(threading.Thread):
             if mount.get("subPath"):
                 source = os.path.join(source, mount["subPath"])
             mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
+        # The termination message file, per container, read back into its status on exit.
+        message_file = self._termination_file(c)
+        message_file.write_bytes(b"")
+        mounts.append(
+            (
+                str(message_file),
+                c.spec.get("terminationMessagePath") or "/dev/termination-log",
+                False,
+            )
+        )
         launch = podspec.launch_script(mounts, c.spec.get("workingDir") or str(workdir), argv)
         logfile = self.dir / f"{c.name}.log"
         if logfile.exists() and c.restarts:
@@ -335,6 +348,22 @@ class PodRunner(threading.Thread):
         c.started = "startupProbe" not in c.spec
         c.ready = c.started and "readinessProbe" not in c.spec and c.kind != "init"
         log.info("pod %s container %s started: %s", self.label, c.name, argv)
+
+    def _termination_file(self, c: Container) -> Path:
+        return self.dir / f"{c.name}.termination-log"
+
+    def _termination_message(self, c: Container, exit_code: int) -> str:
+        """What the kubelet reports: the file (at most 4 KiB), or with
+        FallbackToLogsOnError the end of the log when the file is empty and it failed."""
+        path = self._termination_file(c)
+        message = path.read_bytes()[:4096].decode(errors="replace") if path.exists() else ""
+        fallback = c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        if not message and fallback and exit_code != 0:
+            log_file = self.dir / f"{c.name}.log"
+            if log_file.exists():
+                message = "\n".join(log_file.read_text(errors="replace").splitlines()[-80:])
+                message = message[-2048:]
+        return message
 
     def _probe(self, c: Container) -> None:
         if time.monotonic() < c.next_probe:
