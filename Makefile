@@ -43,8 +43,8 @@ format: ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-demo: ## the whole product end to end on this machine (FRE then MGT)
-	@echo "make demo: not yet - the end-to-end demo lands with issue 7 (see README)"; exit 2
+demo: ## the whole product end to end on this machine (FRE then MGT); KEEP=1 keeps the test bed
+	DS_ACCELERATOR=cpu $(PY) -m lmmr1_testbed.demo
 
 bench: ## measure the test bed (cold build, warm start, memory) into docs/benchmarks.md
 	$(PY) -m lmmr1_testbed.bench

@@ -169,3 +169,24 @@ def test_launch_script_bind_mounts_in_a_private_namespace(tmp_path: Path) -> Non
     assert result.stdout.splitlines() == ["hello from the volume", str(tmp_path)]
     # The mount lived only in the container's namespace.
     assert not (target / "config.yaml").exists()
+
+
+def test_a_mount_over_the_sources_parent_goes_last(tmp_path: Path) -> None:
+    """An emptyDir at a path above the other volumes' sources must not hide them."""
+    volumes = tmp_path / "pod" / "volumes"
+    (volumes / "tmp").mkdir(parents=True)
+    (volumes / "config").mkdir()
+    (volumes / "config" / "stage.yaml").write_text("ok\n")
+    target_root = tmp_path  # plays /tmp: an ancestor of every source
+    config_target = tmp_path.parent / f"{tmp_path.name}-etc"
+    argv = spec.launch_script(
+        [
+            (str(volumes / "tmp"), str(target_root), False),
+            (str(volumes / "config"), str(config_target), True),
+        ],
+        "/",
+        ["cat", str(config_target / "stage.yaml")],
+    )
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"

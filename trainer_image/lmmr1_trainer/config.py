@@ -9,6 +9,7 @@ a mounted file).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -88,12 +89,18 @@ class AlgorithmConfig(_Config):
 class RewardConfig(_Config):
     """How the trainer reaches its verifier sidecar, and how the sidecar scores."""
 
-    url: str = Field(description="e.g. http://<pod IP>:5000 (the sidecar binds the pod IP)")
+    url: str = Field(
+        description="e.g. http://${POD_IP}:5000: the sidecar binds the pod IP, which only the "
+        "pod knows, so environment variables in it are expanded (see `resolved_url`)"
+    )
     verifier: str = "math"
     format_weight: float = 0.5
     accuracy_weight: float = 1.0
     prompt_template: PromptTemplate = PromptTemplate.CHATML
     unparseable_label: UnparseableLabelPolicy = UnparseableLabelPolicy.ZERO
+
+    def resolved_url(self) -> str:
+        return os.path.expandvars(self.url)
 
 
 class RolloutConfig(_Config):

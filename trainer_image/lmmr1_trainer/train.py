@@ -213,7 +213,7 @@ class StageTrainer:
             self.client = RolloutClient(self.config.rollout.urls, token)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        self.verifier = RewardClient(self.config.reward.url)
+        self.verifier = RewardClient(self.config.reward.resolved_url())
         self.reporter = make_reporter(self.config.progress)
         self.client.wait_ready()
         self.weight_sync = make_weight_sync(

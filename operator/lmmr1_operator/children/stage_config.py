@@ -22,7 +22,7 @@ from lmmr1_trainer.config import (
 CONFIG_KEY = "stage.yaml"
 ROLLOUT_KEY = "rollout.yaml"
 # The trainer reaches its verifier sidecar at its own pod IP; the pod fills this in.
-VERIFIER_URL = f"http://$(POD_IP):{naming.VERIFIER_PORT}"
+VERIFIER_URL = f"http://${{POD_IP}}:{naming.VERIFIER_PORT}"
 
 
 def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:

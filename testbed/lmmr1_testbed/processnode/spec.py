@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 Obj = dict[str, Any]
@@ -264,17 +265,31 @@ def decode_configmap(configmap: Obj) -> dict[str, bytes]:
 def launch_script(mounts: list[tuple[str, str, bool]], workdir: str, argv: list[str]) -> list[str]:
     """The argv that runs `argv` in a private mount namespace with each (source, target,
     read_only) bind-mounted, after `cd workdir`. `unshare` execs, so the pid stays the
-    container's main process."""
+    container's main process.
+
+    Mounts go outermost first, all writable, so a mount point nested in another volume (a
+    token directory inside a config directory) can be created; read-only remounts follow.
+    A target above some volume's source (an emptyDir at /tmp when the test bed lives under
+    /tmp) is mounted last, since it hides everything beneath it.
+    """
+    sources = [Path(source) for source, _, _ in mounts]
+
+    def shadows_a_source(target: str) -> bool:
+        # e.g. an emptyDir at /tmp while the test bed's files live under /tmp/...
+        return any(Path(target) in source.parents for source in sources)
+
+    ordered = sorted(mounts, key=lambda m: (shadows_a_source(m[1]), len(Path(m[1]).parts)))
     lines = ["set -e"]
-    for source, target, read_only in mounts:
+    for source, target, _ in ordered:
         src, dst = shlex.quote(source), shlex.quote(target)
         lines.append(
             f"if [ -d {src} ]; then mkdir -p {dst}; "
             f'else mkdir -p "$(dirname {dst})"; [ -e {dst} ] || touch {dst}; fi'
         )
         lines.append(f"mount --bind {src} {dst}")
+    for _, target, read_only in ordered:
         if read_only:
-            lines.append(f"mount -o remount,bind,ro {dst}")
+            lines.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
     lines.append(f"cd {shlex.quote(workdir)}")
     lines.append('exec "$@"')
     script = "\n".join(lines)

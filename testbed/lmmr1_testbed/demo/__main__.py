@@ -1,0 +1,143 @@
+"""The README's first command: the whole product, end to end, on this machine.
+
+    make demo            # or: python -m lmmr1_testbed.demo [--keep]
+    KEEP=1 make demo     # leave the test bed running afterwards
+
+Starts the test bed (control plane, process node, S3), seeds S3 with a tiny
+Qwen2.5-VL-architecture model and synthetic data, installs the operator with the project's
+Helm chart, applies manifests/examples/run-tiny.yaml with kubectl, and follows the run
+through FRE and MGT until it ends. The pods are the operator's real pods, run by the process
+node with the same trainer code a GPU cluster runs, on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lmmr1_testbed import bed
+from lmmr1_testbed.demo import driver, plot, seed
+from lmmr1_testbed.layout import REPO_ROOT, TestBedState
+
+NAMESPACE = "lmmr1-demo"
+OUTPUT = REPO_ROOT / "demo-output"
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def bar(step: int, total: int, width: int = 24) -> str:
+    done = int(width * step / total) if total else 0
+    return "#" * done + "-" * (width - done)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmmr1_testbed.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        default=bool(os.environ.get("KEEP")),
+        help="leave the test bed running (KEEP=1)",
+    )
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--warm-start-steps", type=int, default=150)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    say("== 1/5 test bed: Kubernetes control plane, process node, S3 (versitygw)")
+    state = bed.up()
+    try:
+        return _demo(state, args, started)
+    finally:
+        if args.keep:
+            say(f"KEEP=1: test bed left running; export KUBECONFIG={state.kubeconfig}")
+        else:
+            bed.down(quiet=True)
+            say("test bed stopped (KEEP=1 keeps it)")
+
+
+def _demo(state: TestBedState, args: argparse.Namespace, started: float) -> int:
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=state.s3_endpoint,
+        aws_access_key_id=state.s3_access_key,
+        aws_secret_access_key=state.s3_secret_key,
+        region_name=state.s3_region,
+    )
+    say("== 2/5 seeding S3: tiny Qwen2.5-VL model, synthetic FRE (text) and MGT (image) data")
+    with tempfile.TemporaryDirectory() as work:
+        env = {**os.environ, **state.s3_env(), "DS_ACCELERATOR": "cpu"}
+        uris = seed.seed(s3, env, Path(work), warm_start_steps=args.warm_start_steps)
+    for what, uri in uris.items():
+        say(f"   {what:6} {uri}")
+    say(f"== 3/5 helm install charts/lmmr1 into {driver.OPERATOR_NAMESPACE}")
+    driver.install_operator(state)
+    driver.prepare_namespace(state, NAMESPACE)
+    say(f"== 4/5 kubectl apply -f manifests/examples/run-tiny.yaml -n {NAMESPACE}")
+    run = driver.example_run()
+    name = driver.apply_run(state, NAMESPACE, run)
+    total = {s["name"]: s["algorithm"].get("maxSteps", 0) for s in run["spec"]["stages"]}
+
+    def show(watch: driver.Watch) -> None:
+        table = driver.cli(
+            state, "kubectl", "get", "lmmr1runs", "-n", NAMESPACE, check=False
+        ).stdout.rstrip()
+        say(table)
+        for stage, points in watch.history.items():
+            step, reward, accuracy = points[-1]
+            steps = watch.status.get("totalSteps") or total.get(stage) or step
+            say(
+                f"   {stage:4} [{bar(step, steps)}] step {step}/{steps} reward {reward:.3f} "
+                f"accuracy {accuracy:.3f}"
+            )
+
+    say("== 5/5 following the run (kubectl get lmmr1runs)")
+    watch = driver.follow(state, NAMESPACE, name, timeout=args.timeout, on_change=show)
+    return summarise(state, name, watch, started)
+
+
+def summarise(state: TestBedState, name: str, watch: driver.Watch, started: float) -> int:
+    status = watch.status
+    say("")
+    say(
+        f"== run {NAMESPACE}/{name}: {status.get('phase')} in {watch.seconds:.0f}s "
+        f"(demo total {time.monotonic() - started:.0f}s)"
+    )
+    OUTPUT.mkdir(exist_ok=True)
+    ok = status.get("phase") == "Succeeded"
+    for record in status.get("stages", []):
+        stage = record["name"]
+        points = watch.history.get(stage, [])
+        first = points[0][1] if points else float("nan")
+        last = points[-1][1] if points else float("nan")
+        png = OUTPUT / f"reward-{stage}.png"
+        plot.reward_curve([(s, r) for s, r, _ in points], f"{name} / {stage}: mean reward", png)
+        say(
+            f"   {stage}: {record.get('phase')}, {record.get('step')} steps, reward "
+            f"{first:.3f} -> {last:.3f}, restarts {record.get('restarts', 0)}"
+        )
+        say(f"        final checkpoint {record.get('finalCheckpoint')}")
+        say(f"        reward curve {png.relative_to(REPO_ROOT)}")
+    if not ok:
+        failed = [c for c in status.get("conditions", []) if c["type"] == "Failed"]
+        say(f"   failed: {failed[0]['message'] if failed else 'timed out'}")
+        say(driver.trainer_logs(state, NAMESPACE, name)[-3000:])
+    say(
+        "inspect: kubectl describe lmmr1run -n lmmr1-demo tiny; "
+        "aws s3 ls --recursive s3://lmmr1-demo/checkpoints/ (source .testbed/s3.env)"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

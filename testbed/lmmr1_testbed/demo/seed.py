@@ -1,0 +1,80 @@
+"""Seed the demo's S3 bucket: a tiny Qwen2.5-VL-architecture model and two synthetic
+datasets (text arithmetic for FRE, counting shapes in images for MGT), built locally by the
+trainer's own tools and uploaded, as a user would upload theirs."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+BUCKET = "lmmr1-demo"
+MODEL_PREFIX = "models/tiny-qwen25vl"
+DATASETS = {"fre": ("arithmetic", 64), "mgt": ("counting", 64)}
+
+
+def _run(argv: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def upload_dir(s3: Any, directory: Path, bucket: str, prefix: str) -> int:
+    count = 0
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(directory)}")
+            count += 1
+    return count
+
+
+def seed(
+    s3: Any,
+    env: dict[str, str],
+    work: Path,
+    *,
+    warm_start_steps: int,
+    dataset_rows: int | None = None,
+) -> dict[str, str]:
+    """Build and upload everything the run reads; returns the URIs."""
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=BUCKET)
+    model_dir = work / "model"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "lmmr1_trainer.tiny_model",
+            str(model_dir),
+            "--warm-start-steps",
+            str(warm_start_steps),
+        ],
+        env,
+    )
+    upload_dir(s3, model_dir, BUCKET, MODEL_PREFIX)
+    uris = {"model": f"s3://{BUCKET}/{MODEL_PREFIX}"}
+    for stage, (task, rows) in DATASETS.items():
+        # Written straight to S3, so the rows name their images by s3:// URI.
+        prefix = f"s3://{BUCKET}/datasets/{stage}"
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "lmmr1_trainer.synthetic",
+                "--task",
+                task,
+                "--count",
+                str(dataset_rows or rows),
+                "--seed",
+                "7",
+                "--out",
+                prefix,
+                "--s3-endpoint",
+                env["AWS_ENDPOINT_URL"],
+            ],
+            env,
+        )
+        uris[stage] = f"{prefix}/train.jsonl"
+    return uris

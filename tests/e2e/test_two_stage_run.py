@@ -1,0 +1,101 @@
+"""End to end: the operator (installed by its chart) runs examples/run-tiny.yaml on the
+process node with the real trainer, verifier and rollout server on CPU — FRE, then MGT from
+FRE's final checkpoint — and survives its trainer being killed mid-stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmmr1_testbed.demo import driver, seed
+from lmmr1_testbed.layout import TestBedState
+from lmmr1_testbed.waiting import wait_for
+
+NAMESPACE = "lmmr1-e2e"
+
+
+@pytest.fixture(scope="module")
+def seeded(testbed: TestBedState, s3_client: Any) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as work:
+        env = {**os.environ, **testbed.s3_env(), "DS_ACCELERATOR": "cpu"}
+        return seed.seed(s3_client, env, Path(work), warm_start_steps=40, dataset_rows=16)
+
+
+def trainer_pid(testbed: TestBedState, stage: str) -> int | None:
+    pods = json.loads(
+        driver.cli(
+            testbed,
+            "kubectl",
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            f"lmmr1.io/run=tiny,lmmr1.io/stage={stage},lmmr1.io/role=trainer",
+            "-o",
+            "json",
+        ).stdout
+    )
+    for pod in pods["items"]:
+        for status in pod["status"].get("containerStatuses", []):
+            if status["name"] == "trainer" and "running" in status.get("state", {}):
+                return int(status["containerID"].removeprefix("process://"))
+    return None
+
+
+def test_fre_then_mgt_with_a_killed_trainer_resuming(
+    testbed: TestBedState, s3_client: Any, seeded: dict[str, str]
+) -> None:
+    driver.install_operator(testbed, namespace=NAMESPACE, release="e2e", watch_namespace=NAMESPACE)
+    driver.prepare_namespace(testbed, NAMESPACE)
+    run = driver.example_run(episodes=2, maxSteps=6)
+    for stage in run["spec"]["stages"]:
+        stage["checkpoint"] = {"everySteps": 2, "keepLast": 2}
+    driver.apply_run(testbed, NAMESPACE, run)
+
+    # Kill the FRE trainer right after its step-2 checkpoint is committed.
+    def step_two_committed() -> bool:
+        status = driver.follow(testbed, NAMESPACE, "tiny", timeout=0.1, poll=0).status
+        return bool(
+            status.get("stage") == "fre"
+            and (status.get("step") or 0) >= 3
+            and str(status.get("lastCheckpoint", "")).endswith("/step-2")
+        )
+
+    wait_for(
+        "FRE past its step-2 checkpoint",
+        step_two_committed,
+        timeout=600,
+        state=testbed,
+        namespace=NAMESPACE,
+        interval=1,
+    )
+    pid = trainer_pid(testbed, "fre")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    watch = driver.follow(testbed, NAMESPACE, "tiny", timeout=900)
+    status = watch.status
+    logs = driver.trainer_logs(testbed, NAMESPACE, "tiny")
+    assert status.get("phase") == "Succeeded", f"{json.dumps(status, indent=1)}\n{logs[-4000:]}"
+    fre, mgt = status["stages"]
+    assert fre["restarts"] == 1 and status["restarts"] == 1
+    # The restarted trainer resumed from the committed checkpoint, not from step zero.
+    resumed = re.findall(r"resumed from (\S+) \(step (\d+)\)", logs)
+    assert resumed and resumed[0][0].endswith("/fre/step-2") and resumed[0][1] == "2", logs[-3000:]
+    assert fre["finalCheckpoint"].endswith("/fre/step-6")
+    assert mgt["initCheckpoint"] == fre["finalCheckpoint"]
+    assert mgt["finalCheckpoint"].endswith("/mgt/step-6")
+    for final in (fre["finalCheckpoint"], mgt["finalCheckpoint"]):
+        bucket, _, prefix = final.removeprefix("s3://").partition("/")
+        manifest = s3_client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")
+        files = json.loads(manifest["Body"].read())["files"]
+        assert any(f["path"].endswith("model.safetensors") for f in files)
+    driver.cli(testbed, "helm", "uninstall", "e2e", "-n", NAMESPACE, check=False)
