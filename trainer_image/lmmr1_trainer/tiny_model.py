@@ -189,20 +189,56 @@ def _warm_start_texts(tokenizer: Any, count: int, seed: int) -> list[str]:
     return texts
 
 
-def warm_start(model: Any, tokenizer: Any, steps: int, seed: int = 0) -> float:
+def _image_batches(processor: Any, count: int, seed: int) -> list[Any]:
+    """Counting-task chats with their images, answered in the verifier's format (60 %
+    right), pre-encoded in batches of 8 for the multimodal half of the warm start."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from lmmr1_trainer.synthetic import chat_message, generate_rows
+
+    rng = random.Random(seed)
+    rows = generate_rows("counting", count, seed)
+    batches = []
+    for start in range(0, len(rows), 8):
+        texts, images = [], []
+        for row in rows[start : start + 8]:
+            answer = row.answer if rng.random() < 0.6 else str(int(row.answer) + 1)
+            prompt = processor.apply_chat_template(
+                chat_message(row.question, "image.png"),
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            texts.append(f"{prompt}<think>count</think><answer>{answer}</answer>{EOS_TOKEN}")
+            assert row.image_png is not None
+            images.append(Image.open(io.BytesIO(row.image_png)).convert("RGB"))
+        batches.append(processor(text=texts, images=images, return_tensors="pt", padding=True))
+    return batches
+
+
+def warm_start(
+    model: Any, tokenizer: Any, steps: int, seed: int = 0, processor: Any | None = None
+) -> float:
     """A few SFT steps on format-following answers (the response tokens only), so that a
-    tiny model's samples earn varied rewards; returns the last loss."""
+    tiny model's samples earn varied rewards; with a processor, every other step is on
+    image prompts, so the multimodal stage has signal too. Returns the last loss."""
     import torch
 
     torch.manual_seed(seed)
     texts = _warm_start_texts(tokenizer, 256, seed)
+    image_batches = _image_batches(processor, 64, seed) if processor is not None else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     marker = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     model.train()
     loss = torch.tensor(0.0)
     for step in range(steps):
-        batch = [texts[(step * 16 + i) % len(texts)] for i in range(16)]
-        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        if image_batches and step % 2:
+            encoded = image_batches[(step // 2) % len(image_batches)]
+        else:
+            batch = [texts[(step * 16 + i) % len(texts)] for i in range(16)]
+            encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
         labels = encoded["input_ids"].clone()
         labels[encoded["attention_mask"] == 0] = -100
         for row in range(labels.size(0)):  # learn only the answer, not the prompt
@@ -226,8 +262,9 @@ def build_tiny_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, text_only=text_only, seed=seed)
+    processor = None if text_only else build_processor(tokenizer)
     if warm_start_steps:
-        warm_start(model, tokenizer, warm_start_steps, seed)
+        warm_start(model, tokenizer, warm_start_steps, seed, processor)
     eos_ids = [
         tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         tokenizer.convert_tokens_to_ids(PAD_TOKEN),
@@ -239,10 +276,10 @@ def build_tiny_model(
         temperature=1.0,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
-    if text_only:
+    if processor is None:
         tokenizer.save_pretrained(out_dir)
     else:
-        build_processor(tokenizer).save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
     return out_dir
 
 

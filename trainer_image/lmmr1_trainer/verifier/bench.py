@@ -3,7 +3,7 @@
 Rewards per second for one mixed batch of unique samples, measured four ways in one run:
 math-verify called directly in this process (the baseline: the LMM-R1 reference's per-sample
 work), our Verifier inline (no pool), the pool with one worker, and the pool with `--workers`
-workers. Prints a markdown section with the machine and the command; docs/verifier-benchmarks.md
+workers. Prints a markdown section with the machine and the command; docs/benchmarks.md
 holds one run.
 """
 
