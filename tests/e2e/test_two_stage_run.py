@@ -55,27 +55,31 @@ def test_fre_then_mgt_with_a_killed_trainer_resuming(
 ) -> None:
     driver.install_operator(testbed, namespace=NAMESPACE, release="e2e", watch_namespace=NAMESPACE)
     driver.prepare_namespace(testbed, NAMESPACE)
-    run = driver.example_run(episodes=2, maxSteps=6)
+    run = driver.example_run(episodes=4, maxSteps=6)
     for stage in run["spec"]["stages"]:
         stage["checkpoint"] = {"everySteps": 2, "keepLast": 2}
+    run["spec"]["stages"][0]["algorithm"]["maxSteps"] = 10  # a window to kill it in
     driver.apply_run(testbed, NAMESPACE, run)
 
-    # Kill the FRE trainer right after its step-2 checkpoint is committed.
-    def step_two_committed() -> bool:
+    # Kill the FRE trainer once it has committed a checkpoint and moved past it.
+    def fre_checkpointed() -> dict[str, Any] | None:
         status = driver.follow(testbed, NAMESPACE, "tiny", timeout=0.1, poll=0).status
-        return bool(
-            status.get("stage") == "fre"
-            and (status.get("step") or 0) >= 3
-            and str(status.get("lastCheckpoint", "")).endswith("/step-2")
+        assert status.get("phase") not in ("Succeeded", "Failed"), status
+        checkpoint = str(status.get("lastCheckpoint") or "")
+        ahead = (
+            (status.get("step") or 0) > int(checkpoint.rsplit("-", 1)[-1] or 0)
+            if "/fre/step-" in checkpoint
+            else False
         )
+        return status if status.get("stage") == "fre" and ahead else None
 
     wait_for(
-        "FRE past its step-2 checkpoint",
-        step_two_committed,
-        timeout=600,
+        "FRE past a committed checkpoint",
+        fre_checkpointed,
+        timeout=420,
         state=testbed,
         namespace=NAMESPACE,
-        interval=1,
+        interval=0.2,
     )
     pid = trainer_pid(testbed, "fre")
     assert pid is not None
@@ -88,9 +92,13 @@ def test_fre_then_mgt_with_a_killed_trainer_resuming(
     fre, mgt = status["stages"]
     assert fre["restarts"] == 1 and status["restarts"] == 1
     # The restarted trainer resumed from the committed checkpoint, not from step zero.
-    resumed = re.findall(r"resumed from (\S+) \(step (\d+)\)", logs)
-    assert resumed and resumed[0][0].endswith("/fre/step-2") and resumed[0][1] == "2", logs[-3000:]
-    assert fre["finalCheckpoint"].endswith("/fre/step-6")
+    resumed = re.findall(r"resumed from (\S+)/fre/step-(\d+) \(step (\d+)\)", logs)
+    assert resumed, logs[-3000:]
+    checkpoint_step, resumed_step = int(resumed[0][1]), int(resumed[0][2])
+    assert checkpoint_step >= 2 and resumed_step == checkpoint_step
+    first_after = re.findall(r'"step": (\d+)', logs.split("resumed from", 1)[1])[0]
+    assert int(first_after) == checkpoint_step + 1  # the step counter did not restart at 1
+    assert fre["finalCheckpoint"].endswith("/fre/step-10")
     assert mgt["initCheckpoint"] == fre["finalCheckpoint"]
     assert mgt["finalCheckpoint"].endswith("/mgt/step-6")
     for final in (fre["finalCheckpoint"], mgt["finalCheckpoint"]):
