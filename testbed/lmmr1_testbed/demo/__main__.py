@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         help="leave the test bed running (KEEP=1)",
     )
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--warm-start-steps", type=int, default=150)
+    parser.add_argument("--warm-start-steps", type=int, default=200)
     args = parser.parse_args(argv)
     started = time.monotonic()
     say("== 1/5 test bed: Kubernetes control plane, process node, S3 (versitygw)")
