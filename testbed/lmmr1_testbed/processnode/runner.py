@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,14 @@ class NodeApi(Protocol):
     def lookup(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None: ...
     def token(self, pod: Obj, projection: Obj) -> str: ...
     def patch_status(self, pod: Obj, status: Obj) -> None: ...
+
+
+def _hides_the_node(target: str, pod_dir: Path) -> bool:
+    """True when mounting at `target` would hide the code or data the process node and its
+    pods run from (the repository, the virtualenv, the test bed's directory)."""
+    needed = [Path(__file__).resolve().parents[3], Path(sys.prefix).resolve(), pod_dir]
+    path = Path(target)
+    return any(path == p or path in p.parents for p in needed)
 
 
 def _still_running(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
@@ -312,6 +321,16 @@ class PodRunner(threading.Thread):
             source = self.mounts[mount["name"]]
             if mount.get("subPath"):
                 source = os.path.join(source, mount["subPath"])
+            if _hides_the_node(mount["mountPath"], self.dir):
+                # e.g. an emptyDir at /tmp while this clone, its virtualenv or the test bed
+                # live under /tmp: the container gets the host's directory instead.
+                log.info(
+                    "pod %s container %s: not mounting %s over the node's own files",
+                    self.label,
+                    c.name,
+                    mount["mountPath"],
+                )
+                continue
             mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
         # The termination message file, per container, read back into its status on exit.
         message_file = self._termination_file(c)
@@ -323,7 +342,12 @@ class PodRunner(threading.Thread):
                 False,
             )
         )
-        launch = podspec.launch_script(mounts, c.spec.get("workingDir") or str(workdir), argv)
+        launch = podspec.launch_script(
+            mounts,
+            c.spec.get("workingDir") or str(workdir),
+            argv,
+            workdir_in_volume=bool(c.spec.get("workingDir")),
+        )
         logfile = self.dir / f"{c.name}.log"
         if logfile.exists() and c.restarts:
             logfile.replace(self.dir / f"{c.name}.previous.log")

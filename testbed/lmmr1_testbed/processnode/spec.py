@@ -262,7 +262,13 @@ def decode_configmap(configmap: Obj) -> dict[str, bytes]:
     return data
 
 
-def launch_script(mounts: list[tuple[str, str, bool]], workdir: str, argv: list[str]) -> list[str]:
+def launch_script(
+    mounts: list[tuple[str, str, bool]],
+    workdir: str,
+    argv: list[str],
+    *,
+    workdir_in_volume: bool = False,
+) -> list[str]:
     """The argv that runs `argv` in a private mount namespace with each (source, target,
     read_only) bind-mounted, after `cd workdir`. `unshare` execs, so the pid stays the
     container's main process.
@@ -280,6 +286,10 @@ def launch_script(mounts: list[tuple[str, str, bool]], workdir: str, argv: list[
 
     ordered = sorted(mounts, key=lambda m: (shadows_a_source(m[1]), len(Path(m[1]).parts)))
     lines = ["set -e"]
+    if not workdir_in_volume:
+        # Entered before mounting: a mount above it (an emptyDir at /tmp while the test
+        # bed lives under /tmp) would hide the path, but not the directory we are in.
+        lines.append(f"cd {shlex.quote(workdir)}")
     for source, target, _ in ordered:
         src, dst = shlex.quote(source), shlex.quote(target)
         lines.append(
@@ -290,7 +300,8 @@ def launch_script(mounts: list[tuple[str, str, bool]], workdir: str, argv: list[
     for _, target, read_only in ordered:
         if read_only:
             lines.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
-    lines.append(f"cd {shlex.quote(workdir)}")
+    if workdir_in_volume:
+        lines.append(f"cd {shlex.quote(workdir)}")
     lines.append('exec "$@"')
     script = "\n".join(lines)
     return [
