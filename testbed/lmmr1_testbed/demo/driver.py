@@ -4,6 +4,7 @@ project's chart, apply a run with kubectl, follow it until it ends."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ def cli(
         input=stdin,
         capture_output=True,
         text=True,
-        env={**state.client_env()},
+        env={**os.environ, **state.client_env()},
         check=False,
         timeout=300,
     )
