@@ -24,36 +24,22 @@ def set_condition(
 ) -> list[Condition]:
     """A copy with `kind` set; lastTransitionTime moves only when the status flips."""
     status: Literal["True", "False"] = "True" if true else "False"
-    out = []
-    found = False
-    for condition in conditions:
-        if condition.type != kind:
-            out.append(condition)
-            continue
-        found = True
-        changed = condition.status != status
-        out.append(
-            Condition(
-                type=kind,
-                status=status,
-                reason=reason,
-                message=message,
-                last_transition_time=now if changed else condition.last_transition_time,
-                observed_generation=generation,
-            )
-        )
-    if not found:
-        out.append(
-            Condition(
-                type=kind,
-                status=status,
-                reason=reason,
-                message=message,
-                last_transition_time=now,
-                observed_generation=generation,
-            )
-        )
-    return out
+    previous = next((c for c in conditions if c.type == kind), None)
+    updated = Condition(
+        type=kind,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=(
+            previous.last_transition_time
+            if previous is not None and previous.status == status
+            else now
+        ),
+        observed_generation=generation,
+    )
+    if previous is None:
+        return [*conditions, updated]
+    return [updated if c.type == kind else c for c in conditions]
 
 
 def is_true(conditions: list[Condition], kind: str) -> bool:
