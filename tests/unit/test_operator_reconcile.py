@@ -331,3 +331,17 @@ def test_unschedulable_and_bad_images_show_as_conditions() -> None:
 def test_status_is_json_serialisable_and_carries_the_generation() -> None:
     _, plan = started()
     assert json.loads(json.dumps(plan.status))["observedGeneration"] == 1
+
+
+def test_set_condition_moves_the_transition_time_only_when_the_status_flips() -> None:
+    from lmmr1_operator.conditions import set_condition
+
+    t0, t1, t2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
+    conditions = set_condition([], "Ready", False, "Starting", "pods", t0, 1)
+    conditions = set_condition(conditions, "Failed", False, "NoFailure", "", t0, 1)
+    same = set_condition(conditions, "Ready", False, "Waiting", "rollout", t1, 2)
+    assert [c.type for c in same] == ["Ready", "Failed"]  # order kept, no duplicate
+    assert same[0].last_transition_time == t0 and same[0].reason == "Waiting"
+    assert same[0].observed_generation == 2 and same[1] == conditions[1]
+    flipped = set_condition(same, "Ready", True, "Running", "", t2, 2)
+    assert flipped[0].status == "True" and flipped[0].last_transition_time == t2
