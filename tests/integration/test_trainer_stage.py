@@ -268,3 +268,34 @@ def test_progress_reaches_the_configmap(
     assert Progress.model_validate_json(stored) == progress
     missing = ConfigMapReporter(ProgressConfig(configmap="absent", namespace=namespace), api)
     assert missing.report(progress) is False  # logged, never raised
+
+
+def test_model_cache_follows_the_content_of_an_s3_uri(
+    s3_bucket: str, s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model re-uploaded to the same URI is downloaded again, never served stale from a
+    node's cache (the demo once trained FRE from a previous session's cached base model)."""
+    from lmmr1_trainer.models import resolve_model
+
+    monkeypatch.setenv("LMMR1_MODEL_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{s3_bucket}/models/m"
+    storage = open_storage(uri)
+
+    def upload(weights: bytes) -> None:
+        source = tmp_path / "source"
+        (source / "trainer_state").mkdir(parents=True, exist_ok=True)
+        (source / "config.json").write_text("{}")
+        (source / "model.safetensors").write_bytes(weights)
+        (source / "trainer_state" / "state.pt").write_bytes(b"optimizer")
+        upload_tree(storage, source, "")
+
+    upload(b"first")
+    first = resolve_model(uri)
+    assert (first / "model.safetensors").read_bytes() == b"first"
+    assert not (first / "trainer_state").exists()
+    assert resolve_model(uri) == first  # unchanged content: the cached copy
+    upload(b"second")
+    second = resolve_model(uri)
+    assert second != first and (second / "model.safetensors").read_bytes() == b"second"
+    assert not first.exists()  # the stale copy is removed
+    assert [p.name for p in second.parent.iterdir()] == [second.name]

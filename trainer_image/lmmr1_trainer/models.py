@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from torch import Tensor
 from lmmr1_trainer.algorithms import token_log_probs
 from lmmr1_trainer.config import S3Settings
 from lmmr1_trainer.data import ChatMessage
-from lmmr1_trainer.storage import download_tree, local_path, open_storage
+from lmmr1_trainer.storage import download_objects, list_tree, local_path, open_storage
 
 MODEL_CACHE_ENV = "LMMR1_MODEL_CACHE"
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -48,20 +50,48 @@ def resolve_model(uri: str, settings: S3Settings | None = None) -> Path:
         snapshot_download(repo_id=repo, revision=revision or None, local_dir=str(target))
         return target
     if parts.scheme == "s3":
-        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-        target = _cache_root() / "s3" / digest
-        if not (target / ".complete").exists():
-            # A checkpoint is an HF model directory plus trainer state the policy never needs.
-            files = download_tree(
-                open_storage(uri, settings), "", target, exclude=("trainer_state/",)
-            )
-            if not files:
-                raise ModelSourceError(f"{uri}: no objects under this prefix")
-            (target / ".complete").touch()
-        return target
+        return _cached_s3_model(uri, settings)
     path = local_path(uri)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{uri}: no config.json in {path}")
+    return path
+
+
+def _cached_s3_model(uri: str, settings: S3Settings | None) -> Path:
+    """The model under `uri`, downloaded once per *content*: the cache folder is named after
+    the URI and a digest of the object listing (keys, sizes, ETags), so a model re-uploaded
+    to the same URI is downloaded again instead of served stale from a node's cache. Each
+    download goes to a private folder renamed into place, so a trainer and a rollout server
+    sharing a node's cache never read a half-written copy."""
+    storage = open_storage(uri, settings)
+    # A checkpoint is an HF model directory plus trainer state the policy never needs.
+    objects = list_tree(storage, "", exclude=("trainer_state/",))
+    if not objects:
+        raise ModelSourceError(f"{uri}: no objects under this prefix")
+    listing = "\n".join(f"{o.key}\t{o.size}\t{o.version}" for o in objects)
+    home = _cache_root() / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = home / hashlib.sha256(listing.encode()).hexdigest()[:16]
+    if target.is_dir():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=_ensure_dir(home)))
+    try:
+        download_objects(storage, objects, "", staging)
+        os.rename(staging, target)
+    except OSError:
+        if not target.is_dir():  # not another process that got there first: a real error
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for older in home.iterdir():  # earlier contents of the same URI (or an older layout)
+        if older.is_file():
+            older.unlink(missing_ok=True)
+        elif older != target and not older.name.startswith(".download-"):
+            shutil.rmtree(older, ignore_errors=True)
+    return target
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

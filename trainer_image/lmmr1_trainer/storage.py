@@ -35,6 +35,7 @@ class StorageError(RuntimeError):
 class ObjectInfo:
     key: str
     size: int
+    version: str = ""  # S3: the ETag; local files: the modification time (ns)
 
 
 class Storage(Protocol):
@@ -107,7 +108,11 @@ class LocalStorage:
             return []
         return sorted(
             (
-                ObjectInfo(str(p.relative_to(self.root)).replace(os.sep, "/"), p.stat().st_size)
+                ObjectInfo(
+                    str(p.relative_to(self.root)).replace(os.sep, "/"),
+                    p.stat().st_size,
+                    str(p.stat().st_mtime_ns),
+                )
                 for p in base.rglob("*")
                 if p.is_file() and not p.name.endswith(".partial")
             ),
@@ -198,7 +203,9 @@ class S3Storage:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
-                    found.append(ObjectInfo(obj["Key"][strip:], int(obj["Size"])))
+                    found.append(
+                        ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj.get("ETag", ""))
+                    )
         except Exception as err:
             raise self._fail(prefix, err) from err
         return sorted(found, key=lambda info: info.key)
@@ -275,12 +282,24 @@ def download_tree(
 ) -> list[Path]:
     """Download every object under `prefix/` into `local_dir` (in parallel), leaving out
     relative paths that start with one of `exclude`."""
+    return download_objects(storage, list_tree(storage, prefix, exclude), prefix, local_dir)
+
+
+def list_tree(storage: Storage, prefix: str, exclude: tuple[str, ...] = ()) -> list[ObjectInfo]:
+    """Every object under `prefix/`, less relative paths that start with one of `exclude`."""
     strip = len(join_key(prefix)) + 1 if prefix else 0
-    objects = [
+    return [
         info
         for info in storage.list(join_key(prefix) + "/" if prefix else "")
         if not (exclude and info.key[strip:].startswith(exclude))
     ]
+
+
+def download_objects(
+    storage: Storage, objects: list[ObjectInfo], prefix: str, local_dir: Path
+) -> list[Path]:
+    """Download `objects` (listed under `prefix/`) into `local_dir`, in parallel."""
+    strip = len(join_key(prefix)) + 1 if prefix else 0
 
     def one(info: ObjectInfo) -> Path:
         target = local_dir / info.key[strip:]

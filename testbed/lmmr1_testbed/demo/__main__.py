@@ -74,6 +74,8 @@ def _demo(state: TestBedState, args: argparse.Namespace, started: float) -> int:
         aws_secret_access_key=state.s3_secret_key,
         region_name=state.s3_region,
     )
+    run = driver.example_run()
+    driver.delete_run(state, NAMESPACE, run["metadata"]["name"])
     say("== 2/5 seeding S3: tiny Qwen2.5-VL model, synthetic FRE (text) and MGT (image) data")
     with tempfile.TemporaryDirectory() as work:
         env = {**os.environ, **state.s3_env(), "DS_ACCELERATOR": "cpu"}
@@ -84,7 +86,6 @@ def _demo(state: TestBedState, args: argparse.Namespace, started: float) -> int:
     driver.install_operator(state)
     driver.prepare_namespace(state, NAMESPACE)
     say(f"== 4/5 kubectl apply -f manifests/examples/run-tiny.yaml -n {NAMESPACE}")
-    run = driver.example_run()
     name = driver.apply_run(state, NAMESPACE, run)
     total = {s["name"]: s["algorithm"].get("maxSteps", 0) for s in run["spec"]["stages"]}
 

@@ -118,6 +118,12 @@ def example_run(**algorithm: Any) -> dict[str, Any]:
     return run
 
 
+def delete_run(state: TestBedState, namespace: str, name: str) -> None:
+    """Remove a run left by an earlier demo on a kept test bed (its spec is immutable)."""
+    cli(state, "kubectl", "delete", "lmr", name, "-n", namespace, "--ignore-not-found",
+        "--wait", "--timeout=120s", check=False)  # fmt: skip
+
+
 def apply_run(state: TestBedState, namespace: str, run: dict[str, Any]) -> str:
     cli(state, "kubectl", "apply", "-n", namespace, "-f", "-", stdin=json.dumps(run))
     return str(run["metadata"]["name"])

@@ -12,6 +12,7 @@ from typing import Any
 
 BUCKET = "lmmr1-demo"
 MODEL_PREFIX = "models/tiny-qwen25vl"
+CHECKPOINTS_PREFIX = "checkpoints/"
 DATASETS = {"fre": ("arithmetic", 64), "mgt": ("counting", 64)}
 
 
@@ -30,6 +31,16 @@ def upload_dir(s3: Any, directory: Path, bucket: str, prefix: str) -> int:
     return count
 
 
+def delete_prefix(s3: Any, bucket: str, prefix: str) -> int:
+    deleted = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+            deleted += len(keys)
+    return deleted
+
+
 def seed(
     s3: Any,
     env: dict[str, str],
@@ -41,6 +52,8 @@ def seed(
     """Build and upload everything the run reads; returns the URIs."""
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=BUCKET)
+    # A demo on a kept test bed starts over: an earlier run's checkpoints would be resumed.
+    delete_prefix(s3, BUCKET, CHECKPOINTS_PREFIX)
     model_dir = work / "model"
     _run(
         [
