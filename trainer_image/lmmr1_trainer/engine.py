@@ -108,6 +108,11 @@ def setup_distributed(on_gpu: bool) -> tuple[int, int, int]:
     return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
 
 
+def gather_state_dict(module: Any) -> dict[str, torch.Tensor]:
+    """Every weight of an unpartitioned module (ZeRO <= 2), copied to CPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
 class PolicyEngine:
     """The DeepSpeed-wrapped policy with its optimizer and cosine schedule."""
 
@@ -172,7 +177,7 @@ class PolicyEngine:
             return result if rank == 0 else None
         if rank != 0:
             return None
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        return gather_state_dict(self.module)
 
     def save_state(self, directory: Path) -> None:
         """Optimizer, scheduler and ZeRO partitions (collective: every rank writes its shard)."""

@@ -97,16 +97,13 @@ def build_tokenizer() -> Any:
     return fast
 
 
-def build_processor(tokenizer: Any) -> Any:
+def build_processor(tokenizer: Any, max_pixels: int = IMAGE_MAX_PIXELS) -> Any:
+    """Qwen2.5-VL's processor over `tokenizer`; images are resized to at most `max_pixels`."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS
-    )
+    image_processor = Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=max_pixels)
     return Qwen2_5_VLProcessor(  # type: ignore[no-untyped-call]
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -132,43 +129,57 @@ def _text_settings(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def build_model(tokenizer: Any, *, text_only: bool = False, seed: int = 0) -> Any:
-    """A randomly initialised tiny model (fp32) whose vocabulary matches `tokenizer`."""
-    import torch
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+def qwen25vl_config(tokenizer: Any, text: dict[str, Any], vision: dict[str, Any]) -> Any:
+    """A Qwen2.5-VL config of any size whose special-token ids are those of `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
 
-    torch.manual_seed(seed)
-    text = _text_settings(tokenizer)
-    if text_only:
-        return Qwen2ForCausalLM(Qwen2Config(**text))  # type: ignore[no-untyped-call]
     ids = tokenizer.convert_tokens_to_ids
-    # mrope splits the rotary half of head_dim (16 / 2 = 8) over (time, height, width).
-    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
     config = Qwen2_5_VLConfig(
-        text_config={**text, "rope_parameters": rope},
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": text["hidden_size"],
-            "fullatt_block_indexes": [1],
-            "window_size": 112,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        text_config=text,
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
+        tie_word_embeddings=text["tie_word_embeddings"],
     )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return config
+
+
+def tiny_config(tokenizer: Any, *, text_only: bool = False) -> Any:
+    """The tiny model's config: Qwen2.5-VL, or (`text_only`) Qwen2."""
+    from transformers import Qwen2Config
+
+    text = _text_settings(tokenizer)
+    if text_only:
+        return Qwen2Config(**text)
+    # mrope splits the rotary half of head_dim (16 / 2 = 8) over (time, height, width).
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": text["hidden_size"],
+        "fullatt_block_indexes": [1],
+        "window_size": 112,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    return qwen25vl_config(tokenizer, {**text, "rope_parameters": rope}, vision)
+
+
+def build_model(tokenizer: Any, *, text_only: bool = False, seed: int = 0) -> Any:
+    """A randomly initialised tiny model (fp32) whose vocabulary matches `tokenizer`."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(tokenizer, text_only=text_only)
+    if text_only:
+        return Qwen2ForCausalLM(config)  # type: ignore[no-untyped-call]
     return Qwen2_5_VLForConditionalGeneration(config)  # type: ignore[no-untyped-call]
 
 

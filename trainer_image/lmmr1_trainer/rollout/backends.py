@@ -52,15 +52,20 @@ def decode_data_images(messages: list[ChatMessage]) -> list[Any]:
 
 
 class TransformersBackend:
-    """`model.generate` on CPU (or one GPU); one request at a time, weights swapped in place."""
+    """`model.generate` on CPU (or one GPU); one request at a time, weights swapped in place.
+
+    `model`: an already built model (on any device) instead of the weights in `model_dir`,
+    whose tokenizer and processor are still used (the GPU benchmark's random weights).
+    """
 
     name = "transformers"
 
-    def __init__(self, model_dir: Path, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, threads: int | None = None, model: Any = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.encoder = ChatEncoder.load(model_dir)
-        self.model = load_model(model_dir).eval()
+        self.model = (model if model is not None else load_model(model_dir)).eval()
+        self.device = next(self.model.parameters()).device
         self._lock = threading.Lock()
 
     def generate(self, request: GenerateRequest) -> list[PromptResult]:
@@ -75,6 +80,7 @@ class TransformersBackend:
         image_token = self.encoder.image_token_id
         if "image_grid_thw" in inputs and image_token is not None:
             inputs["mm_token_type_ids"] = inputs["input_ids"].eq(image_token).int()
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         prompt_len = int(inputs["input_ids"].shape[1])
         greedy = sampling.temperature == 0.0
         out = self.model.generate(

@@ -71,8 +71,13 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(
-        self, model_dir: Path, tensor_parallel_size: int, gpu_memory_utilization: float
+        self,
+        model_dir: Path,
+        tensor_parallel_size: int,
+        gpu_memory_utilization: float,
+        load_format: str = "auto",
     ) -> None:
+        """`load_format="dummy"`: random weights, no weight files (the GPU benchmark)."""
         try:
             from vllm import LLM
         except ImportError as err:
@@ -93,6 +98,7 @@ class VllmBackend:
             worker_extension_cls=EXTENSION,
             enable_prefix_caching=True,
             limit_mm_per_prompt={"image": 8},
+            load_format=load_format,
         )
 
     def generate(self, request: GenerateRequest) -> list[PromptResult]:
