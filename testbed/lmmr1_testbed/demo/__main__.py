@@ -25,6 +25,7 @@ from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 
 NAMESPACE = "lmmr1-demo"
 OUTPUT = REPO_ROOT / "demo-output"
+WINDOW = 4  # steps averaged for "reward before/after"
 
 
 def say(message: str) -> None:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         help="leave the test bed running (KEEP=1)",
     )
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--warm-start-steps", type=int, default=200)
+    parser.add_argument("--warm-start-steps", type=int, default=100)
     args = parser.parse_args(argv)
     started = time.monotonic()
     say("== 1/5 test bed: Kubernetes control plane, process node, S3 (versitygw)")
@@ -107,6 +108,11 @@ def _demo(state: TestBedState, args: argparse.Namespace, started: float) -> int:
     return summarise(state, name, watch, started)
 
 
+def window_mean(points: list[tuple[int, float, float]]) -> float:
+    """Mean reward over a few steps: one step's 32 samples are too noisy to compare."""
+    return sum(reward for _, reward, _ in points) / len(points) if points else float("nan")
+
+
 def summarise(state: TestBedState, name: str, watch: driver.Watch, started: float) -> int:
     status = watch.status
     say("")
@@ -119,13 +125,13 @@ def summarise(state: TestBedState, name: str, watch: driver.Watch, started: floa
     for record in status.get("stages", []):
         stage = record["name"]
         points = watch.history.get(stage, [])
-        first = points[0][1] if points else float("nan")
-        last = points[-1][1] if points else float("nan")
+        first, last = window_mean(points[:WINDOW]), window_mean(points[-WINDOW:])
         png = OUTPUT / f"reward-{stage}.png"
         plot.reward_curve([(s, r) for s, r, _ in points], f"{name} / {stage}: mean reward", png)
         say(
-            f"   {stage}: {record.get('phase')}, {record.get('step')} steps, reward "
-            f"{first:.3f} -> {last:.3f}, restarts {record.get('restarts', 0)}"
+            f"   {stage}: {record.get('phase')}, {record.get('step')} steps, mean reward of the "
+            f"first {WINDOW} steps {first:.3f} -> last {WINDOW} {last:.3f}, "
+            f"restarts {record.get('restarts', 0)}"
         )
         say(f"        final checkpoint {record.get('finalCheckpoint')}")
         say(f"        reward curve {png.relative_to(REPO_ROOT)}")
