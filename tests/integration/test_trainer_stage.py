@@ -28,7 +28,7 @@ from lmmr1_trainer.config import PROGRESS_KEY, Progress, ProgressConfig
 from lmmr1_trainer.localrun import CPU_ENV, Service, start_rollout, start_verifier
 from lmmr1_trainer.progress import ConfigMapReporter
 from lmmr1_trainer.storage import open_storage, upload_tree
-from lmmr1_trainer.train import STEP_LOG_PREFIX
+from lmmr1_trainer.train import STEP_LOG_PREFIX, WEIGHT_DIGEST_ENV, WEIGHTS_LOG_PREFIX
 
 MAX_STEPS = 5
 KILL_AFTER_STEP = 2
@@ -213,8 +213,9 @@ def test_two_cpu_ranks_train_and_checkpoint_every_zero_shard(
     verifier: Service,
     tmp_path: Path,
 ) -> None:
-    """torchrun with 2 ranks (gloo): rank 0 drives rollouts, both train their share, and the
-    checkpoint holds both ZeRO-2 optimizer shards."""
+    """torchrun with 2 ranks (gloo): rank 0 drives rollouts, both train their share, both
+    hold identical weights after every step, and the checkpoint holds both ZeRO-2 optimizer
+    shards."""
     endpoint = testbed.s3_endpoint
     upload_tree(open_storage(f"s3://{s3_bucket}/models/tiny"), warm_model, "")
     subprocess.run(
@@ -240,10 +241,19 @@ def test_two_cpu_ranks_train_and_checkpoint_every_zero_shard(
             env={**os.environ, **CPU_ENV, **s3_env, "LMMR1_TORCH_THREADS": "1",
                  "LMMR1_PROGRESS_FILE": str(tmp_path / "progress.json"),
                  "LMMR1_TERMINATION_LOG": str(tmp_path / "termination-log"),
-                 "LMMR1_MODEL_CACHE": str(tmp_path / "models"), "LMMR1_WORKDIR": str(tmp_path)},
+                 "LMMR1_MODEL_CACHE": str(tmp_path / "models"), "LMMR1_WORKDIR": str(tmp_path),
+                 WEIGHT_DIGEST_ENV: "1"},
         )  # fmt: skip
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         assert [s["step"] for s in _steps(result.stdout.splitlines())] == [1, 2]
+        digests: dict[int, dict[int, str]] = {}
+        for line in result.stdout.splitlines():
+            if line.startswith(WEIGHTS_LOG_PREFIX):
+                record = json.loads(line[len(WEIGHTS_LOG_PREFIX) :])
+                digests.setdefault(record["step"], {})[record["rank"]] = record["sha256"]
+        assert sorted(digests) == [1, 2] and all(len(d) == 2 for d in digests.values())
+        assert digests[1][0] == digests[1][1] and digests[2][0] == digests[2][1]
+        assert digests[1][0] != digests[2][0]  # the weights did change
         store = CheckpointStore(open_storage(stage["checkpoint"]["uri"]))
         files = {f.path for f in store.manifest(2).files}
         for rank in (0, 1):

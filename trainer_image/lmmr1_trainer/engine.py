@@ -8,6 +8,7 @@ is torch's AdamW handed to DeepSpeed (its fused CUDA/CPU Adam ops need building)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -111,6 +112,15 @@ def setup_distributed(on_gpu: bool) -> tuple[int, int, int]:
 def gather_state_dict(module: Any) -> dict[str, torch.Tensor]:
     """Every weight of an unpartitioned module (ZeRO <= 2), copied to CPU."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def weight_digest(module: Any) -> str:
+    """SHA-256 of every parameter's bytes, in name order: equal digests = identical weights."""
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class PolicyEngine:

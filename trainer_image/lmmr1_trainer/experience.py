@@ -52,8 +52,10 @@ class RolloutStats:
     format_reward: float
     response_length: float
     generated_tokens: int
-    seconds: float
+    seconds: float  # the whole rollout: generation, prompt encoding, scoring
     weight_version: int
+    generate_seconds: float = 0.0  # the rollout servers' round trip
+    reward_seconds: float = 0.0  # the verifier's round trip
 
 
 def truncate_at(tokens: list[int], forbidden: set[int]) -> list[int]:
@@ -83,6 +85,7 @@ def collect_rollout(
         seed=seed,
     )
     results, version = client.generate([images.inline(r.messages) for r in rows], sampling)
+    generate_seconds = time.monotonic() - started
     forbidden = set(encoder.vision_token_ids)
     samples: list[ScoredSample] = []
     queries: list[str] = []
@@ -100,7 +103,9 @@ def collect_rollout(
             prompts.append(encoder.prompt_text(row.messages))
             labels.append(row.label)
             samples.append(ScoredSample(encoded, response, 0.0, 0.0))
+    scoring_started = time.monotonic()
     scores = verifier.score(queries, prompts, labels)
+    reward_seconds = time.monotonic() - scoring_started
     rewards = torch.tensor(scores["rewards"], dtype=torch.float32)
     shaped = group_baseline(rewards, algo.samples_per_prompt, algo.advantage_estimator)
     for i, scored in enumerate(samples):
@@ -120,6 +125,8 @@ def collect_rollout(
         generated_tokens=generated,
         seconds=time.monotonic() - started,
         weight_version=version,
+        generate_seconds=generate_seconds,
+        reward_seconds=reward_seconds,
     )
     return samples, stats
 

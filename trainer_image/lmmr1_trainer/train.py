@@ -25,7 +25,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,10 +48,33 @@ TERMINATION_LOG_ENV = "LMMR1_TERMINATION_LOG"
 THREADS_ENV = "LMMR1_TORCH_THREADS"
 WORKDIR_ENV = "LMMR1_WORKDIR"
 STEP_LOG_PREFIX = "lmmr1-train step "
+WEIGHTS_LOG_PREFIX = "lmmr1-train weights "
+# Set to 1: every rank logs a digest of its weights after each step, to check that data-
+# parallel replicas stay identical (ZeRO <= 2, where every rank holds every weight).
+WEIGHT_DIGEST_ENV = "LMMR1_WEIGHT_DIGEST"
 
 
 class ConfigError(ValueError):
     """The stage cannot run as configured: exit 78, the operator fails the run at once."""
+
+
+def step_records(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """The step records (`STEP_LOG_PREFIX` + JSON) among a trainer's output lines."""
+    return [
+        json.loads(line[len(STEP_LOG_PREFIX) :])
+        for line in lines
+        if line.startswith(STEP_LOG_PREFIX)
+    ]
+
+
+@contextmanager
+def timed(into: dict[str, Any], key: str) -> Iterator[None]:
+    """Store the seconds the block took as `into[key]` (a phase of the step log)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        into[key] = round(time.monotonic() - started, 3)
 
 
 def total_steps(config: StageConfig, dataset_rows: int) -> int:
@@ -112,6 +136,7 @@ class StageTrainer:
         self.config = config
         self.algo = config.algorithm
         self.on_gpu = config.trainer.gpus_per_node > 0
+        self.log_weight_digest = os.environ.get(WEIGHT_DIGEST_ENV) == "1"
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -227,6 +252,9 @@ class StageTrainer:
 
     def run(self) -> int:
         self._setup()
+        if self.log_weight_digest and self.policy.zero_stage == 3:
+            logger.warning("%s ignored: ZeRO-3 partitions the weights", WEIGHT_DIGEST_ENV)
+            self.log_weight_digest = False
         if self.rank == 0:
             self._connect()
         self._sync_weights()  # the servers serve init_from (or stale weights) until told
@@ -234,10 +262,14 @@ class StageTrainer:
             started = time.monotonic()
             stats, metrics = self._one_step()
             self.step += 1
-            self._sync_weights()
+            if self.log_weight_digest:
+                self._log_weight_digest()
+            with timed(metrics, "sync_seconds"):
+                self._sync_weights()
             final = self.step == self.total_steps
-            if final or self.step % self.config.checkpoint.every_steps == 0:
-                self.last_checkpoint = self._save(final)
+            with timed(metrics, "checkpoint_seconds"):
+                if final or self.step % self.config.checkpoint.every_steps == 0:
+                    self.last_checkpoint = self._save(final)
             if self.rank == 0 and stats is not None:
                 metrics["seconds"] = round(time.monotonic() - started, 3)
                 print(STEP_LOG_PREFIX + json.dumps(metrics), flush=True)
@@ -265,8 +297,10 @@ class StageTrainer:
         from lmmr1_trainer.models import response_log_probs
 
         samples = stats = None
+        rows: list[int] = []
         if self.rank == 0 and self.sampler is not None:
-            batch = [self.rows[i] for i in self.sampler.next_batch(self.algo.rollout_batch_size)]
+            rows = self.sampler.next_batch(self.algo.rollout_batch_size)
+            batch = [self.rows[i] for i in rows]
             samples, stats = collect_rollout(
                 batch,
                 self.client,
@@ -281,33 +315,36 @@ class StageTrainer:
                 self.initial_reward = stats.reward
         mine = _scatter(samples, self.rank, self.world)
         engine = self.policy.engine
-        micro_batches = prepare_micro_batches(mine, engine, self.reference, self.encoder, self.algo)
-        if self.algo.advantage_estimator != "grpo":
-            whiten_across_ranks(micro_batches)
-        order = torch.Generator().manual_seed(self.algo.seed + self.step)
-        losses, clips = [], []
-        engine.train()
-        for _ in range(self.algo.epochs_per_rollout):
-            for index in torch.randperm(len(micro_batches), generator=order).tolist():
-                mb = micro_batches[index]
-                mask = mb.batch.response_mask.to(engine.device)
-                log_probs = response_log_probs(engine, mb.batch, self.algo.temperature)
-                loss, clip = policy_loss(
-                    log_probs,
-                    mb.old_log_probs.to(engine.device),
-                    mb.advantages.to(engine.device),
-                    mask,
-                    self.algo.clip_range,
-                )
-                if not self.algo.kl_in_reward and mb.ref_log_probs is not None:
-                    ref = mb.ref_log_probs.to(engine.device)
-                    loss = loss + self.algo.kl_coef * kl_loss(
-                        log_probs, ref, mask, self.algo.kl_estimator
-                    )
-                self.policy.backward_and_step(loss)
-                losses.append(float(loss.detach()))
-                clips.append(float(clip))
         metrics: dict[str, Any] = {"step": self.step + 1, "total_steps": self.total_steps}
+        losses, clips = [], []
+        with timed(metrics, "update_seconds"):  # old/ref log-probs, then every optimizer update
+            micro_batches = prepare_micro_batches(
+                mine, engine, self.reference, self.encoder, self.algo
+            )
+            if self.algo.advantage_estimator != "grpo":
+                whiten_across_ranks(micro_batches)
+            order = torch.Generator().manual_seed(self.algo.seed + self.step)
+            engine.train()
+            for _ in range(self.algo.epochs_per_rollout):
+                for index in torch.randperm(len(micro_batches), generator=order).tolist():
+                    mb = micro_batches[index]
+                    mask = mb.batch.response_mask.to(engine.device)
+                    log_probs = response_log_probs(engine, mb.batch, self.algo.temperature)
+                    loss, clip = policy_loss(
+                        log_probs,
+                        mb.old_log_probs.to(engine.device),
+                        mb.advantages.to(engine.device),
+                        mask,
+                        self.algo.clip_range,
+                    )
+                    if not self.algo.kl_in_reward and mb.ref_log_probs is not None:
+                        ref = mb.ref_log_probs.to(engine.device)
+                        loss = loss + self.algo.kl_coef * kl_loss(
+                            log_probs, ref, mask, self.algo.kl_estimator
+                        )
+                    self.policy.backward_and_step(loss)
+                    losses.append(float(loss.detach()))
+                    clips.append(float(clip))
         if stats is not None:
             metrics.update(
                 reward=stats.reward,
@@ -315,7 +352,10 @@ class StageTrainer:
                 format_reward=stats.format_reward,
                 response_length=stats.response_length,
                 rollout_seconds=round(stats.seconds, 3),
+                generate_seconds=round(stats.generate_seconds, 3),
+                reward_seconds=round(stats.reward_seconds, 3),
                 weight_version=stats.weight_version,
+                rows=rows,  # dataset rows of this step's prompts: the data order
             )
         metrics.update(
             policy_loss=sum(losses) / max(1, len(losses)),
@@ -324,6 +364,13 @@ class StageTrainer:
             lr=self.policy.learning_rate(),
         )
         return stats, metrics
+
+    def _log_weight_digest(self) -> None:
+        """Every rank logs a digest of its full weights (replicas must agree; ZeRO <= 2)."""
+        from lmmr1_trainer.engine import weight_digest
+
+        record = {"rank": self.rank, "step": self.step, "sha256": weight_digest(self.policy.module)}
+        print(WEIGHTS_LOG_PREFIX + json.dumps(record), flush=True)
 
     def _sync_weights(self) -> None:
         state_dict = self.policy.full_state_dict(self.rank)
