@@ -46,10 +46,13 @@ format: ## apply ruff's fixes and formatting
 demo: ## the whole product end to end on this machine (FRE then MGT); KEEP=1 keeps the test bed
 	DS_ACCELERATOR=cpu $(PY) -m lmmr1_testbed.demo
 
-bench: ## test bed (warm start, memory), operator at 50/200 runs, verifier; into docs/benchmarks.md
+# The trainer bench's baseline, TRL, comes with the `bench` extra (not in CI's extras).
+bench: EXTRAS = dev,operator,verifier,trainer,bench
+bench: ## test bed (warm start, memory), operator at 50/200 runs, verifier, trainer vs TRL; into docs/benchmarks.md
 	$(PY) -m lmmr1_testbed.bench
 	$(PY) -m lmmr1_testbed.bench_operator 50 200
 	$(PY) -m lmmr1_trainer.verifier.bench
+	DS_ACCELERATOR=cpu $(PY) -m lmmr1_trainer.bench
 
 crds: ## generate the LMMR1Run CRD (manifests/ and the chart) from the pydantic models
 	$(PY) -m lmmr1_operator.api.crd
