@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.trainer_harness import run_until_killed, stage_config, start_trainer, trainer_env
 
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_trainer.checkpoint import CheckpointStore
@@ -28,7 +28,7 @@ from lmmr1_trainer.config import PROGRESS_KEY, Progress, ProgressConfig
 from lmmr1_trainer.localrun import CPU_ENV, Service, start_rollout, start_verifier
 from lmmr1_trainer.progress import ConfigMapReporter
 from lmmr1_trainer.storage import open_storage, upload_tree
-from lmmr1_trainer.train import STEP_LOG_PREFIX, WEIGHT_DIGEST_ENV, WEIGHTS_LOG_PREFIX
+from lmmr1_trainer.train import WEIGHT_DIGEST_ENV, WEIGHTS_LOG_PREFIX, step_records
 
 MAX_STEPS = 5
 KILL_AFTER_STEP = 2
@@ -68,57 +68,16 @@ def verifier() -> Iterator[Service]:
 def _stage_config(
     bucket: str, endpoint: str, rollout_urls: list[str], reward_url: str, token_file: Path
 ) -> dict[str, Any]:
-    return {
-        "run": {"namespace": "ns", "name": "tiny", "stage": "mgt", "stage_index": 1},
-        "init_from": f"s3://{bucket}/models/tiny",
-        "dataset": {"uri": f"s3://{bucket}/data", "type": "multimodal"},
-        "algorithm": {
-            "samples_per_prompt": 4,
-            "rollout_batch_size": 2,
-            "train_batch_size": 4,
-            "micro_train_batch_size": 2,
-            "epochs_per_rollout": 1,
-            "max_steps": MAX_STEPS,
-            "learning_rate": 1e-3,
-            "max_generation_length": 24,
-            "zero_stage": 2,
-            "bf16": False,
-            "gradient_checkpointing": True,
-            "kl_coef": 0.001,
-        },
-        "reward": {"url": reward_url},
-        "rollout": {"urls": rollout_urls, "backend": "transformers", "token_file": str(token_file)},
-        "trainer": {"nodes": 1, "gpus_per_node": 0},
-        "checkpoint": {"uri": f"s3://{bucket}/ckpt/ns/tiny/mgt", "every_steps": 1, "keep_last": 2},
-        "progress": {"configmap": "tiny-progress", "namespace": "ns"},
-        "s3": {"endpoint": endpoint},
-    }
-
-
-def _trainer(config: Path, workdir: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lmmr1_trainer.train", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={
-            **os.environ,
-            **CPU_ENV,
-            **env,
-            "LMMR1_TORCH_THREADS": "1",
-            "LMMR1_PROGRESS_FILE": str(workdir / "progress.json"),
-            "LMMR1_TERMINATION_LOG": str(workdir / "termination-log"),
-            "LMMR1_MODEL_CACHE": str(workdir / "models"),
-        },
+    return stage_config(
+        init_from=f"s3://{bucket}/models/tiny",
+        dataset={"uri": f"s3://{bucket}/data", "type": "multimodal"},
+        checkpoint_uri=f"s3://{bucket}/ckpt/ns/tiny/mgt",
+        rollout_urls=rollout_urls,
+        reward_url=reward_url,
+        token_file=token_file,
+        s3_endpoint=endpoint,
+        max_steps=MAX_STEPS,
     )
-
-
-def _steps(lines: list[str]) -> list[dict[str, Any]]:
-    return [
-        json.loads(line[len(STEP_LOG_PREFIX) :])
-        for line in lines
-        if line.startswith(STEP_LOG_PREFIX)
-    ]
 
 
 def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
@@ -150,30 +109,23 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
         store = CheckpointStore(open_storage(stage["checkpoint"]["uri"]))
 
         # Run 1: kill it (SIGKILL, no clean-up) right after step 2's checkpoint.
-        first = _trainer(config, tmp_path, s3_env)
-        assert first.stdout is not None
-        first_lines: list[str] = []
         started = time.monotonic()
-        for line in first.stdout:
-            first_lines.append(line)
-            if line.startswith(STEP_LOG_PREFIX) and _steps([line])[0]["step"] == KILL_AFTER_STEP:
-                first.send_signal(signal.SIGKILL)
-                break
-        first.wait(timeout=30)
+        first_lines = run_until_killed(config, tmp_path, KILL_AFTER_STEP, s3_env)
         output = "".join(first_lines[-30:])
-        assert first.returncode == -signal.SIGKILL, output
         resumed_from = store.latest()
         assert resumed_from is not None and resumed_from >= KILL_AFTER_STEP, output
         assert not (tmp_path / "termination-log").exists()
 
         # Run 2: resumes from the newest committed checkpoint and finishes the stage.
-        second = _trainer(config, tmp_path, s3_env)
+        second = start_trainer(config, tmp_path, s3_env)
         out, _ = second.communicate(timeout=400)
         assert second.returncode == 0, out[-4000:]
         lines = out.splitlines(keepends=True)
         assert f"resumed from {store.uri(resumed_from)} (step {resumed_from})" in out
-        steps = _steps(first_lines) + _steps(lines)
-        assert [s["step"] for s in _steps(lines)] == list(range(resumed_from + 1, MAX_STEPS + 1))
+        steps = step_records(first_lines) + step_records(lines)
+        assert [s["step"] for s in step_records(lines)] == list(
+            range(resumed_from + 1, MAX_STEPS + 1)
+        )
         assert all(math.isfinite(s["reward"]) and math.isfinite(s["policy_loss"]) for s in steps)
         assert all(math.isfinite(s["kl"]) for s in steps)
         print(f"trained {len(steps)} steps in {time.monotonic() - started:.1f}s:",
@@ -238,14 +190,10 @@ def test_two_cpu_ranks_train_and_checkpoint_every_zero_shard(
         result = subprocess.run(
             [*torchrun, "-m", "lmmr1_trainer.train", "--config", str(config)],
             capture_output=True, text=True, timeout=300,
-            env={**os.environ, **CPU_ENV, **s3_env, "LMMR1_TORCH_THREADS": "1",
-                 "LMMR1_PROGRESS_FILE": str(tmp_path / "progress.json"),
-                 "LMMR1_TERMINATION_LOG": str(tmp_path / "termination-log"),
-                 "LMMR1_MODEL_CACHE": str(tmp_path / "models"), "LMMR1_WORKDIR": str(tmp_path),
-                 WEIGHT_DIGEST_ENV: "1"},
+            env=trainer_env(tmp_path, {**s3_env, WEIGHT_DIGEST_ENV: "1"}),
         )  # fmt: skip
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-        assert [s["step"] for s in _steps(result.stdout.splitlines())] == [1, 2]
+        assert [s["step"] for s in step_records(result.stdout.splitlines())] == [1, 2]
         digests: dict[int, dict[int, str]] = {}
         for line in result.stdout.splitlines():
             if line.startswith(WEIGHTS_LOG_PREFIX):
