@@ -7,7 +7,7 @@ Writes a synthetic dataset in the LMM-R1 row format — `train.jsonl` whose rows
 - `arithmetic` (text, for FRE): "What is 17 + 25?" -> "42".
 - `counting` (multimodal, for MGT): "How many circles are in the image?" on a picture of
   circles, squares and triangles.
-- `digits` (multimodal, for MGT): "Read the number in the image." on rendered digits.
+- `digits` (multimodal, for MGT): "What number is written in the image?" on rendered digits.
 - `mixed`: counting and digits, alternating.
 
 Image items are `{"type": "image", "image": "file:///abs/path.png"}` for a local `--out`, and
