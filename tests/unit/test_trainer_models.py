@@ -151,6 +151,37 @@ def test_server_generates_for_images_and_guards_weight_updates(
     metrics = requests.get(f"{server.url}/metrics", timeout=5).text
     assert "lmmr1_rollout_weight_version 7.0" in metrics
 
+    # Weights as a trainer would have them after an update: the server's log-probs for an
+    # image prompt must equal the trainer's own forward pass with those weights.
+    torch.manual_seed(3)
+    trained = load_model(vl_dir)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    HttpWeightSync(client).push(trained.state_dict(), version=8)
+    results, version = client.generate(chats[:1], SamplingParams(n=2, max_tokens=5, seed=4))
+    assert version == 8
+    loader = ImageLoader()
+    from lmmr1_trainer.data import decode_images
+
+    encoder = ChatEncoder.load(vl_dir)
+    encoded = encoder.encode(image_chat, decode_images(image_chat, loader))
+    samples = results[0].samples
+    batch = build_sequence_batch(
+        [encoded] * 2,
+        [s.token_ids for s in samples],
+        encoder.pad_token_id,
+        encoder.image_token_id,
+    )
+    with torch.no_grad():
+        ours = response_log_probs(trained.eval(), batch)
+        before = response_log_probs(load_model(vl_dir).eval(), batch)
+    for row, sample in enumerate(samples):
+        n = len(sample.token_ids)
+        served = torch.tensor(sample.logprobs)
+        assert torch.allclose(ours[row, :n], served, atol=1e-4)
+        assert not torch.allclose(before[row, :n], served, atol=1e-3)  # the push mattered
+
 
 def test_server_errors_are_json(server: RolloutServer) -> None:
     bad = requests.post(f"{server.url}/generate", json={"prompts": []}, timeout=5)
