@@ -54,7 +54,7 @@ bench: ## test bed (warm start, memory), operator at 50/200 runs, verifier, trai
 	$(PY) -m lmmr1_trainer.verifier.bench
 	DS_ACCELERATOR=cpu $(PY) -m lmmr1_trainer.bench
 
-crds: ## generate the LMMR1Run CRD (manifests/ and the chart) from the pydantic models
+crds: ## generate the LMMR1Run CRD (manifests/ and the chart) and docs/api.md from the pydantic models
 	$(PY) -m lmmr1_operator.api.crd
 
 generate: crds ## every generated file: CRD, manifests/ rendered from the chart

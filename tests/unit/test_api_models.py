@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from tests.invalid_runs import INVALID, Invalid, valid_run
 
 from lmmr1_operator.api import LMMR1RunSpec, LMMR1RunStatus, crd
+from lmmr1_operator.api.spec import Algorithm
 
 EXAMPLES = sorted((crd.REPO_ROOT / "manifests" / "examples").glob("*.yaml"))
 
@@ -97,3 +98,16 @@ def test_committed_crds_match_the_models_byte_for_byte() -> None:
     assert crd.MANIFEST.read_text() == crd.render_manifest(), "run `make crds`"
     assert crd.CHART_TEMPLATE.read_text() == crd.render_chart_template(), "run `make crds`"
     assert crd.main(["--check"]) == 0
+
+
+def test_the_field_reference_lists_every_field_with_its_default_and_rules() -> None:
+    from lmmr1_operator.api.reference import render_reference
+
+    text = render_reference(crd.crd())
+    assert crd.REFERENCE.read_text() == text, "run `make crds`"
+    rows = {line.split("|")[1].strip(" `") for line in text.splitlines() if line.startswith("| `")}
+    for field in Algorithm.model_fields.values():
+        assert f"spec.stages[].algorithm.{field.alias}" in rows, field.alias
+    assert "| `spec.stages[].algorithm.learningRate` | number | `4e-07` | >= 0; <= 1.0 |" in text
+    assert "| `spec.stages[].name` | string | required |" in text
+    assert "stage names must be unique" in text and "must divide trainBatchSize" in text
