@@ -400,7 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     if args.phase:
         settings = BenchSettings(**json.loads(args.settings.read_text()))
-        return run_phase(args.phase, settings, args.cap_s, args.result)
+        code = run_phase(args.phase, settings, args.cap_s, args.result)
+        # The numbers are on disk. Skip the interpreter's teardown: after the rollout phase
+        # it sometimes aborts in native code ("terminate called without an active
+        # exception", SIGABRT), which would turn a finished measurement into an error.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     unknown = set(args.phases.split(",")) - set(PHASES)
     if unknown:
         parser.error(f"--phases: unknown {sorted(unknown)}; choose from {sorted(PHASES)}")
