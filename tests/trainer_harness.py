@@ -7,10 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lmmr1_trainer.localrun import CPU_ENV
+import yaml
+
+from lmmr1_trainer.localrun import CPU_ENV, Service, start_rollout
 from lmmr1_trainer.train import step_records
 
 TRAIN_MODULE = ["-m", "lmmr1_trainer.train"]
@@ -57,6 +61,36 @@ def stage_config(
         "progress": {"configmap": "tiny-progress", "namespace": "ns"},
         "s3": {"endpoint": s3_endpoint},
     }
+
+
+def write_token(directory: Path) -> Path:
+    """The rollout servers' weight-update token, as the operator mounts it."""
+    token = directory / "token"
+    token.write_text("t0ken\n")
+    return token
+
+
+def write_stage(path: Path, stage: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(stage))
+    return path
+
+
+@contextmanager
+def rollout_server(
+    stage: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
+) -> Iterator[Service]:
+    """A transformers rollout server serving `stage`'s `init_from`, stopped on exit. Every
+    trainer pushes its weights when it starts, so consecutive runs can share one server."""
+    config = write_stage(workdir / "rollout-stage.yaml", stage)
+    service = start_rollout(
+        config,
+        Path(stage["rollout"]["token_file"]),
+        env={**(env or {}), "LMMR1_MODEL_CACHE": str(workdir / "rollout-models")},
+    )
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 def trainer_env(workdir: Path, env: dict[str, str] | None = None) -> dict[str, str]:

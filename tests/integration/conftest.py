@@ -1,7 +1,12 @@
-"""Integration fixtures: the project's manifests installed once on the session's test bed."""
+"""Integration fixtures: the project's manifests installed once on the session's test bed, and
+what the trainer's tests share (a warm tiny model, a verifier, S3 credentials)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,7 @@ import pytest
 from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 from lmmr1_testbed.pytest_plugin import Cli
 from lmmr1_testbed.waiting import wait_for
+from lmmr1_trainer.localrun import CPU_ENV, Service, start_verifier
 
 MANIFESTS = REPO_ROOT / "manifests"
 
@@ -34,3 +40,34 @@ def installed_manifests(testbed: TestBedState) -> Path:
             state=testbed,
         )
     return MANIFESTS
+
+
+# -- the trainer's tests: one warm model, a verifier, S3 credentials in the environment --
+
+
+@pytest.fixture(scope="session")
+def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2.5-VL after 100 SFT steps: it writes a well-formed answer about a third
+    of the time on text and image prompts, so rewards vary and the format can be learned."""
+    out = tmp_path_factory.mktemp("tiny-vl-warm")
+    subprocess.run(
+        [sys.executable, "-m", "lmmr1_trainer.tiny_model", str(out), "--warm-start-steps", "100"],
+        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def verifier() -> Iterator[Service]:
+    service = start_verifier()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def s3_env(testbed: TestBedState, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The test bed's S3 endpoint and keys, in this process's environment and returned."""
+    env = testbed.s3_env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env

@@ -1,9 +1,10 @@
 """The RL update really learns, and a crash costs nothing: properties of the whole trainer
 (verifier + transformers rollout server + DeepSpeed ZeRO-2 on CPU), not of one function.
 
-- It learns: on synthetic arithmetic with a text model that follows the answer format only
-  part of the time, mean reward rises clearly within a few steps; the same run with the
-  advantage sign flipped (tests/flipped_advantages.py) does not rise, so the test can fail.
+- It learns: on synthetic arithmetic, with the warm tiny model that follows the answer
+  format only part of the time, mean reward rises clearly within a few steps; the same run
+  with the advantage sign flipped (tests/flipped_advantages.py) does not rise, so the test
+  can fail.
 - Resume is exact: N steps straight give the same data order, rewards and final weights as
   N/2 steps, a SIGKILL and a resume from the S3 checkpoint (test bed's S3 server).
 """
@@ -13,30 +14,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from tests.trainer_harness import (
     FLIPPED_TRAINER,
     TRAIN_MODULE,
+    rollout_server,
     run_trainer,
     run_until_killed,
     stage_config,
     step_records,
+    write_stage,
+    write_token,
 )
 
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_trainer.checkpoint import CheckpointStore
-from lmmr1_trainer.localrun import CPU_ENV, Service, start_rollout, start_verifier
+from lmmr1_trainer.localrun import CPU_ENV, Service
 from lmmr1_trainer.storage import open_storage
 
 LEARN_STEPS = 16  # one pass over 64 prompts, 4 per step
-# 100 SFT steps leave the tiny model writing a well-formed answer about a third of the time:
-# room to learn the format (reward 0.5) by RL; arithmetic accuracy stays near 0 at this size.
-WARM_START_STEPS = "100"
 LEARN_ALGORITHM: dict[str, Any] = {
     "samples_per_prompt": 8,
     "rollout_batch_size": 4,
@@ -51,34 +50,15 @@ LEARN_ALGORITHM: dict[str, Any] = {
 }
 
 
-def _run_module(*argv: str) -> None:
-    subprocess.run([sys.executable, "-m", *argv], check=True, env={**os.environ, **CPU_ENV},
-                   capture_output=True)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Qwen2.5-VL, after a short SFT, on text prompts (as in FRE). (The text-only
-    tiny Qwen2 is smaller and does not pick up the format within a few hundred SFT steps.)"""
-    out = tmp_path_factory.mktemp("tiny-vl")
-    _run_module("lmmr1_trainer.tiny_model", str(out), "--warm-start-steps", WARM_START_STEPS)
-    return out
-
-
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("arithmetic")
-    _run_module(
-        "lmmr1_trainer.synthetic", "--task", "arithmetic", "--count", "64", "--out", str(out)
-    )
+    subprocess.run(
+        [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", "arithmetic", "--count", "64",
+         "--out", str(out)],
+        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
+    )  # fmt: skip
     return out / "train.jsonl"
-
-
-@pytest.fixture(scope="module")
-def verifier() -> Iterator[Service]:
-    service = start_verifier()
-    yield service
-    service.stop()
 
 
 def _mean(values: list[float]) -> float:
@@ -88,12 +68,10 @@ def _mean(values: list[float]) -> float:
 def test_mean_reward_rises_and_does_not_with_flipped_advantages(
     warm_model: Path, arithmetic: Path, verifier: Service, tmp_path: Path
 ) -> None:
-    token = tmp_path / "token"
-    token.write_text("t0ken")
+    token = write_token(tmp_path)
 
-    def config(name: str, rollout_urls: list[str]) -> Path:
-        path = tmp_path / f"{name}.yaml"
-        stage = stage_config(
+    def stage(name: str, rollout_urls: list[str]) -> dict[str, Any]:
+        config = stage_config(
             init_from=str(warm_model),
             dataset={"uri": str(arithmetic), "type": "text"},
             checkpoint_uri=str(tmp_path / name / "checkpoints"),
@@ -103,21 +81,17 @@ def test_mean_reward_rises_and_does_not_with_flipped_advantages(
             stage="fre",
             **LEARN_ALGORITHM,
         )
-        stage["checkpoint"]["every_steps"] = LEARN_STEPS
-        path.write_text(yaml.safe_dump(stage))
-        return path
+        config["checkpoint"]["every_steps"] = LEARN_STEPS
+        return config
 
-    # Every run first pushes its initial weights, so both runs share one rollout server.
-    rollout = start_rollout(config("server", []), token)
-    try:
-        curves = {}
+    curves = {}
+    with rollout_server(stage("server", []), tmp_path) as rollout:
         for name, program in (("learn", TRAIN_MODULE), ("flipped", FLIPPED_TRAINER)):
             (tmp_path / name).mkdir()
-            records = run_trainer(config(name, [rollout.url]), tmp_path / name, program=program)
+            config = write_stage(tmp_path / f"{name}.yaml", stage(name, [rollout.url]))
+            records = run_trainer(config, tmp_path / name, program=program)
             curves[name] = [r["reward"] for r in records]
             print(name, [round(r, 3) for r in curves[name]])
-    finally:
-        rollout.stop()
     learn, flipped = curves["learn"], curves["flipped"]
     assert len(learn) == len(flipped) == LEARN_STEPS
     assert learn[0] == flipped[0]  # same model, data and sampling seed: the same first batch
@@ -144,22 +118,17 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
 def test_resume_after_a_crash_equals_the_uninterrupted_run(
     testbed: TestBedState,
     s3_bucket: str,
+    s3_env: dict[str, str],
     warm_model: Path,
     arithmetic: Path,
     verifier: Service,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """N steps straight == N/2 steps, SIGKILL, resume from the S3 checkpoint, N/2 more."""
-    s3_env = testbed.s3_env()
-    for key, value in s3_env.items():
-        monkeypatch.setenv(key, value)
-    token = tmp_path / "token"
-    token.write_text("t0ken")
+    token = write_token(tmp_path)
 
-    def config(name: str, rollout_urls: list[str]) -> Path:
-        path = tmp_path / f"{name}.yaml"
-        stage = stage_config(
+    def stage(name: str, rollout_urls: list[str]) -> dict[str, Any]:
+        config = stage_config(
             init_from=str(warm_model),
             dataset={"uri": str(arithmetic), "type": "text"},
             checkpoint_uri=f"s3://{s3_bucket}/{name}",
@@ -170,18 +139,15 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(
             max_steps=RESUME_STEPS,
             kl_coef=0.01,
         )
-        stage["checkpoint"].update(every_steps=RESUME_STEPS // 2, keep_last=3)
-        path.write_text(yaml.safe_dump(stage))
-        return path
+        config["checkpoint"].update(every_steps=RESUME_STEPS // 2, keep_last=3)
+        return config
 
-    rollout = start_rollout(config("server", []), token)
-    try:
-        straight = run_trainer(config("straight", [rollout.url]), tmp_path / "a", s3_env)
-        crashed = config("crashed", [rollout.url])
+    with rollout_server(stage("server", []), tmp_path, s3_env) as rollout:
+        straight_config = write_stage(tmp_path / "a.yaml", stage("straight", [rollout.url]))
+        straight = run_trainer(straight_config, tmp_path / "a", s3_env)
+        crashed = write_stage(tmp_path / "b.yaml", stage("crashed", [rollout.url]))
         before = step_records(run_until_killed(crashed, tmp_path / "b", RESUME_STEPS // 2, s3_env))
         after = run_trainer(crashed, tmp_path / "b", s3_env)
-    finally:
-        rollout.stop()
     assert [r["step"] for r in before] == list(range(1, RESUME_STEPS // 2 + 1))
     assert [r["step"] for r in after] == list(range(RESUME_STEPS // 2 + 1, RESUME_STEPS + 1))
     resumed = before + after

@@ -14,55 +14,30 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from tests.trainer_harness import run_until_killed, stage_config, start_trainer, trainer_env
+from tests.trainer_harness import (
+    rollout_server,
+    run_until_killed,
+    stage_config,
+    start_trainer,
+    trainer_env,
+    write_stage,
+    write_token,
+)
 
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_trainer.checkpoint import CheckpointStore
 from lmmr1_trainer.config import PROGRESS_KEY, Progress, ProgressConfig
-from lmmr1_trainer.localrun import CPU_ENV, Service, start_rollout, start_verifier
+from lmmr1_trainer.localrun import Service
 from lmmr1_trainer.progress import ConfigMapReporter
 from lmmr1_trainer.storage import open_storage, upload_tree
 from lmmr1_trainer.train import WEIGHT_DIGEST_ENV, WEIGHTS_LOG_PREFIX, step_records
 
 MAX_STEPS = 5
 KILL_AFTER_STEP = 2
-
-
-@pytest.fixture(scope="module")
-def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Qwen2.5-VL that already half-follows the answer format (so rewards vary)."""
-    out = tmp_path_factory.mktemp("tiny-vl-warm")
-    command = [
-        sys.executable,
-        "-m",
-        "lmmr1_trainer.tiny_model",
-        str(out),
-        "--warm-start-steps",
-        "100",
-    ]
-    subprocess.run(command, check=True, env={**os.environ, **CPU_ENV}, capture_output=True)
-    return out
-
-
-@pytest.fixture
-def s3_env(testbed: TestBedState, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = testbed.s3_env()
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
-@pytest.fixture
-def verifier() -> Iterator[Service]:
-    service = start_verifier()
-    yield service
-    service.stop()
 
 
 def _stage_config(
@@ -87,6 +62,7 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
     warm_model: Path,
     verifier: Service,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     endpoint = testbed.s3_endpoint
     upload_tree(open_storage(f"s3://{s3_bucket}/models/tiny"), warm_model, "")
@@ -96,16 +72,11 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
              "--out", f"s3://{s3_bucket}/data/{folder}", "--s3-endpoint", endpoint],
             check=True, env={**os.environ, **s3_env}, capture_output=True,
         )  # fmt: skip
-    token = tmp_path / "token"
-    token.write_text("t0ken\n")
-    config = tmp_path / "stage.yaml"
-    config.write_text(yaml.safe_dump(_stage_config(s3_bucket, endpoint, [], verifier.url, token)))
-    rollout = start_rollout(
-        config, token, env={**s3_env, "LMMR1_MODEL_CACHE": str(tmp_path / "rm")}
-    )
-    try:
+    token = write_token(tmp_path)
+    server_stage = _stage_config(s3_bucket, endpoint, [], verifier.url, token)
+    with rollout_server(server_stage, tmp_path, s3_env) as rollout:
         stage = _stage_config(s3_bucket, endpoint, [rollout.url], verifier.url, token)
-        config.write_text(yaml.safe_dump(stage))
+        config = write_stage(tmp_path / "stage.yaml", stage)
         store = CheckpointStore(open_storage(stage["checkpoint"]["uri"]))
 
         # Run 1: kill it (SIGKILL, no clean-up) right after step 2's checkpoint.
@@ -144,7 +115,7 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
         # The final checkpoint is an HF model the next stage (or transformers) loads as is.
         from lmmr1_trainer.models import ChatEncoder, load_model, resolve_model
 
-        os.environ["LMMR1_MODEL_CACHE"] = str(tmp_path / "final")
+        monkeypatch.setenv("LMMR1_MODEL_CACHE", str(tmp_path / "final"))
         final_dir = resolve_model(final_uri, None)
         assert not (final_dir / "trainer_state").exists()
         model, encoder = load_model(final_dir), ChatEncoder.load(final_dir)
@@ -153,8 +124,6 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
             __import__("urllib.request").request.urlopen(f"{rollout.url}/health").read()
         )
         assert health["weight_version"] == MAX_STEPS  # the servers serve the final policy
-    finally:
-        rollout.stop()
 
 
 def test_two_cpu_ranks_train_and_checkpoint_every_zero_shard(
@@ -175,17 +144,12 @@ def test_two_cpu_ranks_train_and_checkpoint_every_zero_shard(
          "--out", f"s3://{s3_bucket}/data", "--s3-endpoint", endpoint],
         check=True, env={**os.environ, **s3_env}, capture_output=True,
     )  # fmt: skip
-    token = tmp_path / "token"
-    token.write_text("t0ken")
-    config = tmp_path / "stage.yaml"
-    config.write_text(yaml.safe_dump(_stage_config(s3_bucket, endpoint, [], verifier.url, token)))
-    rollout = start_rollout(
-        config, token, env={**s3_env, "LMMR1_MODEL_CACHE": str(tmp_path / "rm")}
-    )
-    try:
+    token = write_token(tmp_path)
+    server_stage = _stage_config(s3_bucket, endpoint, [], verifier.url, token)
+    with rollout_server(server_stage, tmp_path, s3_env) as rollout:
         stage = _stage_config(s3_bucket, endpoint, [rollout.url], verifier.url, token)
         stage["algorithm"].update(max_steps=2, gradient_checkpointing=False)
-        config.write_text(yaml.safe_dump(stage))
+        config = write_stage(tmp_path / "stage.yaml", stage)
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
         result = subprocess.run(
             [*torchrun, "-m", "lmmr1_trainer.train", "--config", str(config)],
@@ -208,8 +172,6 @@ def test_two_cpu_ranks_train_and_checkpoint_every_zero_shard(
             assert (
                 f"trainer_state/deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
             )
-    finally:
-        rollout.stop()
 
 
 def test_progress_reaches_the_configmap(
