@@ -73,7 +73,8 @@ def _cached_s3_model(uri: str, settings: S3Settings | None) -> Path:
     target = home / hashlib.sha256(listing.encode()).hexdigest()[:16]
     if target.is_dir():
         return target
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=_ensure_dir(home)))
+    home.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=home))
     try:
         download_objects(storage, objects, "", staging)
         os.rename(staging, target)
@@ -88,11 +89,6 @@ def _cached_s3_model(uri: str, settings: S3Settings | None) -> Path:
         elif older != target and not older.name.startswith(".download-"):
             shutil.rmtree(older, ignore_errors=True)
     return target
-
-
-def _ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def is_multimodal(model_dir: Path) -> bool:

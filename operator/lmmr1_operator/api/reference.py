@@ -69,17 +69,14 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _walk(node: Schema, path: str) -> Iterator[tuple[str, Schema]]:
-    yield path, node
-    if node.get("type") == "array" and isinstance(node.get("items"), dict):
-        yield from _walk_children(node["items"], f"{path}[]")
-    else:
-        yield from _walk_children(node, path)
-
-
-def _walk_children(node: Schema, path: str) -> Iterator[tuple[str, Schema]]:
-    for name, child in node.get("properties", {}).items():
-        yield from _walk(child, f"{path}.{name}")
+def _walk(node: Schema, path: str, required: bool) -> Iterator[tuple[str, Schema, bool]]:
+    """(path, schema, required) for `node` and every field below it, depth first."""
+    yield path, node, required
+    holder = node["items"] if node.get("type") == "array" and "items" in node else node
+    prefix = f"{path}[]" if holder is not node else path
+    needed = set(holder.get("required", []))
+    for name, child in holder.get("properties", {}).items():
+        yield from _walk(child, f"{prefix}.{name}", name in needed)
 
 
 def render_reference(crd: Schema) -> str:
@@ -99,8 +96,8 @@ def render_reference(crd: Schema) -> str:
     rules: list[tuple[str, str]] = [
         (rule["rule"], rule.get("message", "")) for rule in root.get("x-kubernetes-validations", [])
     ]
-    for path, node in _walk(root["properties"]["spec"], "spec"):
-        required = path.rsplit(".", 1)[-1] in _required_of_parent(root, path)
+    spec_required = "spec" in root.get("required", [])
+    for path, node, required in _walk(root["properties"]["spec"], "spec", spec_required):
         default = _default(node)
         if required and not default:
             default = "required"
@@ -113,13 +110,3 @@ def render_reference(crd: Schema) -> str:
     out += ["", "## Rules across fields", "", "| where: rule | message |", "|---|---|"]
     out += [f"| `{_cell(rule)}` | {_cell(message)} |" for rule, message in rules]
     return "\n".join(out) + "\n"
-
-
-def _required_of_parent(root: Schema, path: str) -> list[str]:
-    """The `required` list of the object that holds the field at `path`."""
-    node: Schema = root
-    for part in path.split(".")[:-1]:
-        node = node["properties"][part.removesuffix("[]")]
-        if part.endswith("[]"):
-            node = node["items"]
-    return list(node.get("required", []))
