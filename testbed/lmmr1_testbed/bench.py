@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from lmmr1_testbed import bed, procs
 from lmmr1_testbed.layout import BUILD_SCRIPT, REPO_ROOT, ensure_binaries, run_dir
+from lmmr1_trainer.machine import describe_machine
 
 RESULTS = REPO_ROOT / "docs" / "benchmarks.md"
 
@@ -39,16 +39,6 @@ def _tree_rss_kib(pid: int) -> int:
                 total += int(line.split()[1])
         stack.extend(int(child) for child in children)
     return total
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, {platform.platform()}"
 
 
 def main() -> None:
@@ -92,7 +82,7 @@ def main() -> None:
     section = "\n".join(
         [
             f"\n### Test bed, {stamp}\n",
-            f"Machine: {machine()}. Command: `make bench`"
+            f"Machine: {describe_machine()}. Command: `make bench`"
             + (" with `COLD=1`" if os.environ.get("COLD") else "")
             + ".\n",
             "| what | measured |",

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from lmmr1_testbed import bed
-from lmmr1_testbed.bench import RESULTS, machine
+from lmmr1_testbed.bench import RESULTS
 from lmmr1_testbed.demo import driver
 from lmmr1_testbed.layout import TestBedState
+from lmmr1_trainer.machine import describe_machine
 
 NAMESPACE = "lmmr1-scale"
 
@@ -165,7 +166,7 @@ def main(argv: list[str]) -> int:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"\n## Operator at scale, {stamp}\n",
-        f"Machine: {machine()}. Command: `python -m lmmr1_testbed.bench_operator "
+        f"Machine: {describe_machine()}. Command: `python -m lmmr1_testbed.bench_operator "
         f"{' '.join(map(str, counts))}` (part of `make bench`). Runs are applied at once "
         "as one List; latencies use the API's 1-second creation timestamps.\n",
         "| runs | all trainer Jobs created after | run -> first child p50 / p99 | "

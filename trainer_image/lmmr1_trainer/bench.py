@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ from typing import Any, Literal
 import yaml
 
 from lmmr1_trainer.localrun import CPU_ENV, Service, start_rollout, start_verifier
+from lmmr1_trainer.machine import describe_machine, load_average
 from lmmr1_trainer.train import step_records
 
 SECTION_TITLE = "## Trainer RL step vs TRL GRPOTrainer (CPU)"
@@ -332,7 +332,8 @@ def render_section(
         [
             f"{SECTION_TITLE}, {stamp}",
             "",
-            f"Command: `{command}` (part of `make bench`). Machine: {machine()}; {versions}. "
+            f"Command: `{command}` (part of `make bench`). "
+            f"Machine: {describe_machine()}; {versions}. "
             f"Load average {loads[0]} at the start, {loads[1]} at the end.",
             "",
             f"Each step: {settings.prompts} prompts x {settings.samples_per_prompt} samples, "
@@ -365,28 +366,11 @@ def replace_section(document: str, section: str) -> str:
     return document.rstrip("\n") + "\n\n" + section
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, CPU only"
-
-
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "absent"
-
-
-def _load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # -- entry point --------------------------------------------------------------------------
@@ -433,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(TORCH_THREADS)  # the model builds and TRL, like every subprocess
     settings = BenchSettings(steps=args.steps, rounds=args.rounds)
-    start_load, started = _load(), time.monotonic()
+    start_load, started = load_average(), time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lmmr1-bench-") as tmp:
         rows = [bench_config(name, Path(tmp), settings) for name in names]
     command = (
@@ -441,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"--configs {args.configs}"
     )
     minutes = (time.monotonic() - started) / 60
-    section = render_section(rows, settings, command, (start_load, _load()), minutes)
+    section = render_section(rows, settings, command, (start_load, load_average()), minutes)
     print(section)
     if not args.no_write:
         previous = args.out.read_text() if args.out.exists() else "# Benchmarks\n"

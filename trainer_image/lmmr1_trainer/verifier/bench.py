@@ -19,11 +19,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
-from pathlib import Path
 
 from latex2sympy2_extended import NormalizationConfig
 from math_verify import LatexExtractionConfig, parse, verify
 
+from lmmr1_trainer.machine import cpu_model, load_average
 from lmmr1_trainer.verifier.config import PoolSettings, VerifierConfig
 from lmmr1_trainer.verifier.engine import Sample, Verifier
 
@@ -93,16 +93,6 @@ def _best_rate(run: Callable[[], object], count: int, repeat: int) -> float:
     return count / min(times)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _verifier(workers: int) -> Verifier:
     return Verifier(VerifierConfig(pool=PoolSettings(workers=workers)))
 
@@ -138,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base = rates[0][1]
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
     command = "python -m lmmr1_trainer.verifier.bench " + " ".join(
         [f"--samples {args.samples}", f"--workers {args.workers}", f"--repeat {args.repeat}"]
     )
@@ -147,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("## Verifier throughput\n")
     print(f"Command: `{command}`\n")
     print(
-        f"Machine: {_cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
         f"math-verify {metadata.version('math-verify')}, load average {load} at the end.\n"
     )
