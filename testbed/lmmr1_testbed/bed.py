@@ -23,8 +23,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from lmmr1_testbed import pki, procs
-from lmmr1_testbed.layout import TestBedState, ensure_binaries, run_dir
+from lmmr1_testbed import images, pki, procs
+from lmmr1_testbed.layout import TestBedState, cache_dir, ensure_binaries, run_dir
 
 # Start order; `down` stops in reverse.
 COMPONENTS = (
@@ -93,13 +93,14 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
     """Start every component (reusing a healthy running test bed) and return its state."""
     running = status()
     if running is not None:
-        log(f"already up in {running.run_dir}")
+        log(f"already up in {running.run_dir}; installing this checkout into its images")
+        images.prepare(cache_dir(), Path(running.run_dir))
         return running
     directory = run_dir()
     down(quiet=True)
     started = time.monotonic()
     bin_dir = ensure_binaries()
-    for tool in ("unshare", "mount"):
+    for tool in ("unshare", "mount", "setpriv"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"'{tool}' not found: apt-get install util-linux mount")
     # Data is not kept across restarts: a test bed starts empty, like a fresh cluster.
@@ -301,6 +302,8 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
         ports=ports,
     )
 
+    log("preparing the images' environments (the first time: their lock files' packages)")
+    image_table = images.prepare(cache_dir(), directory)
     log("starting the process node")
     procs.start(
         "process-node",
@@ -312,6 +315,7 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
             f"--node-name={state.process_node}",
             f"--pods-dir={directory / 'pods'}",
             f"--apiserver={host}:{ports['apiserver']}",
+            f"--images={image_table}",
         ],
         run_dir=directory,
         env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])},

@@ -22,6 +22,12 @@ def run_dir() -> Path:
     return Path(os.environ.get("LMMR1_TESTBED_DIR", REPO_ROOT / ".testbed")).resolve()
 
 
+def cache_dir() -> Path:
+    """Where builds are cached across test beds and clones: `$LMMR1_CACHE`, else
+    `~/.cache/lmmr1` (the same place testbed/build.sh and scripts/venv.sh use)."""
+    return Path(os.environ.get("LMMR1_CACHE") or Path.home() / ".cache" / "lmmr1")
+
+
 def ensure_binaries() -> Path:
     """Build (or reuse from the cache) every binary; returns the directory that holds them.
 

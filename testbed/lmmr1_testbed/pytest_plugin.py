@@ -24,6 +24,8 @@ from lmmr1_testbed.layout import PrerequisiteMissing, TestBedState
 def testbed() -> Iterator[TestBedState]:
     running = bed.status()
     if running is not None:
+        # A kept test bed runs this checkout's code, as a rebuilt image would.
+        bed.up()
         yield running
         return
     try:
@@ -35,6 +37,9 @@ def testbed() -> Iterator[TestBedState]:
     finally:
         if not os.environ.get("LMMR1_KEEP_TESTBED"):
             bed.down()
+
+
+POD_SECURITY_LABEL = "pod-security.kubernetes.io/enforce"
 
 
 @dataclass
@@ -82,12 +87,25 @@ def kube_client(testbed: TestBedState) -> Any:
     return config.new_client_from_config(config_file=testbed.kubeconfig)  # type: ignore[no-untyped-call]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "pod_security(level): the Pod Security level the test's namespace enforces "
+        "(default: restricted, as on a shared cluster)",
+    )
+
+
 @pytest.fixture
 def namespace(testbed: TestBedState, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace whose Pod Security admission enforces `restricted` unless the test
+    is marked `@pytest.mark.pod_security("privileged")` (tests of root-only behaviour)."""
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"t-{slug}-{secrets.token_hex(3)}"
+    marker = request.node.get_closest_marker("pod_security")
+    level = marker.args[0] if marker else "restricted"
     kubectl = Cli(testbed, "kubectl")
     kubectl("create", "namespace", name)
+    kubectl("label", "namespace", name, f"{POD_SECURITY_LABEL}={level}")
     yield name
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
+import pytest
+
+from lmmr1_testbed.images import OPERATOR_IMAGE
 from lmmr1_testbed.layout import TestBedState, pod_log
 from lmmr1_testbed.pytest_plugin import Cli, WaitFor
+
+# The small image (no torch): its environment is the operator's lock file.
+IMAGE = OPERATOR_IMAGE
+# What Pod Security `restricted` asks of every pod and container (the namespaces enforce it).
+RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 ON_PROCESS_NODE = {
     "nodeSelector": {"lmmr1.io/process-node": "true"},
@@ -35,6 +43,11 @@ print("config says", pathlib.Path("/etc/lmmr1-test/config.yaml").read_text().str
 
 
 def make_pod(name: str, containers: list[dict[str, Any]], **spec: Any) -> str:
+    """A pod on the process node, compliant with Pod Security `restricted` unless the
+    caller passes its own securityContext."""
+    for container in [*containers, *spec.get("initContainers", [])]:
+        container.setdefault("image", IMAGE)
+        container.setdefault("securityContext", RESTRICTED_CONTAINER)
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -43,6 +56,7 @@ def make_pod(name: str, containers: list[dict[str, Any]], **spec: Any) -> str:
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 5,
             **ON_PROCESS_NODE,
+            "securityContext": RESTRICTED_POD,
             "containers": containers,
             **spec,
         },
@@ -79,9 +93,8 @@ def test_sidecar_and_main_container_run_to_success(
             initContainers=[
                 {
                     "name": "verifier",
-                    "image": "lmmr1-trainer:dev",
                     "restartPolicy": "Always",
-                    "command": [sys.executable, "-c", SIDECAR],
+                    "command": ["python", "-c", SIDECAR],
                     "env": [POD_IP_ENV],
                     "startupProbe": {
                         "httpGet": {"path": "/healthz", "port": 8321},
@@ -93,8 +106,7 @@ def test_sidecar_and_main_container_run_to_success(
             containers=[
                 {
                     "name": "trainer",
-                    "image": "lmmr1-trainer:dev",
-                    "command": [sys.executable, "-c", MAIN],
+                    "command": ["python", "-c", MAIN],
                     "env": [
                         POD_IP_ENV,
                         {
@@ -140,9 +152,8 @@ def test_a_container_exiting_3_fails_the_pod_with_exit_code_3(
             [
                 {
                     "name": "main",
-                    "image": "x",
                     "command": [
-                        sys.executable,
+                        "python",
                         "-c",
                         "import sys; print('bad config'); sys.exit(3)",
                     ],
@@ -166,8 +177,7 @@ def test_missing_secret_waits_with_a_clear_reason_then_runs(kubectl: Cli, wait: 
             [
                 {
                     "name": "main",
-                    "image": "x",
-                    "command": [sys.executable, "-c", "print('ok')"],
+                    "command": ["python", "-c", "print('ok')"],
                     "env": [
                         {"name": "K", "valueFrom": {"secretKeyRef": {"name": "later", "key": "K"}}}
                     ],
@@ -219,8 +229,7 @@ def test_pods_reach_the_api_with_their_service_account_under_rbac(
             [
                 {
                     "name": "main",
-                    "image": "x",
-                    "command": [sys.executable, "-c", script],
+                    "command": ["python", "-c", script],
                     "env": [
                         {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
                     ],
@@ -245,8 +254,7 @@ def test_deleting_a_pod_kills_its_processes(kubectl: Cli, wait: WaitFor) -> None
             [
                 {
                     "name": "main",
-                    "image": "x",
-                    "command": [sys.executable, "-c", "import time\nwhile True: time.sleep(1)"],
+                    "command": ["python", "-c", "import time\nwhile True: time.sleep(1)"],
                 }
             ],
         ),
@@ -274,9 +282,160 @@ def test_the_termination_message_reaches_the_container_status(kubectl: Cli, wait
         "-",
         stdin=make_pod(
             "says-goodbye",
-            [{"name": "main", "image": "x", "command": [sys.executable, "-c", script]}],
+            [{"name": "main", "command": ["python", "-c", script]}],
         ),
     )
     pod = wait("pod Succeeded", lambda: phase_is(kubectl, "says-goodbye", "Succeeded"))
     terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert terminated["message"] == "final: s3://b/step-4"
+
+
+# ----- kubelet security semantics: ids, volume ownership, read-only root, image pulls -------
+
+READ_TOKEN = """
+import os, pathlib
+print("uid", os.getuid(), "gid", os.getgid(), "groups", sorted(os.getgroups()))
+try:
+    print("token", pathlib.Path("/etc/lmmr1/token/token").read_text().strip())
+except PermissionError as err:
+    print("denied", err)
+    raise SystemExit(78)
+"""
+
+
+def secret_pod(name: str, **pod_security: Any) -> str:
+    return make_pod(
+        name,
+        [
+            {
+                "name": "main",
+                "command": ["python", "-c", READ_TOKEN],
+                "volumeMounts": [
+                    {"name": "token", "mountPath": "/etc/lmmr1/token", "readOnly": True}
+                ],
+            }
+        ],
+        securityContext={**RESTRICTED_POD, "runAsUser": 1000, "runAsGroup": 1000, **pod_security},
+        volumes=[{"name": "token", "secret": {"secretName": "tok", "defaultMode": 0o400}}],
+    )
+
+
+def test_a_root_owned_0400_secret_is_unreadable_to_uid_1000_and_readable_with_fs_group(
+    kubectl: Cli, wait: WaitFor, testbed: TestBedState, namespace: str
+) -> None:
+    """What a real kubelet does with `defaultMode: 0400`: the file is root's, so a container
+    running as 1000 cannot read it, unless the pod's fsGroup makes it group-readable."""
+    kubectl("create", "secret", "generic", "tok", "--from-literal=token=s3cret")
+    kubectl("apply", "-f", "-", stdin=secret_pod("no-fs-group"))
+    kubectl("apply", "-f", "-", stdin=secret_pod("with-fs-group", fsGroup=2000))
+    wait("pod Failed", lambda: phase_is(kubectl, "no-fs-group", "Failed"))
+    out = pod_log(testbed, namespace, "no-fs-group", "main")
+    assert "uid 1000 gid 1000 groups [1000]" in out
+    assert "denied [Errno 13] Permission denied" in out
+    wait("pod Succeeded", lambda: phase_is(kubectl, "with-fs-group", "Succeeded"))
+    out = pod_log(testbed, namespace, "with-fs-group", "main")
+    assert "uid 1000 gid 1000 groups [1000, 2000]" in out
+    assert "token s3cret" in out
+
+
+WRITE_EVERYWHERE = """
+import pathlib, sys
+for path in ("/tmp/probe", "/scratch/probe", sys.prefix + "/probe"):
+    try:
+        pathlib.Path(path).write_text("x")
+        print("wrote", path)
+    except OSError as err:
+        print("refused", path, err.strerror)
+"""
+
+
+def test_read_only_root_filesystem_leaves_only_volumes_writable(
+    kubectl: Cli, wait: WaitFor, testbed: TestBedState, namespace: str
+) -> None:
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "read-only-root",
+            [
+                {
+                    "name": name,
+                    "command": ["python", "-c", WRITE_EVERYWHERE],
+                    "securityContext": {**RESTRICTED_CONTAINER, "readOnlyRootFilesystem": ro},
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+                }
+                for name, ro in (("ro", True), ("rw", False))
+            ],
+            volumes=[{"name": "scratch", "emptyDir": {}}],
+        ),
+    )
+    wait("pod Succeeded", lambda: phase_is(kubectl, "read-only-root", "Succeeded"))
+    read_only = pod_log(testbed, namespace, "read-only-root", "ro")
+    writable = pod_log(testbed, namespace, "read-only-root", "rw")
+    # Each container has its own /tmp (mode 1777) in its root filesystem.
+    assert "refused /tmp/probe Read-only file system" in read_only
+    assert "wrote /tmp/probe" in writable
+    assert "wrote /scratch/probe" in read_only  # an emptyDir is world-writable
+    # The image's environment is never the container's to change.
+    assert "refused /opt/venv/probe" in read_only and "refused /opt/venv/probe" in writable
+
+
+@pytest.mark.pod_security("privileged")
+def test_run_as_non_root_refuses_uid_0_with_a_config_error(kubectl: Cli, wait: WaitFor) -> None:
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "wants-root",
+            [{"name": "main", "command": ["python", "-c", "print('ran')"]}],
+            securityContext={"runAsNonRoot": True, "runAsUser": 0},
+        ),
+    )
+
+    def waiting() -> Any:
+        for status in pod_json(kubectl, "wants-root")["status"].get("containerStatuses", []):
+            waiting = status["state"].get("waiting", {})
+            if waiting.get("reason") == "CreateContainerConfigError":
+                return waiting
+        return None
+
+    state = wait("CreateContainerConfigError", waiting)
+    assert "runAsNonRoot and image will run as root" in state["message"]
+
+
+def test_an_image_without_an_environment_cannot_be_pulled(kubectl: Cli, wait: WaitFor) -> None:
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "unknown-image",
+            [{"name": "main", "image": "ghcr.io/lmmr1/lmmr1-trainer:0.1.0", "command": ["true"]}],
+        ),
+    )
+
+    def reasons() -> set[str]:
+        seen = pod_json(kubectl, "unknown-image")["status"].get("containerStatuses", [])
+        return {s["state"].get("waiting", {}).get("reason", "") for s in seen}
+
+    wait("ErrImagePull", lambda: "ErrImagePull" in reasons())
+    wait("ImagePullBackOff", lambda: "ImagePullBackOff" in reasons(), 30)
+    assert pod_json(kubectl, "unknown-image")["status"]["phase"] == "Pending"
+
+
+def test_a_restricted_namespace_rejects_a_pod_that_runs_as_root(kubectl: Cli) -> None:
+    """The API server's Pod Security admission is on: the namespaces tests run in enforce
+    `restricted` as shared clusters do."""
+    result = kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=make_pod(
+            "root-pod", [{"name": "main", "command": ["true"]}], securityContext={"runAsUser": 0}
+        ),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert 'violates PodSecurity "restricted' in result.stderr

@@ -190,3 +190,107 @@ def test_a_mount_over_the_sources_parent_goes_last(tmp_path: Path) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ok\n"
+
+
+# ----- identities and volume ownership: the kubelet's rules, and the kernel enforcing them ---
+
+
+def pod_with(security: dict[str, object], container_security: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
+    container = {"name": "c", **({"securityContext": container_security} if container_security else {})}
+    return {
+        "metadata": {"name": "p", "namespace": "ns", "uid": "u-1"},
+        "spec": {"securityContext": security, "containers": [container]},
+    }, container
+
+
+def test_identity_comes_from_the_container_then_the_pod_then_the_image() -> None:
+    pod, container = pod_with({"runAsUser": 2000, "fsGroup": 3000, "supplementalGroups": [4000]})
+    identity = spec.container_identity(pod, container, 1000, 1000)
+    assert (identity.uid, identity.gid, identity.groups) == (2000, 0, (4000, 3000))
+    pod, container = pod_with({"runAsUser": 2000}, {"runAsUser": 5000, "runAsGroup": 5001})
+    assert spec.container_identity(pod, container, 1000, 1000).uid == 5000
+    pod, container = pod_with({})
+    identity = spec.container_identity(pod, container, 1000, 1000)
+    assert (identity.uid, identity.gid, identity.no_new_privs) == (1000, 1000, False)
+
+
+def test_run_as_non_root_refuses_an_image_that_runs_as_root() -> None:
+    pod, container = pod_with({"runAsNonRoot": True})
+    with pytest.raises(spec.ConfigError, match="runAsNonRoot and image will run as root"):
+        spec.container_identity(pod, container, 0, 0)
+    pod, container = pod_with({"runAsNonRoot": True}, {"runAsUser": 0})
+    with pytest.raises(spec.ConfigError, match="container: c"):
+        spec.container_identity(pod, container, 1000, 1000)
+    pod, container = pod_with({"runAsNonRoot": True})
+    assert spec.container_identity(pod, container, 1000, 1000).uid == 1000
+
+
+def test_fs_group_makes_read_only_volumes_group_readable_and_writable_ones_group_writable() -> None:
+    pod, _ = pod_with({"fsGroup": 3000})
+    secret = spec.volume_ownership(pod, {"name": "s", "secret": {"secretName": "x"}})
+    assert secret == spec.Ownership(0, 3000, 0o440, 0o2550)
+    empty = spec.volume_ownership(pod, {"name": "e", "emptyDir": {}})
+    assert empty is not None and empty.extra_mode == 0o660
+    assert spec.volume_ownership(pod, {"name": "h", "hostPath": {"path": "/x"}}) is None
+    pod, _ = pod_with({})
+    assert spec.volume_ownership(pod, {"name": "s", "secret": {"secretName": "x"}}) is None
+
+
+def test_a_token_belongs_to_the_pods_single_non_root_user_without_fs_group() -> None:
+    pod, _ = pod_with({})
+    assert spec.token_owner(pod, {"c": 1000}) == 1000
+    assert spec.token_owner(pod, {"c": 0}) is None
+    pod, _ = pod_with({"fsGroup": 1000})
+    assert spec.token_owner(pod, {"c": 1000}) is None
+
+
+def run_as(identity: spec.Identity, mounts: list[tuple[str, str, bool]], script: str):  # type: ignore[no-untyped-def]
+    argv = spec.launch_script(mounts, "/", ["sh", "-c", script], identity=identity)
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+UID_1000 = spec.Identity(1000, 1000, (), True, True, False)
+
+
+@pytest.fixture
+def root_secret(tmp_path: Path) -> Path:
+    """A secret volume as the kubelet writes one without fsGroup: root-owned, mode 0400."""
+    volume = tmp_path / "secret"
+    volume.mkdir()
+    (volume / "token").write_text("s3cret\n")
+    (volume / "token").chmod(0o400)
+    return volume
+
+
+def test_a_root_owned_0400_secret_is_unreadable_to_uid_1000(root_secret: Path) -> None:
+    result = run_as(UID_1000, [(str(root_secret), "/etc/lmmr1-unit", True)], "id -u; cat /etc/lmmr1-unit/token")
+    assert result.stdout.splitlines() == ["1000"]
+    assert result.returncode != 0 and "Permission denied" in result.stderr
+
+
+def test_the_same_secret_is_readable_with_the_right_fs_group(root_secret: Path) -> None:
+    import os
+
+    from lmmr1_testbed.processnode.runner import _apply_ownership
+
+    _apply_ownership(root_secret, spec.Ownership(0, 3000, 0o440, 0o2550))
+    assert (root_secret / "token").stat().st_mode & 0o777 == 0o440
+    assert os.stat(root_secret / "token").st_gid == 3000
+    identity = spec.Identity(1000, 1000, (3000,), True, True, False)
+    result = run_as(identity, [(str(root_secret), "/etc/lmmr1-unit", True)], "cat /etc/lmmr1-unit/token")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "s3cret\n"
+
+
+def test_a_read_only_root_filesystem_refuses_writes_except_to_volumes(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    scratch.chmod(0o777)
+    read_only = spec.Identity(1000, 1000, (), True, True, True)
+    script = "touch /var/tmp/lmmr1-unit-$$ && echo root-writable; touch /scratch/ok && echo volume-writable"
+    result = run_as(read_only, [(str(scratch), "/scratch", False)], script)
+    assert "Read-only file system" in result.stderr
+    assert result.stdout.splitlines() == ["volume-writable"]
+    writable = spec.Identity(0, 0, (), False, False, False)
+    result = run_as(writable, [], "touch /var/tmp/lmmr1-unit-probe && rm /var/tmp/lmmr1-unit-probe && echo ok")
+    assert result.stdout == "ok\n", result.stderr

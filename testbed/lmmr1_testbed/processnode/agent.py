@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any, cast
 from kubernetes import client, config
 from kubernetes.client import ApiException
 
+from lmmr1_testbed import images
+from lmmr1_testbed.images import Runtime
 from lmmr1_testbed.processnode import spec as podspec
 from lmmr1_testbed.processnode.runner import PodRunner
 
@@ -195,25 +196,31 @@ def node_status(gpus: int) -> Obj:
 
 
 class Agent:
-    def __init__(self, api: Api, node: str, pods_dir: Path, apiserver: str, gpus: int) -> None:
+    def __init__(
+        self,
+        api: Api,
+        node: str,
+        pods_dir: Path,
+        apiserver: str,
+        gpus: int,
+        images: dict[str, Runtime],
+    ) -> None:
         self.api = api
         self.node = node
         self.pods_dir = pods_dir
         self.gpus = gpus
+        self.images = images
         host, _, port = apiserver.rpartition(":")
-        venv_bin = str(Path(sys.executable).parent)
-        # Every image maps to this virtualenv: its bin dir comes first on PATH.
+        # What the kubelet adds to every container; PATH, HOME and the rest come from the
+        # image (its Dockerfile's ENV), as on a real node. Nothing of the host leaks in.
         self.base_env = {
-            "PATH": os.pathsep.join([venv_bin, "/usr/local/bin", "/usr/bin", "/bin"]),
             "KUBERNETES_SERVICE_HOST": host,
             "KUBERNETES_SERVICE_PORT": port,
             "KUBERNETES_SERVICE_PORT_HTTPS": port,
-            "PYTHONUNBUFFERED": "1",
             "LANG": "C.UTF-8",
+            # A safety net: nothing in a pod may reach a model hub from the test bed.
+            "HF_HUB_OFFLINE": "1",
         }
-        for passthrough in ("HOME", "LMMR1_CACHE", "HF_HUB_OFFLINE", "DS_ACCELERATOR"):
-            if passthrough in os.environ:
-                self.base_env[passthrough] = os.environ[passthrough]
         self.runners: dict[str, PodRunner] = {}
         self.ips: dict[str, str] = {}
         self.stopping = threading.Event()
@@ -261,7 +268,13 @@ class Agent:
                 continue
             if runner is None and pod.get("status", {}).get("phase") in (None, "Pending"):
                 runner = PodRunner(
-                    pod, self.api, self.allocate_ip(uid), HOST_IP, self.pods_dir, self.base_env
+                    pod,
+                    self.api,
+                    self.allocate_ip(uid),
+                    HOST_IP,
+                    self.pods_dir,
+                    self.base_env,
+                    self.images,
                 )
                 self.runners[uid] = runner
                 runner.start()
@@ -300,10 +313,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pods-dir", required=True, type=Path)
     parser.add_argument("--apiserver", required=True, help="host:port pods use to reach the API")
     parser.add_argument("--gpus", type=int, default=8, help="fake nvidia.com/gpu capacity")
+    parser.add_argument(
+        "--images", required=True, type=Path, help="image table (lmmr1_testbed.images.prepare)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     api_client = config.new_client_from_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
-    agent = Agent(Api(api_client), args.node_name, args.pods_dir, args.apiserver, args.gpus)
+    agent = Agent(
+        Api(api_client),
+        args.node_name,
+        args.pods_dir,
+        args.apiserver,
+        args.gpus,
+        images.load_table(args.images),
+    )
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
     agent.run()

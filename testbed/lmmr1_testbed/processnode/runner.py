@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lmmr1_testbed import procs
+from lmmr1_testbed.images import Runtime
 from lmmr1_testbed.processnode import spec as podspec
 from lmmr1_testbed.processnode.probes import run_probe
 
@@ -38,14 +38,6 @@ class NodeApi(Protocol):
     def lookup(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None: ...
     def token(self, pod: Obj, projection: Obj) -> str: ...
     def patch_status(self, pod: Obj, status: Obj) -> None: ...
-
-
-def _hides_the_node(target: str, pod_dir: Path) -> bool:
-    """True when mounting at `target` would hide the code or data the process node and its
-    pods run from (the repository, the virtualenv, the test bed's directory)."""
-    needed = [Path(__file__).resolve().parents[3], Path(sys.prefix).resolve(), pod_dir]
-    path = Path(target)
-    return any(path == p or path in p.parents for p in needed)
 
 
 def _still_running(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
@@ -73,6 +65,7 @@ class Container:
     next_start: float = 0.0
     pending_start: bool = False  # (re)start once `next_start` has passed
     next_probe: float = 0.0
+    pull_failures: int = 0
     done: bool = False  # terminated and will not be restarted
 
     @property
@@ -104,6 +97,7 @@ class PodRunner(threading.Thread):
         host_ip: str,
         pods_dir: Path,
         base_env: dict[str, str],
+        images: dict[str, Runtime],
     ) -> None:
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
@@ -113,6 +107,7 @@ class PodRunner(threading.Thread):
         self.host_ip = host_ip
         self.dir: Path = pods_dir / str(meta["namespace"]) / str(meta["name"])
         self.base_env = {**base_env, "LMMR1_TESTBED_POD_DIR": str(self.dir)}
+        self.images = images
         self.stop_requested = threading.Event()
         self.grace = 30.0
         self.finished = threading.Event()
@@ -169,6 +164,7 @@ class PodRunner(threading.Thread):
     def _write_volumes(self) -> None:
         namespace = self.pod["metadata"]["namespace"]
         volumes_dir = self.dir / "volumes"
+        volumes_dir.mkdir(parents=True, exist_ok=True)
         for volume in self.pod["spec"].get("volumes", []):
             content = podspec.volume_content(
                 self.pod,
@@ -184,16 +180,35 @@ class PodRunner(threading.Thread):
                 if content.kind == "pvc":
                     # Claims outlive pods: keep their data beside the pods dir.
                     target = self.dir.parents[1] / "pvcs" / namespace / content.source
-                target.mkdir(parents=True, exist_ok=True)
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    # The kubelet makes an emptyDir world-writable.
+                    target.mkdir(parents=True, exist_ok=True)
+                    target.chmod(0o777)
             else:
                 shutil.rmtree(target, ignore_errors=True)
                 target.mkdir(parents=True)
+                token_owner = podspec.token_owner(self.pod, self._image_uids())
                 for rel, (data, mode) in content.files.items():
                     path = target / rel
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data)
                     path.chmod(mode)
+                    if rel in content.tokens and token_owner is not None:
+                        os.chown(path, token_owner, -1)
+                        path.chmod(0o600)
+            ownership = podspec.volume_ownership(self.pod, volume)
+            if ownership is not None:
+                _apply_ownership(target, ownership)
             self.mounts[volume["name"]] = str(target)
+
+    def _image_uids(self) -> dict[str, int]:
+        """Each container's image's default uid (0 for an image the node cannot run)."""
+        uids = {}
+        for c in self.containers:
+            runtime = self.images.get(str(c.spec.get("image", "")))
+            uids[c.name] = runtime.spec.uid if runtime else 0
+        return uids
 
     @property
     def label(self) -> str:
@@ -299,14 +314,40 @@ class PodRunner(threading.Thread):
         else:
             c.done = True
 
+    def _pull(self, c: Container) -> Runtime | None:
+        """The container's image, or None after reporting ErrImagePull/ImagePullBackOff
+        (alternating, retried with back-off) as the kubelet does for a missing image."""
+        image = str(c.spec.get("image", ""))
+        runtime = self.images.get(image)
+        if runtime is not None:
+            return runtime
+        c.pull_failures += 1
+        reason = "ErrImagePull" if c.pull_failures % 2 else "ImagePullBackOff"
+        c.state = {
+            "waiting": {
+                "reason": reason,
+                "message": f'Failed to pull image "{image}": not found: the test bed has '
+                f"no environment for it (it can run {', '.join(sorted(self.images))})",
+            }
+        }
+        c.pending_start = True
+        c.next_start = time.monotonic() + min(MAX_BACKOFF_S, 2.0**c.pull_failures)
+        return None
+
     def _start(self, c: Container) -> None:
+        runtime = self._pull(c)
+        if runtime is None:
+            return
+        image = runtime.spec
         try:
+            identity = podspec.container_identity(self.pod, c.spec, image.uid, image.gid)
             env = podspec.container_env(
                 self.pod,
                 c.spec,
                 lambda kind, name: self.api.lookup(kind, self.pod["metadata"]["namespace"], name),
-                self.base_env,
+                {**image.env, **self.base_env},
             )
+            env.setdefault("HOME", image.home)
             argv = podspec.command_line(c.spec, env)
         except podspec.ConfigError as err:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
@@ -314,27 +355,17 @@ class PodRunner(threading.Thread):
             c.next_start = time.monotonic() + 2.0
             return
         c.pending_start = False
-        workdir = self.dir / "containers" / c.name
-        workdir.mkdir(parents=True, exist_ok=True)
-        mounts = []
+        mounts = [*self._image_layer(c, runtime, identity)]
         for mount in c.spec.get("volumeMounts", []):
             source = self.mounts[mount["name"]]
             if mount.get("subPath"):
                 source = os.path.join(source, mount["subPath"])
-            if _hides_the_node(mount["mountPath"], self.dir):
-                # e.g. an emptyDir at /tmp while this clone, its virtualenv or the test bed
-                # live under /tmp: the container gets the host's directory instead.
-                log.info(
-                    "pod %s container %s: not mounting %s over the node's own files",
-                    self.label,
-                    c.name,
-                    mount["mountPath"],
-                )
-                continue
             mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
-        # The termination message file, per container, read back into its status on exit.
+        # The termination message file, per container, read back into its status on exit;
+        # the kubelet makes it writable for any user.
         message_file = self._termination_file(c)
         message_file.write_bytes(b"")
+        message_file.chmod(0o666)
         mounts.append(
             (
                 str(message_file),
@@ -343,10 +374,7 @@ class PodRunner(threading.Thread):
             )
         )
         launch = podspec.launch_script(
-            mounts,
-            c.spec.get("workingDir") or str(workdir),
-            argv,
-            workdir_in_volume=bool(c.spec.get("workingDir")),
+            mounts, c.spec.get("workingDir") or image.workdir, argv, identity=identity
         )
         logfile = self.dir / f"{c.name}.log"
         if logfile.exists() and c.restarts:
@@ -372,6 +400,30 @@ class PodRunner(threading.Thread):
         c.started = "startupProbe" not in c.spec
         c.ready = c.started and "readinessProbe" not in c.spec and c.kind != "init"
         log.info("pod %s container %s started: %s", self.label, c.name, argv)
+
+    def _image_layer(
+        self, c: Container, runtime: Runtime, identity: podspec.Identity
+    ) -> list[tuple[str, str, bool]]:
+        """What the image's root filesystem contributes: its virtualenv (read-only: a
+        container never changes the cached environment), and this container's own /tmp,
+        home directory (owned by the image's user) and WORKDIR, read-only with
+        readOnlyRootFilesystem."""
+        image = runtime.spec
+        rootfs = self.dir / "containers" / c.name / "rootfs"
+        read_only = identity.read_only_root
+        layer = [(runtime.environment, image.venv_path, True)]
+        tmp = rootfs / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        tmp.chmod(0o1777)
+        layer.append((str(tmp), "/tmp", read_only))
+        for path, owner in ((image.home, (image.uid, image.gid)), (image.workdir, (0, 0))):
+            if path == "/" or any(target == path for _, target, _ in layer):
+                continue
+            directory = rootfs / path.lstrip("/")
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chown(directory, *owner)
+            layer.append((str(directory), path, read_only))
+        return layer
 
     def _termination_file(self, c: Container) -> Path:
         return self.dir / f"{c.name}.termination-log"
@@ -479,3 +531,13 @@ class PodRunner(threading.Thread):
             self._last_status = comparable
         except Exception as err:  # transient API errors: retried on the next tick
             log.warning("pod %s: status update failed: %s", self.label, err)
+
+
+def _apply_ownership(root: Path, ownership: podspec.Ownership) -> None:
+    """chown/chmod a volume's tree the way the kubelet applies an fsGroup."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chown(path, ownership.uid, ownership.gid)
+        extra = ownership.extra_dir_mode if path.is_dir() else ownership.extra_mode
+        path.chmod(path.stat().st_mode & 0o7777 | extra)
