@@ -169,6 +169,7 @@ def bed(testbed: TestBedState, s3_client: Any, installed_manifests: Any) -> Iter
     s3_client.create_bucket(Bucket=bucket)
     admin = Cli(testbed, "kubectl")
     admin("create", "namespace", namespace)
+    admin("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     admin(
         "create",
         "secret",

@@ -19,6 +19,8 @@ from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 CHART = REPO_ROOT / "charts" / "lmmr1"
 EXAMPLE = REPO_ROOT / "manifests" / "examples" / "run-tiny.yaml"
 OPERATOR_NAMESPACE = "lmmr1-system"
+# Shared clusters enforce Pod Security `restricted`; the demo's namespaces do too.
+RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 
 
 def cli(
@@ -54,6 +56,8 @@ def install_operator(
         "-f",
         str(REPO_ROOT / "manifests" / "10-crd-lmmr1runs.yaml"),
     )
+    cli(state, "kubectl", "create", "namespace", namespace, check=False)
+    cli(state, "kubectl", "label", "namespace", namespace, RESTRICTED, "--overwrite")
     values = {
         "crds": {"enabled": False},
         "watchNamespace": watch_namespace,
@@ -92,6 +96,7 @@ def install_operator(
 def prepare_namespace(state: TestBedState, namespace: str) -> None:
     """The run's namespace and its S3 credentials Secret (what a user creates)."""
     cli(state, "kubectl", "create", "namespace", namespace, check=False)
+    cli(state, "kubectl", "label", "namespace", namespace, RESTRICTED, "--overwrite")
     secret = cli(
         state,
         "kubectl",
