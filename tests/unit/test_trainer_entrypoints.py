@@ -64,6 +64,31 @@ def test_configuration_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "micro_train_batch_size" in capsys.readouterr().err
 
 
+def test_every_entry_point_leaves_its_configuration_error_in_the_termination_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the operator shows in the run's Failed condition: the kubelet copies this file
+    into the container's status."""
+    from lmmr1_trainer.rollout.__main__ import main as rollout_main
+    from lmmr1_trainer.verifier.__main__ import main as verifier_main
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("LMMR1_TERMINATION_LOG", str(log))
+    monkeypatch.delenv("LMMR1_EXIT_DIR", raising=False)
+    bad_batches = {**STAGE, "algorithm": {"train_batch_size": 10, "micro_train_batch_size": 4}}
+    assert _run(tmp_path, bad_batches) == EXIT_CONFIG_ERROR
+    assert log.read_text().startswith("stage config: ") and "micro_train_batch_size" in (
+        log.read_text()
+    )
+    assert rollout_main(["--config", str(tmp_path / "missing.yaml")]) == EXIT_CONFIG_ERROR
+    assert log.read_text().startswith("rollout config: ")
+    # A verifier flag the image does not know (an operator newer than the image).
+    assert verifier_main(["--port", "0", "--verifier-v2"]) == EXIT_CONFIG_ERROR
+    assert "unrecognized arguments: --verifier-v2" in log.read_text()
+    assert verifier_main(["--port", "0", "--workers", "0"]) == EXIT_CONFIG_ERROR
+    assert "pool.workers" in log.read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only failure")
 def test_asking_for_gpus_without_cuda_exits_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -2,7 +2,10 @@
 
 `ConfigMapReporter` patches `data["progress.json"]` of `progress.configmap` in
 `progress.namespace` through the Kubernetes API: in a pod with the in-cluster service
-account (`load_incluster_config`), elsewhere with $KUBECONFIG (tests, the demo). When neither
+account (`load_incluster_config`: the token, CA and namespace under
+/var/run/secrets/kubernetes.io/serviceaccount, which the operator mounts in the trainer
+container alone; the client re-reads the rotated token), elsewhere with $KUBECONFIG (tests,
+the demo). When neither
 works, `make_reporter` falls back to `FileReporter` ($LMMR1_PROGRESS_FILE) or a no-op. A
 failed report is logged and dropped: progress must never stop training.
 """

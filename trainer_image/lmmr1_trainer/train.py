@@ -10,7 +10,9 @@ everybody writes a checkpoint to `<checkpoint.uri>/step-<N>/` (manifest last).
 
 Start: resume from the newest committed checkpoint under `checkpoint.uri`, else load
 `init_from`. End: final checkpoint committed -> progress with `final_checkpoint` ->
-termination message (/dev/termination-log) -> exit 0. Exit 78 on a configuration error.
+termination message (/dev/termination-log) -> exit 0. Exit 78 on a configuration error, with
+the reason in the termination message (under `lmmr1_trainer.launch`, which runs torchrun, the
+rank reports it to the launcher, which exits 78 with it: torchrun alone would exit 1).
 CPU: `trainer.gpus_per_node: 0` (DeepSpeed with DS_ACCELERATOR=cpu, gloo, ZeRO-2, fp32).
 """
 
@@ -32,19 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from lmmr1_trainer.config import (
-    CONFIG_PATH,
-    EXIT_CONFIG_ERROR,
-    TERMINATION_LOG,
-    Progress,
-    StageConfig,
-)
+from lmmr1_trainer.config import CONFIG_PATH, Progress, StageConfig
+from lmmr1_trainer.launch import config_error
+from lmmr1_trainer.launch import write_termination_message as _write_termination_message
 
 if TYPE_CHECKING:
     from lmmr1_trainer.experience import RolloutStats
 
 logger = logging.getLogger("lmmr1_trainer.train")
-TERMINATION_LOG_ENV = "LMMR1_TERMINATION_LOG"
 THREADS_ENV = "LMMR1_TORCH_THREADS"
 WORKDIR_ENV = "LMMR1_WORKDIR"
 STEP_LOG_PREFIX = "lmmr1-train step "
@@ -121,12 +118,7 @@ def node_workdir(config: StageConfig) -> Path:
 
 
 def write_termination_message(message: dict[str, Any]) -> None:
-    path = Path(os.environ.get(TERMINATION_LOG_ENV, str(TERMINATION_LOG)))
-    try:
-        with path.open("w") as handle:
-            handle.write(json.dumps(message))
-    except OSError as err:
-        logger.info("no termination message (%s: %s)", path, err)
+    _write_termination_message(json.dumps(message))
 
 
 class StageTrainer:
@@ -465,15 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return StageTrainer(config).run()
     except (OSError, ValidationError) as err:
         if isinstance(err, OSError) and not Path(args.config).exists():
-            print(f"error: stage config: {err}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+            return config_error(f"stage config: {err}")
         if isinstance(err, ValidationError):
-            print(f"error: stage config {args.config}: {err}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+            return config_error(f"stage config {args.config}: {err}")
         raise
     except (ConfigError, DatasetError, EngineConfigError, ModelSourceError) as err:
-        print(f"error: stage config: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return config_error(f"stage config: {err}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ GPU, `transformers` on CPU) serving the stage's starting weights (`init_from`, o
 which the trainer replaces after every update. The weight-update routes need the bearer
 token read from `--token-file` (default: `rollout.token_file`, /etc/lmmr1/token/token).
 Prints `lmmr1-rollout listening on http://HOST:PORT` once it accepts requests (`--port 0`
-picks a free port), stops cleanly on SIGTERM/SIGINT, and exits 78 on a configuration error.
+picks a free port), stops cleanly on SIGTERM/SIGINT, and exits 78 on a configuration error
+with the reason in the termination message (/dev/termination-log) for the operator.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from lmmr1_trainer.config import CONFIG_PATH, EXIT_CONFIG_ERROR, StageConfig
+from lmmr1_trainer.config import CONFIG_PATH, StageConfig
+from lmmr1_trainer.launch import config_error
 from lmmr1_trainer.models import ModelSourceError, resolve_model
 from lmmr1_trainer.rollout.backends import BackendUnavailable, RolloutBackend, TransformersBackend
 from lmmr1_trainer.rollout.server import RolloutServer
@@ -61,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = resolve_model(args.model or config.init_from, config.s3)
         backend = _backend(config, model_dir, args.threads)
     except (OSError, ValueError, ValidationError, ModelSourceError, BackendUnavailable) as err:
-        print(f"error: rollout config: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return config_error(f"rollout config: {err}")
     server = RolloutServer((args.host, args.port), backend, token)
 
     def stop(signum: int, frame: FrameType | None) -> None:

@@ -6,7 +6,10 @@ pool, prints one line `lmmr1-verifier listening on http://HOST:PORT` to stdout o
 requests (`--port 0` picks a free port and prints it), and stops cleanly on SIGTERM/SIGINT.
 
 Settings come from `--config FILE` (JSON or YAML, the `VerifierConfig` model) and the flags
-below, flags winning. A bad setting exits with status 2 and a message naming the field.
+below, flags winning. A bad setting or argument (an unknown flag included: an operator newer
+than the image) exits with status 78 (EX_CONFIG) and a message naming the field, on stderr
+and in the termination message (/dev/termination-log), so the operator fails the run at
+once instead of restarting the sidecar.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
+from lmmr1_trainer.launch import config_error
 from lmmr1_trainer.verifier.config import (
     AnswerSource,
     ConfigError,
@@ -55,8 +59,16 @@ _FLAG_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are a configuration error (exit 78 from `main`), not argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise ConfigError(f"arguments: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m lmmr1_trainer.verifier",
         description="Rule-based reward service for LMM-R1 (format + accuracy rewards).",
     )
@@ -107,19 +119,20 @@ def config_from_args(args: argparse.Namespace) -> VerifierConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as exc:
+        return config_error(f"verifier {exc}")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         config = config_from_args(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return config_error(f"verifier config: {exc}")
     if config.pool.workers < 1:
         # Inline scoring runs in request threads, where nothing can bound its time.
-        print("error: pool.workers: the service needs at least 1 worker", file=sys.stderr)
-        return 2
+        return config_error("verifier config: pool.workers: the service needs at least 1 worker")
     # Imported here so `--help` and config errors stay fast (math-verify loads sympy).
     from lmmr1_trainer.verifier.engine import Verifier
     from lmmr1_trainer.verifier.pool import PoolStartError
@@ -130,15 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         verifier = Verifier(config, on_restart=lambda r: metrics.worker_restarts.labels(r).inc())
         verifier.start()
-    except (ImportError, UnknownTaskError, PoolStartError) as exc:
+    except (ImportError, UnknownTaskError) as exc:  # a plug-in or task that does not exist
+        return config_error(f"verifier: {exc}")
+    except PoolStartError as exc:  # e.g. a slow node: the kubelet restarts the sidecar
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     try:
         server = VerifierServer(config, verifier, metrics)
     except OSError as exc:
         verifier.close()
         print(f"error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
     def stop(signum: int, frame: FrameType | None) -> None:
         logger.info("signal %d: shutting down", signum)
