@@ -11,6 +11,9 @@ SUSPENDED = "Suspended"
 COMPLETE = "Complete"
 FAILED = "Failed"
 BLOCKED = "Blocked"  # True while pods cannot make progress (missing Secret, bad image, ...)
+# False while the API server refuses to create a child (Pod Security, a quota, a missing
+# ServiceAccount, ...), or the trainer Job's pods; set once something was refused.
+CHILDREN_CREATED = "ChildrenCreated"
 
 
 def set_condition(
@@ -40,6 +43,10 @@ def set_condition(
     if previous is None:
         return [*conditions, updated]
     return [updated if c.type == kind else c for c in conditions]
+
+
+def get(conditions: list[Condition], kind: str) -> Condition | None:
+    return next((c for c in conditions if c.type == kind), None)
 
 
 def is_true(conditions: list[Condition], kind: str) -> bool:

@@ -17,11 +17,11 @@ from typing import Any
 from kubernetes.dynamic.exceptions import ConflictError
 from pydantic import ValidationError
 
-from lmmr1_operator import checkpoints, naming
+from lmmr1_operator import checkpoints, naming, podstate
 from lmmr1_operator.api.spec import LMMR1RunSpec
-from lmmr1_operator.kube import Kube
+from lmmr1_operator.kube import CreateRefused, Kube
 from lmmr1_operator.metrics import Metrics
-from lmmr1_operator.reconcile import Observed, Plan, decide
+from lmmr1_operator.reconcile import CreateFailure, Observed, Plan, decide
 from lmmr1_operator.settings import OperatorSettings
 from lmmr1_trainer.config import PROGRESS_KEY, Progress
 
@@ -50,6 +50,9 @@ class Controller:
         self.post_event = post_event
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # What the API server refused on each run's last pass (an observation like any
+        # other: every pass tries again, so a new leader finds out for itself).
+        self._refused: dict[tuple[str, str], list[CreateFailure]] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -62,8 +65,15 @@ class Controller:
                 run = self.kube.get("LMMR1Run", namespace, name)
                 if run is None or run["metadata"].get("deletionTimestamp"):
                     self.metrics.forget(namespace, name)
+                    self._refused.pop((namespace, name), None)
                     return
+                before = self._refused.get((namespace, name), [])
                 self._reconcile(run)
+                if self._refused.get((namespace, name), []) != before:
+                    # A child was refused (or is no longer): show it now, not a pass later.
+                    run = self.kube.get("LMMR1Run", namespace, name)
+                    if run is not None and not run["metadata"].get("deletionTimestamp"):
+                        self._reconcile(run)
             finally:
                 self.metrics.reconcile_seconds.observe(time.monotonic() - started)
 
@@ -112,6 +122,7 @@ class Controller:
         stale += [("Job", j["metadata"]["name"]) for j in jobs if not current(j)]
         job = next((j for j in jobs if current(j)), None)
         trainer_pods: list[Obj] = []
+        refused = list(self._refused.get((namespace, name), []))
         if job is not None:
             uid = job["metadata"]["uid"]
             trainer_pods = [
@@ -119,6 +130,16 @@ class Controller:
                 for p in self.kube.list("Pod", namespace, {"job-name": job["metadata"]["name"]})
                 if any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences", []))
             ]
+            # Pods the Job controller could not create (Pod Security, a quota): only its
+            # FailedCreate Events say so; read them only while the Job is short of pods.
+            if len(trainer_pods) < int(job.get("spec", {}).get("parallelism") or 1):
+                why = podstate.job_create_failure(
+                    job, trainer_pods, self.kube.events(namespace, uid, "FailedCreate")
+                )
+                if why:
+                    refused.append(
+                        CreateFailure("Job", job["metadata"]["name"], "FailedCreate", why)
+                    )
         config = self.kube.get("ConfigMap", namespace, naming.stage_config(name, stage))
         token_secret = self.kube.get("Secret", namespace, naming.token_secret(name))
         secret = spec.storage.credentials_secret or self.settings.default_s3_secret
@@ -137,6 +158,7 @@ class Controller:
             config=config,
             progress=self.progress(namespace, name),
             stage_children_exist=bool(rollout_pods or jobs or config),
+            create_failures=refused,
         )
         return seen, stale
 
@@ -173,8 +195,6 @@ class Controller:
 
     # -- act ---------------------------------------------------------------------------
 
-    # -- act ---------------------------------------------------------------------------
-
     def act(self, run: Obj, plan: Plan, stale: list[tuple[str, str]]) -> None:
         """Status first, guarded by the run's resourceVersion: if another actor (a second
         replica during a peering hand-over, or kopf's own bookkeeping) changed the run since
@@ -201,6 +221,7 @@ class Controller:
                 self.metrics.restarts.inc()
         for kind, child in stale:
             self.kube.delete(kind, namespace, child)
+        refused: list[CreateFailure] = []
         if plan.delete_stage:
             for kind, role in _STAGE_CHILDREN:
                 labels = {naming.LABEL_RUN: name, naming.LABEL_ROLE: role}
@@ -208,12 +229,31 @@ class Controller:
                     self.kube.delete(kind, namespace, obj["metadata"]["name"])
         else:
             for obj in plan.replace:
-                self.kube.replace(obj)
+                self._create(self.kube.replace, obj, refused)
         for obj in plan.ensure:
             if plan.delete_stage and naming.LABEL_STAGE in obj["metadata"]["labels"]:
                 continue
-            self.kube.ensure(obj)
+            self._create(self.kube.ensure, obj, refused)
+        self._refused[(namespace, name)] = refused
         self.metrics.observe_phase(namespace, name, plan.status.get("phase"))
+
+    @staticmethod
+    def _create(create: Callable[[Obj], object], obj: Obj, refused: list[CreateFailure]) -> None:
+        """Create one child; a refusal is noted (the run's status and a Warning Event show
+        it on the next decision) and the other children are still created."""
+        try:
+            create(obj)
+        except CreateRefused as err:
+            meta = obj["metadata"]
+            log.warning(
+                "%s %s/%s refused: %s: %s",
+                err.kind,
+                meta["namespace"],
+                meta["name"],
+                err.reason,
+                err.message,
+            )
+            refused.append(CreateFailure(err.kind, err.name, err.reason, err.message))
 
 
 def _comparable(status: Obj) -> str:

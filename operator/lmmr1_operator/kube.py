@@ -3,12 +3,15 @@ objects given as plain dicts, through the kubernetes dynamic client."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
+import json
 import logging
 from typing import Any
 
 from kubernetes import client, dynamic
+from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
 Obj = dict[str, Any]
@@ -28,6 +31,32 @@ API_VERSIONS: dict[str, str] = {
     "Event": "v1",
 }
 MERGE_PATCH = "application/merge-patch+json"
+
+
+class CreateRefused(Exception):
+    """The API server refused to create an object for good (admission, quota, validation,
+    RBAC): a 4xx other than 409 AlreadyExists and 429 TooManyRequests."""
+
+    def __init__(self, kind: str, name: str, reason: str, message: str) -> None:
+        super().__init__(f"{kind} {name}: {reason}: {message}")
+        self.kind, self.name, self.reason, self.message = kind, name, reason, message
+
+
+def refusal(obj: Obj, err: ApiException) -> CreateRefused | None:
+    """What a failed create says, or None when retrying may help (5xx, 429) or the object
+    exists (409). The message is the API server's Status message (which admission plugin
+    or quota refused it, and why)."""
+    status = int(err.status or 0)
+    if not 400 <= status < 500 or status in (409, 429):
+        return None
+    reason, message = str(err.reason or status), ""
+    try:
+        body = json.loads(err.body or "{}")
+        reason = str(body.get("reason") or reason)
+        message = str(body.get("message") or "")
+    except (TypeError, ValueError):
+        message = str(err.body or "")
+    return CreateRefused(obj["kind"], obj["metadata"]["name"], reason, message or reason)
 
 
 class Kube:
@@ -56,12 +85,18 @@ class Kube:
         return list(found.to_dict().get("items", []))
 
     def ensure(self, obj: Obj) -> bool:
-        """Create `obj` unless an object of that name exists. True if it created it."""
+        """Create `obj` unless an object of that name exists. True if it created it; raises
+        CreateRefused when the API server refuses it for good."""
         meta = obj["metadata"]
         try:
             self._resource(obj["kind"]).create(body=obj, namespace=meta["namespace"])
         except ConflictError:  # exists, or is still terminating: the next pass sees which
             return False
+        except ApiException as err:
+            refused = refusal(obj, err)
+            if refused is None:
+                raise
+            raise refused from err
         log.info("created %s %s/%s", obj["kind"], meta["namespace"], meta["name"])
         return True
 
@@ -77,6 +112,13 @@ class Kube:
             content_type=MERGE_PATCH,
         )
         log.info("updated %s %s/%s", obj["kind"], meta["namespace"], meta["name"])
+
+    def events(self, namespace: str, uid: str, reason: str) -> builtins.list[Obj]:
+        """The core/v1 Events about the object with this uid, with this reason."""
+        found = self._resource("Event").get(
+            namespace=namespace, field_selector=f"involvedObject.uid={uid},reason={reason}"
+        )
+        return list(found.to_dict().get("items", []))
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         with contextlib.suppress(NotFoundError):

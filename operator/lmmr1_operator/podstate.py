@@ -44,6 +44,28 @@ def termination_message(pod: Obj, container: str) -> str:
     return str(state.get("message", "")) if state else ""
 
 
+def exited_with(pod: Obj, code: int) -> tuple[str, str] | None:
+    """(container, termination message) of the first container, init and sidecar
+    containers included, that exited with `code`: now, or before the kubelet restarted it
+    (a native sidecar is restarted whatever its exit code, so its pod never fails)."""
+    for status in _statuses(pod):
+        for key in ("state", "lastState"):
+            state = (status.get(key) or {}).get("terminated") or {}
+            if state.get("exitCode") is not None and int(state["exitCode"]) == code:
+                return str(status.get("name", "")), str(state.get("message") or "").strip()
+    return None
+
+
+def failed_containers(pod: Obj) -> list[tuple[str, int]]:
+    """(container, exit code) of every container that ended with a non-zero code."""
+    out = []
+    for status in _statuses(pod):
+        state = (status.get("state") or {}).get("terminated") or {}
+        if state.get("exitCode"):
+            out.append((str(status.get("name", "")), int(state["exitCode"])))
+    return out
+
+
 def job_condition(job: Obj | None, kind: str) -> bool:
     if job is None:
         return False
@@ -77,3 +99,27 @@ def why_stuck(pods: list[Obj]) -> tuple[str, str] | None:
                     f"pod {name} container {status['name']}: {waiting.get('message', reason)}"
                 )
     return None
+
+
+def _event_time(event: Obj) -> str:
+    meta = event.get("metadata") or {}
+    return str(
+        event.get("lastTimestamp")
+        or event.get("eventTime")
+        or event.get("firstTimestamp")
+        or meta.get("creationTimestamp")
+        or ""
+    )
+
+
+def job_create_failure(job: Obj, pods: list[Obj], events: list[Obj]) -> str | None:
+    """Why the Job controller could not create the Job's pods (the newest of its
+    FailedCreate Events: Pod Security, a quota, a missing ServiceAccount), while the Job
+    has fewer pods than it runs at once; None otherwise. The Job's status says nothing."""
+    wanted = int((job.get("spec") or {}).get("parallelism") or 1)
+    if len(pods) >= wanted:
+        return None
+    failures = [e for e in events if e.get("reason") == "FailedCreate"]
+    if not failures:
+        return None
+    return str(max(failures, key=_event_time).get("message") or "FailedCreate")

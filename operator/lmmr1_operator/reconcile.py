@@ -24,6 +24,21 @@ from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
 
 Obj = dict[str, Any]
 MAX_BACKOFF_S = 300.0
+MAX_REFUSAL_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class CreateFailure:
+    """A child the API server refused to create (any 4xx but 409 AlreadyExists and 429),
+    or the trainer Job's pods its controller could not create (its FailedCreate Events)."""
+
+    kind: str
+    name: str
+    reason: str  # the API server's reason (Forbidden, Invalid, ...) or FailedCreate
+    message: str  # the API server's message: which admission plugin or quota, and why
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name}: {self.message[:MAX_REFUSAL_CHARS]}"
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,9 @@ class Observed:
     progress: Progress | None = None
     final_checkpoint_committed: bool | None = None  # checked only once the Job completed
     stage_children_exist: bool = False
+    # What the API server refused on the operator's last attempt to create children, and
+    # why the current trainer Job has no pods (its FailedCreate Events).
+    create_failures: list[CreateFailure] = field(default_factory=list)
 
 
 @dataclass
@@ -226,9 +244,10 @@ class _Decision:
         if podstate.job_condition(seen.job, "Complete"):
             self.complete_stage(record)
             return
-        stuck = podstate.why_stuck([*seen.rollout_pods, *seen.trainer_pods])
+        refused = self.creation()
+        stuck = refused or podstate.why_stuck([*seen.rollout_pods, *seen.trainer_pods])
         if stuck:
-            if not cond.is_true(self.status.conditions, cond.BLOCKED):
+            if not refused and not cond.is_true(self.status.conditions, cond.BLOCKED):
                 self.event(stuck[0], stuck[1], "Warning")
             self.condition(cond.BLOCKED, True, *stuck)
         else:
@@ -239,6 +258,27 @@ class _Decision:
             self.condition(cond.RUNNING, True, "StageRunning", f"stage {record.name}")
         else:
             self.condition(cond.RUNNING, False, "StageStarting", f"stage {record.name} starting")
+
+    def creation(self) -> tuple[str, str] | None:
+        """ChildrenCreated from what the API server refused: False (CreateFailed, its
+        messages naming each child) with a Warning Event whenever another child is refused;
+        True again once everything it refused was created."""
+        failures = self.seen.create_failures
+        previous = cond.get(self.status.conditions, cond.CHILDREN_CREATED)
+        if not failures:
+            if previous is not None and previous.status == "False":
+                self.condition(
+                    cond.CHILDREN_CREATED, True, "Created", "the API server accepted every child"
+                )
+            return None
+        message = "; ".join(f.describe() for f in failures)
+        known = previous is not None and previous.status == "False"
+        if not known or not all(
+            f"{f.kind} {f.name}:" in (previous.message if previous else "") for f in failures
+        ):
+            self.event("CreateFailed", message, "Warning")
+        self.condition(cond.CHILDREN_CREATED, False, "CreateFailed", message)
+        return "CreateFailed", message
 
     def apply_progress(self, record: StageStatus) -> None:
         progress, status = self.seen.progress, self.status
@@ -258,25 +298,35 @@ class _Decision:
     def failed(self, ctx: StageContext) -> bool:
         """Handle a failed rollout or trainer pod. True when the stage is not running."""
         seen = self.seen
-        failed_pods = [
-            p for p in [*seen.rollout_pods, *seen.trainer_pods] if podstate.phase(p) == "Failed"
-        ]
-        if not failed_pods and not podstate.job_condition(seen.job, "Failed"):
-            return False
-        for pod in seen.trainer_pods:
-            if podstate.exit_code(pod, "trainer") == EXIT_CONFIG_ERROR:
-                detail = podstate.termination_message(pod, "trainer") or "see the trainer log"
+        pods = [*seen.rollout_pods, *seen.trainer_pods]
+        # Exit 78 from any container (trainer, verifier sidecar, rollout server) ends the
+        # run whatever the pod's phase: a sidecar is restarted in place and its pod never
+        # fails, and another attempt would meet the same configuration.
+        for pod in pods:
+            found = podstate.exited_with(pod, EXIT_CONFIG_ERROR)
+            if found is not None:
+                container, detail = found
+                self.record().phase = "Failed"
                 self.finish(
                     False,
                     "ConfigError",
-                    f"stage {ctx.stage.name}: the trainer rejected its configuration "
-                    f"(exit {EXIT_CONFIG_ERROR}), retrying cannot help: {detail}",
+                    f"stage {ctx.stage.name}: container {container} of pod "
+                    f"{pod['metadata']['name']} rejected its configuration (exit "
+                    f"{EXIT_CONFIG_ERROR}), retrying cannot help: "
+                    f"{detail or f'see the {container} log'}",
                 )
                 return True
+        failed_pods = [p for p in pods if podstate.phase(p) == "Failed"]
+        if not failed_pods and not podstate.job_condition(seen.job, "Failed"):
+            return False
         what = (
             ", ".join(
-                f"{p['metadata']['name']} (exit "
-                f"{podstate.exit_code(p, 'trainer') or podstate.exit_code(p, 'rollout')})"
+                f"{p['metadata']['name']} ("
+                + (
+                    ", ".join(f"{c} exit {code}" for c, code in podstate.failed_containers(p))
+                    or "no exit code"
+                )
+                + ")"
                 for p in failed_pods
             )
             or "the trainer Job"

@@ -74,7 +74,15 @@ def test_trainer_job_is_indexed_with_gpus_sidecar_and_references_only() -> None:
     assert "$(POD_IP)" in verifier["command"]
     main = pod["containers"][0]
     assert main["resources"]["limits"]["nvidia.com/gpu"] == "8"
-    assert main["command"][0] == "torchrun" and "--nproc-per-node=8" in main["command"]
+    # torchrun through the launcher that keeps a rank's exit 78 (torchrun alone exits 1).
+    assert main["command"][:3] == ["python", "-m", "lmmr1_trainer.launch"]
+    assert "--nproc-per-node=8" in main["command"] and "--nnodes=2" in main["command"]
+    assert main["command"][-4:] == [
+        "-m",
+        "lmmr1_trainer.train",
+        "--config",
+        "/etc/lmmr1/stage.yaml",
+    ]
     env = {e["name"]: e for e in main["env"]}
     assert env["MASTER_ADDR"]["value"] == "r-fre-trainer-0.r-fre-trainer.ns.svc"
     assert env["WORLD_SIZE"]["value"] == "16"

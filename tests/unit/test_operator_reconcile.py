@@ -10,7 +10,7 @@ from typing import Any
 
 from tests.invalid_runs import valid_run
 
-from lmmr1_operator.reconcile import Observed, Plan, decide
+from lmmr1_operator.reconcile import CreateFailure, Observed, Plan, decide
 from lmmr1_operator.settings import OperatorSettings
 from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
 
@@ -345,3 +345,178 @@ def test_set_condition_moves_the_transition_time_only_when_the_status_flips() ->
     assert same[0].observed_generation == 2 and same[1] == conditions[1]
     flipped = set_condition(same, "Ready", True, "Running", "", t2, 2)
     assert flipped[0].status == "True" and flipped[0].last_transition_time == t2
+
+
+def _trainer_pod_with_sidecar(verifier: dict[str, Any], phase: str = "Pending") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "r-fre-trainer-0-x"},
+        "status": {
+            "phase": phase,
+            "podIP": "10.0.0.2",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "initContainerStatuses": [{"name": "verifier", "restartCount": 1, **verifier}],
+            "containerStatuses": [
+                {"name": "trainer", "state": {"waiting": {"reason": "PodInitializing"}}}
+            ],
+        },
+    }
+
+
+def _failed_condition(plan: Plan) -> dict[str, Any]:
+    return next(c for c in plan.status["conditions"] if c["type"] == "Failed")
+
+
+def test_a_rollout_servers_config_error_fails_fast_without_retrying() -> None:
+    run, _ = started()
+    server = pod(
+        "r-fre-rollout-0",
+        phase="Failed",
+        ready=False,
+        exit_code=EXIT_CONFIG_ERROR,
+        message="rollout config: rollout.backend: vllm needs a GPU",
+    )
+    plan = decide(seen(run, rollout_pods=[server]), SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.status.get("restarts") == 0
+    failed = _failed_condition(plan)
+    assert failed["reason"] == "ConfigError" and "vllm needs a GPU" in failed["message"]
+    assert "container rollout of pod r-fre-rollout-0" in failed["message"]
+    assert plan.status["stages"][0]["phase"] == "Failed"
+
+
+def test_a_verifier_sidecars_config_error_fails_the_run_though_its_pod_never_fails() -> None:
+    """The kubelet restarts a native sidecar whatever its exit code: the pod stays Pending
+    with the sidecar in CrashLoopBackOff, the exit 78 only in its lastState."""
+    run, _ = started()
+    crash_looping = _trainer_pod_with_sidecar(
+        {
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {
+                "terminated": {
+                    "exitCode": EXIT_CONFIG_ERROR,
+                    "message": "verifier: unknown verifier task 'geometry'",
+                }
+            },
+        }
+    )
+    plan = decide(seen(run, trainer_pods=[crash_looping], job=job()), SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.status.get("restarts") == 0
+    failed = _failed_condition(plan)
+    assert "container verifier" in failed["message"] and "'geometry'" in failed["message"]
+    assert plan.delete_stage
+    # The moment it exited, before the restart, reads the same.
+    just_exited = _trainer_pod_with_sidecar(
+        {"state": {"terminated": {"exitCode": EXIT_CONFIG_ERROR, "message": "bad flag"}}}
+    )
+    plan = decide(seen(run, trainer_pods=[just_exited], job=job()), SETTINGS)
+    assert plan.status["phase"] == "Failed" and "bad flag" in _failed_condition(plan)["message"]
+
+
+def test_a_sidecar_restarting_for_another_reason_is_left_to_the_kubelet() -> None:
+    run, _ = started()
+    crashed = _trainer_pod_with_sidecar(
+        {
+            "state": {"running": {}},
+            "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+        },
+        phase="Running",
+    )
+    plan = decide(seen(run, trainer_pods=[crashed], job=job()), SETTINGS)
+    assert plan.status["phase"] == "Running" and not plan.delete_stage
+
+
+def test_a_failed_pod_names_each_failed_container_and_its_exit_code() -> None:
+    run, _ = started()
+    plan = decide(
+        seen(run, rollout_pods=[pod("r-fre-rollout-0", phase="Failed", exit_code=137)]),
+        SETTINGS,
+    )
+    assert "r-fre-rollout-0 (rollout exit 137) failed" in plan.events[-1][2]
+
+
+def refused_pod(message: str = "violates PodSecurity") -> CreateFailure:
+    return CreateFailure("Pod", "r-fre-rollout-0", "Forbidden", f'pods "r-fre-rollout-0" {message}')
+
+
+def test_a_refused_child_shows_as_a_condition_and_one_warning_event() -> None:
+    run, _ = started()
+    plan = decide(seen(run, create_failures=[refused_pod()]), SETTINGS)
+    created = next(c for c in plan.status["conditions"] if c["type"] == "ChildrenCreated")
+    assert (created["status"], created["reason"]) == ("False", "CreateFailed")
+    assert created["message"] == 'Pod r-fre-rollout-0: pods "r-fre-rollout-0" violates PodSecurity'
+    assert conditions(plan)["Blocked"] == "True"
+    assert [e[:2] for e in plan.events] == [("Warning", "CreateFailed")]
+    assert "r-fre-rollout-0" in plan.events[0][2] and "PodSecurity" in plan.events[0][2]
+    assert plan.status["phase"] == "Pending"  # the operator keeps trying: a fix may follow
+    # Refused again on the next pass: the same condition, no second Event.
+    run = with_status(run, plan)
+    again = decide(seen(run, create_failures=[refused_pod("exceeded quota")]), SETTINGS)
+    assert again.events == [] and conditions(again)["ChildrenCreated"] == "False"
+    # Another child refused as well: a new Event.
+    job_refused = CreateFailure("Job", "r-fre-trainer", "FailedCreate", "Error creating: x")
+    more = decide(seen(run, create_failures=[refused_pod(), job_refused]), SETTINGS)
+    assert [e[1] for e in more.events] == ["CreateFailed"] and "Job r-fre-trainer" in (
+        more.events[0][2]
+    )
+    # Once created, the condition turns True and the run is no longer blocked.
+    healed = decide(seen(run), SETTINGS)
+    created = next(c for c in healed.status["conditions"] if c["type"] == "ChildrenCreated")
+    assert (created["status"], created["reason"]) == ("True", "Created")
+    assert conditions(healed)["Blocked"] == "False"
+
+
+def test_a_run_whose_children_were_all_accepted_has_no_children_created_condition() -> None:
+    _, plan = started()
+    assert "ChildrenCreated" not in conditions(plan)
+
+
+def _event(message: str, at: str) -> dict[str, Any]:
+    return {"reason": "FailedCreate", "message": message, "lastTimestamp": at}
+
+
+def test_a_jobs_failed_create_events_say_why_it_has_no_pods() -> None:
+    from lmmr1_operator.podstate import job_create_failure
+
+    trainer_job = {**job(), "spec": {"parallelism": 2}}
+    events = [
+        _event("Error creating: old", "2026-01-01T12:00:00Z"),
+        _event(
+            'Error creating: pods "x" is forbidden: violates PodSecurity', "2026-01-01T12:01:00Z"
+        ),
+        {
+            "reason": "SuccessfulCreate",
+            "message": "Created pod",
+            "lastTimestamp": "2026-01-01T12:02:00Z",
+        },
+    ]
+    assert "violates PodSecurity" in (job_create_failure(trainer_job, [], events) or "")
+    one = [pod("r-fre-trainer-0", container="trainer")]
+    assert "violates PodSecurity" in (job_create_failure(trainer_job, one, events) or "")
+    assert job_create_failure(trainer_job, one * 2, events) is None  # every pod exists
+    assert job_create_failure(trainer_job, [], events[2:]) is None
+
+
+def test_a_refusal_keeps_the_api_servers_message_and_ignores_what_retrying_fixes() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    from lmmr1_operator.kube import refusal
+
+    def error(status: int, body: dict[str, Any] | str) -> ApiException:
+        err = ApiException(status=status, reason="Forbidden")
+        err.body = body if isinstance(body, str) else json.dumps(body)
+        return err
+
+    obj = {"kind": "Pod", "metadata": {"name": "r-fre-rollout-0", "namespace": "ns"}}
+    message = 'pods "r-fre-rollout-0" is forbidden: violates PodSecurity "restricted:latest"'
+    refused = refusal(
+        obj, error(403, {"kind": "Status", "reason": "Forbidden", "message": message})
+    )
+    assert refused is not None
+    assert (refused.kind, refused.name, refused.reason, refused.message) == (
+        "Pod",
+        "r-fre-rollout-0",
+        "Forbidden",
+        message,
+    )
+    assert refusal(obj, error(422, "not json")).message == "not json"  # type: ignore[union-attr]
+    for status in (409, 429, 500, 503):
+        assert refusal(obj, error(status, {"message": "later"})) is None

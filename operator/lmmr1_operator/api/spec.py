@@ -344,6 +344,26 @@ class Toleration(ApiModel):
     toleration_seconds: int | None = None
 
 
+class PodSecurity(ApiModel):
+    """The user and groups every pod of the run runs as. The pods always run as non-root
+    with the `restricted` Pod Security profile (RuntimeDefault seccomp, no privilege
+    escalation, no capabilities, read-only root filesystem); set these only when your
+    trainer image runs as another user than the default image's 1000:1000."""
+
+    run_as_user: int = Field(
+        default=1000, ge=1, le=2_147_483_647, description="UID of every container (not 0)."
+    )
+    run_as_group: int = Field(
+        default=1000, ge=0, le=2_147_483_647, description="Primary GID of every container."
+    )
+    fs_group: int = Field(
+        default=1000,
+        ge=0,
+        le=2_147_483_647,
+        description="Group that owns the pods' volumes (the rollout token, scratch space).",
+    )
+
+
 _IMMUTABLE = "cannot change once the run exists; create a new run instead"
 
 
@@ -403,5 +423,9 @@ class LMMR1RunSpec(ApiModel):
         default=None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)."
     )
     priority_class_name: DnsName | None = None
+    security_context: PodSecurity = Field(
+        default_factory=PodSecurity,
+        description="UID/GIDs of the pods (defaults: the trainer image's 1000:1000).",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)

@@ -1,4 +1,7 @@
-"""Pieces every stage pod shares: scheduling knobs, S3 env, config and token volumes."""
+"""Pieces every stage pod shares: scheduling knobs, S3 env, config and token volumes, and
+the `restricted` Pod Security settings (non-root, RuntimeDefault seccomp, no privilege
+escalation, no capabilities, read-only root filesystem with writable emptyDirs for scratch
+and caches, no service-account token but where a container talks to the API server)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,14 @@ from lmmr1_operator.children.context import StageContext
 
 CONFIG_DIR = "/etc/lmmr1"
 TOKEN_DIR = "/etc/lmmr1/token"
+# The root filesystem is read-only: scratch (checkpoint staging, temp files) and caches
+# (downloaded models, compiled kernels, HOME) live on per-pod emptyDirs.
+SCRATCH_DIR = "/tmp"
+CACHE_DIR = "/var/cache/lmmr1"
+# Where the kubelet would mount the service-account token; only the trainer gets one.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Readable by the pod's fsGroup (the kubelet chowns Secret volumes to it), by no one else.
+TOKEN_MODE = 0o440
 
 POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
@@ -28,16 +39,20 @@ def s3_env(ctx: StageContext) -> list[dict[str, Any]]:
     return env
 
 
+def token_volume(ctx: StageContext) -> dict[str, Any]:
+    return {
+        "name": "rollout-token",
+        "secret": {"secretName": naming.token_secret(ctx.name), "defaultMode": TOKEN_MODE},
+    }
+
+
 def config_volumes(ctx: StageContext) -> list[dict[str, Any]]:
     return [
         {
             "name": "stage-config",
             "configMap": {"name": naming.stage_config(ctx.name, ctx.stage.name)},
         },
-        {
-            "name": "rollout-token",
-            "secret": {"secretName": naming.token_secret(ctx.name), "defaultMode": 0o400},
-        },
+        token_volume(ctx),
     ]
 
 
@@ -46,6 +61,95 @@ def config_mounts() -> list[dict[str, Any]]:
         {"name": "stage-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "rollout-token", "mountPath": TOKEN_DIR, "readOnly": True},
     ]
+
+
+# -- Pod Security (`restricted`) ----------------------------------------------------------
+
+
+def pod_security_context(ctx: StageContext) -> dict[str, Any]:
+    """Pod level: non-root as the run's UID/GIDs (the trainer image's 1000:1000 unless
+    `spec.securityContext` says otherwise), fsGroup so mounted Secrets and emptyDirs are
+    group-readable to it, the runtime's default seccomp profile."""
+    security = ctx.spec.security_context
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": security.run_as_user,
+        "runAsGroup": security.run_as_group,
+        "fsGroup": security.fs_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+
+
+def writable_volumes() -> list[dict[str, Any]]:
+    """Scratch and cache emptyDirs (on the node's disk: a model and a checkpoint can be
+    tens of GB; the container's ephemeral-storage limit, if any, bounds them)."""
+    return [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
+
+
+def writable_mounts() -> list[dict[str, Any]]:
+    return [
+        {"name": "tmp", "mountPath": SCRATCH_DIR},
+        {"name": "cache", "mountPath": CACHE_DIR},
+    ]
+
+
+def writable_env() -> list[dict[str, Any]]:
+    """Point every cache the pods' code and libraries write at the cache emptyDir: the
+    model cache (lmmr1_trainer.models), Hugging Face, Triton and torch extensions (vLLM,
+    DeepSpeed), XDG caches, and HOME (the image's home is on the read-only root)."""
+    return [
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "LMMR1_MODEL_CACHE", "value": f"{CACHE_DIR}/models"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+        {"name": "TORCH_EXTENSIONS_DIR", "value": f"{CACHE_DIR}/torch_extensions"},
+    ]
+
+
+def service_account_volume() -> dict[str, Any]:
+    """What the kubelet's own `kube-api-access` volume holds (a bound, auto-rotated token,
+    the cluster CA, the namespace), as an explicit volume: pods set
+    automountServiceAccountToken false and only the container that talks to the API server
+    (the trainer, whose rank 0 writes the progress ConfigMap) mounts this."""
+    return {
+        "name": "kube-api-access",
+        "projected": {
+            "defaultMode": 0o644,  # as the kubelet sets its own (token: 0600 + fsGroup)
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {
+                    "configMap": {
+                        "name": "kube-root-ca.crt",
+                        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                    }
+                },
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {
+                                "path": "namespace",
+                                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                            }
+                        ]
+                    }
+                },
+            ],
+        },
+    }
+
+
+def service_account_mount() -> dict[str, Any]:
+    return {"name": "kube-api-access", "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}
 
 
 def scheduling(ctx: StageContext) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
             "--config",
             f"{pods.CONFIG_DIR}/rollout.yaml",
         ],
-        "env": [pods.POD_IP_ENV, *pods.s3_env(ctx)],
+        "env": [pods.POD_IP_ENV, *pods.writable_env(), *pods.s3_env(ctx)],
         "ports": [{"name": "http", "containerPort": naming.ROLLOUT_PORT}],
         "readinessProbe": {
             "httpGet": {"path": "/health", "port": naming.ROLLOUT_PORT},
@@ -46,7 +46,15 @@ def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
             "failureThreshold": 900,
         },
         "resources": pods.resources(rollout.gpus_per_replica, rollout.cpu, rollout.memory),
-        "volumeMounts": [*pods.config_mounts(), {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            *pods.config_mounts(),
+            *pods.writable_mounts(),
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": pods.container_security_context(),
+        # A configuration error (exit 78) writes its reason here; other failures leave the
+        # end of the log.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return {
         "apiVersion": "v1",
@@ -59,11 +67,15 @@ def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
             # A rollout server that dies restarts the stage (from the last checkpoint), so
             # the pod itself never restarts.
             "restartPolicy": "Never",
+            # The rollout server never talks to the API server: no token in the pod.
+            "automountServiceAccountToken": False,
+            "securityContext": pods.pod_security_context(ctx),
             "hostname": name,
             "subdomain": naming.rollout_service(ctx.name, ctx.stage.name),
             "containers": [container],
             "volumes": [
                 *rollout_volumes(ctx),
+                *pods.writable_volumes(),
                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
             ],
             "terminationGracePeriodSeconds": 30,
@@ -83,10 +95,7 @@ def rollout_volumes(ctx: StageContext) -> list[dict[str, Any]]:
                 "items": [{"key": "rollout.yaml", "path": "rollout.yaml"}],
             },
         },
-        {
-            "name": "rollout-token",
-            "secret": {"secretName": naming.token_secret(ctx.name), "defaultMode": 0o400},
-        },
+        pods.token_volume(ctx),
     ]
 
 

@@ -11,14 +11,19 @@ from lmmr1_operator.children.context import StageContext
 
 
 def _launch(ctx: StageContext) -> list[str]:
-    """One process per GPU through torchrun; a single process runs plainly."""
+    """One process per GPU through torchrun, wrapped by `lmmr1_trainer.launch` so that a
+    rank's configuration error still ends the container with exit 78 and the rank's
+    message (torchrun alone turns any worker's failure into exit 1); a single process runs
+    plainly and exits 78 itself."""
     topology = ctx.stage.resources.trainer
     train = ["-m", "lmmr1_trainer.train", "--config", f"{pods.CONFIG_DIR}/stage.yaml"]
     per_node = max(topology.gpus_per_node, 1)
     if topology.nodes == 1 and per_node == 1:
         return ["python", *train]
     return [
-        "torchrun",
+        "python",
+        "-m",
+        "lmmr1_trainer.launch",
         f"--nnodes={topology.nodes}",
         f"--nproc-per-node={per_node}",
         "--node-rank=$(JOB_COMPLETION_INDEX)",
@@ -43,6 +48,7 @@ def _env(ctx: StageContext) -> list[dict[str, Any]]:
         {"name": "MASTER_PORT", "value": str(naming.RENDEZVOUS_PORT)},
         {"name": "WORLD_SIZE", "value": str(topology.nodes * max(topology.gpus_per_node, 1))},
         {"name": "NNODES", "value": str(topology.nodes)},
+        *pods.writable_env(),
         *pods.s3_env(ctx),
     ]
     if topology.gpus_per_node == 0:
@@ -82,7 +88,7 @@ def _verifier(ctx: StageContext) -> dict[str, Any]:
             "--default-task",
             reward.verifier,
         ],
-        "env": [pods.POD_IP_ENV],
+        "env": [pods.POD_IP_ENV, *pods.writable_env()],
         "ports": [{"name": "verifier", "containerPort": naming.VERIFIER_PORT}],
         "startupProbe": {
             "httpGet": {"path": "/healthz", "port": naming.VERIFIER_PORT},
@@ -90,6 +96,10 @@ def _verifier(ctx: StageContext) -> dict[str, Any]:
             "failureThreshold": 120,
         },
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+        "volumeMounts": pods.writable_mounts(),
+        "securityContext": pods.container_security_context(),
+        # Exit 78 (a setting it rejects) writes the reason here; the operator fails the run.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
 
@@ -109,9 +119,17 @@ def job(ctx: StageContext) -> dict[str, Any]:
         "env": _env(ctx),
         "ports": [{"name": "rendezvous", "containerPort": naming.RENDEZVOUS_PORT}],
         "resources": pods.resources(topology.gpus_per_node, topology.cpu, topology.memory),
-        "volumeMounts": [*pods.config_mounts(), {"name": "dshm", "mountPath": "/dev/shm"}],
-        # The final checkpoint's URI and metrics land in the pod status on exit.
-        "terminationMessagePolicy": "File",
+        "volumeMounts": [
+            *pods.config_mounts(),
+            *pods.writable_mounts(),
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            # Only the trainer talks to the API server (rank 0 writes the progress report).
+            pods.service_account_mount(),
+        ],
+        "securityContext": pods.container_security_context(),
+        # The final checkpoint's URI lands in the pod status on exit, or a configuration
+        # error's reason (exit 78); any other failure leaves the end of the log.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return {
         "apiVersion": "batch/v1",
@@ -128,11 +146,16 @@ def job(ctx: StageContext) -> dict[str, Any]:
                 "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
+                    # The token is mounted explicitly, in the trainer container alone.
+                    "automountServiceAccountToken": False,
+                    "securityContext": pods.pod_security_context(ctx),
                     "subdomain": name,
                     "initContainers": [_verifier(ctx)],
                     "containers": [trainer],
                     "volumes": [
                         *pods.config_volumes(ctx),
+                        *pods.writable_volumes(),
+                        pods.service_account_volume(),
                         {
                             "name": "dshm",
                             "emptyDir": {"medium": "Memory", "sizeLimit": topology.shm_size},

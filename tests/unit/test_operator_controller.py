@@ -1,0 +1,147 @@
+"""The controller's I/O around the pure decision, against an in-memory API server: what the
+API server refuses to create, and pods a Job's controller cannot create, reach the run's
+status and its Events."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from tests.invalid_runs import valid_run
+
+from lmmr1_operator import naming
+from lmmr1_operator.controller import Controller
+from lmmr1_operator.kube import CreateRefused
+from lmmr1_operator.metrics import Metrics
+from lmmr1_operator.settings import OperatorSettings
+
+Obj = dict[str, Any]
+FORBIDDEN = (
+    'pods "r-fre-rollout-0" is forbidden: violates PodSecurity "restricted:latest": '
+    'allowPrivilegeEscalation != false (container "rollout" must set '
+    "securityContext.allowPrivilegeEscalation=false)"
+)
+
+
+class FakeKube:
+    """Objects by (kind, name) in one namespace; `refuse` maps a kind to the API server's
+    message for refusing to create it."""
+
+    def __init__(self, run: Obj) -> None:
+        self.objects: dict[tuple[str, str], Obj] = {("LMMR1Run", run["metadata"]["name"]): run}
+        self.refuse: dict[str, str] = {}
+        self.events_by_uid: dict[str, list[Obj]] = {}
+        self.version = 1
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None:
+        found = self.objects.get((kind, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    def list(self, kind: str, namespace: str, labels: dict[str, str]) -> list[Obj]:
+        return [
+            copy.deepcopy(o)
+            for (k, _), o in self.objects.items()
+            if k == kind and labels.items() <= (o["metadata"].get("labels") or {}).items()
+        ]
+
+    def ensure(self, obj: Obj) -> bool:
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key in self.objects:
+            return False
+        if obj["kind"] in self.refuse:
+            raise CreateRefused(obj["kind"], key[1], "Forbidden", self.refuse[obj["kind"]])
+        self.objects[key] = {
+            **copy.deepcopy(obj),
+            "metadata": {**obj["metadata"], "uid": f"uid-{key[1]}"},
+        }
+        return True
+
+    def replace(self, obj: Obj) -> None:
+        if not self.ensure(obj):
+            self.objects[(obj["kind"], obj["metadata"]["name"])]["data"] = obj.get("data")
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.objects.pop((kind, name), None)
+
+    def delete_run(self, namespace: str, name: str) -> None:
+        self.delete("LMMR1Run", namespace, name)
+
+    def patch_status(
+        self, namespace: str, name: str, status: Obj, resource_version: str | None = None
+    ) -> None:
+        run = self.objects[("LMMR1Run", name)]
+        run["status"] = {k: v for k, v in status.items() if v is not None}
+        self.version += 1
+        run["metadata"]["resourceVersion"] = str(self.version)
+
+    def events(self, namespace: str, uid: str, reason: str) -> list[Obj]:
+        return [e for e in self.events_by_uid.get(uid, []) if e["reason"] == reason]
+
+
+def controller(run: Obj) -> tuple[Controller, FakeKube, list[tuple[str, str, str]]]:
+    kube = FakeKube(run)
+    posted: list[tuple[str, str, str]] = []
+    ctl = Controller(
+        kube,  # type: ignore[arg-type]
+        OperatorSettings(),
+        Metrics(),
+        lambda run, kind, reason, message: posted.append((kind, reason, message)),
+    )
+    return ctl, kube, posted
+
+
+def new_run() -> Obj:
+    run = valid_run("r")
+    run["metadata"].update(namespace="ns", uid="uid-r", generation=1, resourceVersion="1")
+    return run
+
+
+def condition(kube: FakeKube, kind: str) -> Obj:
+    status = kube.objects[("LMMR1Run", "r")]["status"]
+    return dict(next(c for c in status["conditions"] if c["type"] == kind))
+
+
+def test_a_pod_the_api_server_refuses_is_on_the_run_at_once_with_one_event() -> None:
+    ctl, kube, posted = controller(new_run())
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    kube.refuse["Pod"] = FORBIDDEN
+    ctl.reconcile("ns", "r")
+    created = condition(kube, "ChildrenCreated")
+    assert (created["status"], created["reason"]) == ("False", "CreateFailed")
+    assert created["message"] == f"Pod r-fre-rollout-0: {FORBIDDEN}"
+    assert ("Warning", "CreateFailed", f"Pod r-fre-rollout-0: {FORBIDDEN}") in posted
+    assert ("ConfigMap", "r-fre-config") in kube.objects  # the other children were created
+    ctl.reconcile("ns", "r")
+    assert [p[1] for p in posted].count("CreateFailed") == 1
+    # The namespace's policy is fixed: the pod is created and the condition turns True.
+    del kube.refuse["Pod"]
+    ctl.reconcile("ns", "r")
+    assert ("Pod", "r-fre-rollout-0") in kube.objects
+    assert condition(kube, "ChildrenCreated")["status"] == "True"
+
+
+def test_a_job_whose_pods_are_refused_shows_its_failed_create_events() -> None:
+    ctl, kube, posted = controller(new_run())
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    ctl.reconcile("ns", "r")
+    # The rollout server is ready: the operator creates the trainer Job.
+    rollout = kube.objects[("Pod", "r-fre-rollout-0")]
+    rollout["status"] = {
+        "phase": "Running",
+        "podIP": "10.0.0.7",
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
+    ctl.reconcile("ns", "r")
+    job = kube.objects[("Job", naming.trainer_job("r", "fre"))]
+    assert job["metadata"]["uid"] == "uid-r-fre-trainer"
+    # The Job controller's pod creation is refused: an Event on the Job, no pods.
+    message = 'Error creating: pods "r-fre-trainer-0-abcde" is forbidden: violates PodSecurity'
+    kube.events_by_uid["uid-r-fre-trainer"] = [
+        {"reason": "FailedCreate", "message": message, "lastTimestamp": "2026-01-01T00:00:00Z"}
+    ]
+    ctl.reconcile("ns", "r")
+    created = condition(kube, "ChildrenCreated")
+    assert created["status"] == "False"
+    assert created["message"] == f"Job r-fre-trainer: {message}"
+    assert ("Warning", "CreateFailed", f"Job r-fre-trainer: {message}") in posted
+    assert condition(kube, "Blocked")["reason"] == "CreateFailed"
