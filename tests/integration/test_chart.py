@@ -221,6 +221,7 @@ ALLOWED = [
     ("create", "networkpolicies.networking.k8s.io"),
     ("create", "events"),
     ("create", "events.events.k8s.io"),
+    ("list", "events"),
     ("create", "roles.rbac.authorization.k8s.io"),
     ("create", "rolebindings.rbac.authorization.k8s.io"),
 ]

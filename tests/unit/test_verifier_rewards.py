@@ -225,5 +225,5 @@ def test_get_reward_response_shape() -> None:
 def test_the_command_refuses_bad_settings_naming_the_field(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["--port", "0", *argv]) == 2
+    assert main(["--port", "0", *argv]) == 78  # EX_CONFIG: the operator fails the stage at once
     assert message in capsys.readouterr().err
