@@ -7,7 +7,7 @@ EXTRAS ?= dev,operator,verifier,trainer
 PY = $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/testbed
 
-.PHONY: help venv testbed cluster-up cluster-down test test-unit test-integration lint format demo bench crds generate lock-operator
+.PHONY: help venv testbed cluster-up cluster-down test test-unit test-integration lint format demo bench crds generate lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ lint: ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/hadolint Dockerfile trainer_image/Dockerfile
+	$(VENV)/bin/hadolint Dockerfile trainer_image/Dockerfile trainer_image/Dockerfile.cpu
 
 format: ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -47,12 +47,14 @@ demo: ## the whole product end to end on this machine (FRE then MGT); KEEP=1 kee
 	DS_ACCELERATOR=cpu $(PY) -m lmmr1_testbed.demo
 
 # The trainer bench's baseline, TRL, comes with the `bench` extra (not in CI's extras).
+# The benchmarks (bench/lmmr1_bench) ship in no image: they run from the clone.
 bench: EXTRAS = dev,operator,verifier,trainer,bench
+bench: PYTHONPATH := $(CURDIR)/testbed:$(CURDIR)/bench
 bench: ## test bed (warm start, memory), operator at 50/200 runs, verifier, trainer vs TRL; into docs/benchmarks.md
 	$(PY) -m lmmr1_testbed.bench
 	$(PY) -m lmmr1_testbed.bench_operator 50 200
-	$(PY) -m lmmr1_trainer.verifier.bench
-	DS_ACCELERATOR=cpu $(PY) -m lmmr1_trainer.bench
+	$(PY) -m lmmr1_bench.verifier
+	DS_ACCELERATOR=cpu $(PY) -m lmmr1_bench.trainer
 
 crds: ## generate the LMMR1Run CRD (manifests/ and the chart) and docs/api.md from the pydantic models
 	$(PY) -m lmmr1_operator.api.crd
@@ -60,8 +62,6 @@ crds: ## generate the LMMR1Run CRD (manifests/ and the chart) and docs/api.md fr
 generate: crds ## every generated file: CRD, manifests/ rendered from the chart
 	bash scripts/render_manifests.sh "$$(bash testbed/build.sh | tail -n1)/helm"
 
-lock-operator: ## re-pin the operator image's dependencies (requirements/operator.txt)
-	rm -rf .lock-venv && python3 -m venv .lock-venv && .lock-venv/bin/pip install -q ".[operator]"
-	{ echo "# The operator image's pinned dependencies: make lock-operator (pip freeze of .[operator])."; \
-	  .lock-venv/bin/pip freeze --exclude lmmr1; } > requirements/operator.txt
-	rm -rf .lock-venv
+# No virtualenv needed: scripts/lock.py finds uv (or installs it into the cache).
+lock: ## re-pin every image's dependencies from pyproject.toml: requirements/{operator,trainer-gpu,trainer-cpu}.txt
+	python3 scripts/lock.py $(if $(UPGRADE),--upgrade)

