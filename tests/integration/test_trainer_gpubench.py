@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from lmmr1_trainer import gpubench
-from lmmr1_trainer.gpubench_phases import BenchSettings, Recorder, phase_update
+from lmmr1_bench import gpu as gpubench
+from lmmr1_bench.gpu_phases import BenchSettings, Recorder, phase_update
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmmr1_trainer.bench import (
+from lmmr1_bench.trainer import (
     SECTION_TITLE,
     BenchCase,
     BenchSettings,
@@ -21,7 +21,7 @@ from lmmr1_trainer.bench import (
     replace_section,
     stage_config,
 )
-from lmmr1_trainer.bench_trl import trl_example
+from lmmr1_bench.trainer_trl import trl_example
 from lmmr1_trainer.config import DatasetConfig, StageConfig
 from lmmr1_trainer.data import ImageLoader, PromptRow, load_dataset
 from lmmr1_trainer.engine import plan_batches

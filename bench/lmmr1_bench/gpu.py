@@ -1,7 +1,7 @@
 """bash bench/gpu.sh [--tiny] [--out DIR] [--phases rollout,update,sync] [...]
 
-(= `python -m lmmr1_trainer.gpubench ...` with `trainer_image` on PYTHONPATH.) The trainer's
-three hot paths on Qwen2.5-VL-3B-Instruct's architecture with random bf16 weights built on
+(= `python -m lmmr1_bench.gpu ...` with `trainer_image` and `bench` on PYTHONPATH.) The
+trainer's three hot paths on Qwen2.5-VL-3B-Instruct's architecture with random bf16 weights built on
 the GPU (nothing is downloaded): rollout tokens/s (vLLM if it imports, else the transformers
 back end, labelled so), DeepSpeed update seconds per optimizer step (ZeRO-2, bf16, gradient
 checkpointing, 8 x 1024-token micro-batches; plain torch AdamW if deepspeed is absent), and
@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lmmr1_trainer.gpubench_phases import PHASES, BenchSettings
+from lmmr1_bench.gpu_phases import PHASES, BenchSettings
 
 EXIT_NO_GPU = 2
 OUT_ENV = "OUT"
@@ -146,7 +146,7 @@ def run_phase(name: str, settings: BenchSettings, cap_s: float, result: Path) ->
 
     import torch
 
-    from lmmr1_trainer.gpubench_phases import PhaseSkipped, Recorder, device_info
+    from lmmr1_bench.gpu_phases import PhaseSkipped, Recorder, device_info
 
     started = time.monotonic()
     record = Recorder(result)
@@ -180,7 +180,7 @@ def _run_child(
     command = [
         sys.executable,
         "-m",
-        "lmmr1_trainer.gpubench",
+        "lmmr1_bench.gpu",
         "--phase",
         name,
         "--settings",
@@ -190,8 +190,12 @@ def _run_child(
         "--result",
         str(result_file),
     ]
+    # The phase process imports this package by name, wherever the parent found it.
+    here = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
     env = {
         **os.environ,
+        "PYTHONPATH": f"{here}{os.pathsep}{path}" if path else here,
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "DS_ACCELERATOR": "cpu" if settings.device == "cpu" else "cuda",

@@ -1,4 +1,4 @@
-"""python -m lmmr1_trainer.verifier.bench [--samples 512] [--workers 2] [--repeat 3]
+"""python -m lmmr1_bench.verifier [--samples 512] [--workers 2] [--repeat 3]
 
 Rewards per second for one mixed batch of unique samples, measured four ways in one run:
 math-verify called directly in this process (the baseline: the LMM-R1 reference's per-sample
@@ -98,7 +98,7 @@ def _verifier(workers: int) -> Verifier:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmmr1_trainer.verifier.bench")
+    parser = argparse.ArgumentParser(prog="python -m lmmr1_bench.verifier")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = rates[0][1]
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = load_average()
-    command = "python -m lmmr1_trainer.verifier.bench " + " ".join(
+    command = "python -m lmmr1_bench.verifier " + " ".join(
         [f"--samples {args.samples}", f"--workers {args.workers}", f"--repeat {args.repeat}"]
     )
     with _verifier(0) as inline:

@@ -1,4 +1,4 @@
-"""The TRL side of `python -m lmmr1_trainer.bench`: GRPOTrainer on a bench config, timed.
+"""The TRL side of `python -m lmmr1_bench.trainer`: GRPOTrainer on a bench config, timed.
 
 TRL (the `bench` extra) trains the same tiny model on the same rows with the bench's batch
 settings; its reward function is our rule-based `Verifier`, in-process. Step time is wall
@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from lmmr1_trainer.bench import (
+from lmmr1_bench.trainer import (
     WARMUP_STEPS,
     BenchCase,
     BenchSettings,

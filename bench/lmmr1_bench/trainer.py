@@ -1,4 +1,4 @@
-"""python -m lmmr1_trainer.bench [--steps 9] [--rounds 2] [--configs text,multimodal] [--out PATH]
+"""python -m lmmr1_bench.trainer [--steps 9] [--rounds 2] [--configs text,multimodal] [--out PATH]
 
 One RL step of our trainer against TRL's GRPOTrainer, on CPU, in one run (part of `make bench`;
 needs the `bench` extra for TRL). For each config — `text` (the tiny Qwen2 on synthetic
@@ -10,7 +10,7 @@ warm-started tiny model and the dataset in a temporary folder, then:
   phases come from the step log (`generate_seconds`, `reward_seconds`, `update_seconds`,
   `sync_seconds`, `checkpoint_seconds`);
 - TRL: `GRPOTrainer` on the same model, rows and batch settings, scored by the same `Verifier`
-  (format 0.5 + accuracy 1.0) in-process (`lmmr1_trainer.bench_trl`).
+  (format 0.5 + accuracy 1.0) in-process (`lmmr1_bench.trainer_trl`).
 
 Each trainer runs `--rounds` times per config, alternating with the other, so that the load of
 a shared machine drifting during the bench hits both. The first step of each run is a warm-up
@@ -378,7 +378,7 @@ def _version(package: str) -> str:
 
 def bench_config(name: ConfigName, root: Path, settings: BenchSettings) -> str:
     """Both trainers on one config; the table row."""
-    from lmmr1_trainer.bench_trl import run_trl
+    from lmmr1_bench.trainer_trl import run_trl
 
     with _announce(f"{name}: tiny model and data"):
         case = prepare_case(name, root, settings)
@@ -401,7 +401,7 @@ def _announce(what: str) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmmr1_trainer.bench")
+    parser = argparse.ArgumentParser(prog="python -m lmmr1_bench.trainer")
     parser.add_argument("--steps", type=int, default=BenchSettings.steps, help="per run")
     parser.add_argument("--rounds", type=int, default=BenchSettings.rounds)
     parser.add_argument("--configs", default="text,multimodal")
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lmmr1-bench-") as tmp:
         rows = [bench_config(name, Path(tmp), settings) for name in names]
     command = (
-        f"python -m lmmr1_trainer.bench --steps {args.steps} --rounds {args.rounds} "
+        f"python -m lmmr1_bench.trainer --steps {args.steps} --rounds {args.rounds} "
         f"--configs {args.configs}"
     )
     minutes = (time.monotonic() - started) / 60

@@ -1,4 +1,4 @@
-"""The GPU benchmark's three phases, each run in its own process by `lmmr1_trainer.gpubench`.
+"""The GPU benchmark's three phases, each run in its own process by `lmmr1_bench.gpu`.
 
 - `rollout`: tokens/s of the rollout server (`RolloutServer` + `RolloutClient`, the HTTP path
   the trainer uses) over the vLLM back end when vllm imports, else the transformers one.
