@@ -100,9 +100,7 @@ def _env_pairs(argument: str) -> list[tuple[str, str]]:
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
-    return re.sub(
-        r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: env.get(m.group(1), ""), value
-    )
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: env.get(m.group(1), ""), value)
 
 
 def parse_dockerfile(reference: str, dockerfile: str, root: Path = REPO_ROOT) -> ImageSpec:
@@ -233,7 +231,9 @@ class Runtime:
 def prepare(cache: Path, run_dir: Path, root: Path = REPO_ROOT) -> Path:
     """Build (or reuse) every image's environment, install this checkout into each, and
     write the process node's image table; returns the table's path."""
-    runtimes = [Runtime(spec, str(ensure_environment(spec, cache, root))) for spec in known_images(root)]
+    runtimes = [
+        Runtime(spec, str(ensure_environment(spec, cache, root))) for spec in known_images(root)
+    ]
     install_project([Path(r.environment) for r in runtimes], run_dir / "images" / "wheel", root)
     table = run_dir / "images" / "images.json"
     table.parent.mkdir(parents=True, exist_ok=True)

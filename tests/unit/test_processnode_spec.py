@@ -196,7 +196,10 @@ def test_a_mount_over_the_sources_parent_goes_last(tmp_path: Path) -> None:
 
 
 def pod_with(security: dict[str, object], container_security: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
-    container = {"name": "c", **({"securityContext": container_security} if container_security else {})}
+    container = {
+        "name": "c",
+        **({"securityContext": container_security} if container_security else {}),
+    }
     return {
         "metadata": {"name": "p", "namespace": "ns", "uid": "u-1"},
         "spec": {"securityContext": security, "containers": [container]},
@@ -263,7 +266,9 @@ def root_secret(tmp_path: Path) -> Path:
 
 
 def test_a_root_owned_0400_secret_is_unreadable_to_uid_1000(root_secret: Path) -> None:
-    result = run_as(UID_1000, [(str(root_secret), "/etc/lmmr1-unit", True)], "id -u; cat /etc/lmmr1-unit/token")
+    result = run_as(
+        UID_1000, [(str(root_secret), "/etc/lmmr1-unit", True)], "id -u; cat /etc/lmmr1-unit/token"
+    )
     assert result.stdout.splitlines() == ["1000"]
     assert result.returncode != 0 and "Permission denied" in result.stderr
 
@@ -277,7 +282,9 @@ def test_the_same_secret_is_readable_with_the_right_fs_group(root_secret: Path) 
     assert (root_secret / "token").stat().st_mode & 0o777 == 0o440
     assert os.stat(root_secret / "token").st_gid == 3000
     identity = spec.Identity(1000, 1000, (3000,), True, True, False)
-    result = run_as(identity, [(str(root_secret), "/etc/lmmr1-unit", True)], "cat /etc/lmmr1-unit/token")
+    result = run_as(
+        identity, [(str(root_secret), "/etc/lmmr1-unit", True)], "cat /etc/lmmr1-unit/token"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "s3cret\n"
 
@@ -287,10 +294,15 @@ def test_a_read_only_root_filesystem_refuses_writes_except_to_volumes(tmp_path: 
     scratch.mkdir()
     scratch.chmod(0o777)
     read_only = spec.Identity(1000, 1000, (), True, True, True)
-    script = "touch /var/tmp/lmmr1-unit-$$ && echo root-writable; touch /scratch/ok && echo volume-writable"
+    script = (
+        "touch /var/tmp/lmmr1-unit-$$ && echo root-writable; "
+        "touch /scratch/ok && echo volume-writable"
+    )
     result = run_as(read_only, [(str(scratch), "/scratch", False)], script)
     assert "Read-only file system" in result.stderr
     assert result.stdout.splitlines() == ["volume-writable"]
     writable = spec.Identity(0, 0, (), False, False, False)
-    result = run_as(writable, [], "touch /var/tmp/lmmr1-unit-probe && rm /var/tmp/lmmr1-unit-probe && echo ok")
+    result = run_as(
+        writable, [], "touch /var/tmp/lmmr1-unit-probe && rm /var/tmp/lmmr1-unit-probe && echo ok"
+    )
     assert result.stdout == "ok\n", result.stderr

@@ -30,7 +30,12 @@ WORKDIR /home/lmmr1
 def test_an_images_user_workdir_env_and_lock_come_from_its_final_stage(tmp_path: Path) -> None:
     (tmp_path / "Dockerfile").write_text(DOCKERFILE)
     spec = images.parse_dockerfile("example:1", "Dockerfile", tmp_path)
-    assert (spec.uid, spec.gid, spec.workdir, spec.home) == (1000, 1000, "/home/lmmr1", "/home/lmmr1")
+    assert (spec.uid, spec.gid, spec.workdir, spec.home) == (
+        1000,
+        1000,
+        "/home/lmmr1",
+        "/home/lmmr1",
+    )
     assert spec.lock == "requirements/trainer-cpu.txt" and spec.name == "trainer-cpu"
     assert spec.venv_path == "/opt/venv"
     assert spec.env["PATH"] == f"/opt/venv/bin:{images.BASE_PATH}"

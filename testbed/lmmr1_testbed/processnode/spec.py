@@ -268,7 +268,9 @@ def decode_configmap(configmap: Obj) -> dict[str, bytes]:
 def _privileges(identity: Identity) -> list[str]:
     """`setpriv` arguments that drop root to the container's identity."""
     argv = ["setpriv", f"--reuid={identity.uid}", f"--regid={identity.gid}"]
-    argv.append(f"--groups={','.join(map(str, identity.groups))}" if identity.groups else "--clear-groups")
+    argv.append(
+        f"--groups={','.join(map(str, identity.groups))}" if identity.groups else "--clear-groups"
+    )
     if identity.no_new_privs:
         argv.append("--no-new-privs")
     if identity.drop_all_capabilities:

@@ -13,7 +13,7 @@ without vllm or CUDA raises `BackendUnavailable` with what to do.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -125,7 +125,8 @@ class VllmBackend:
             if images:
                 item["multi_modal_data"] = {"image": images}
             inputs.append(item)
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        # Plain dicts in vLLM's TextPrompt shape (vLLM is imported lazily, GPU image only).
+        outputs = self.llm.generate(cast(Any, inputs), params, use_tqdm=False)
         return [self._result(output) for output in outputs]
 
     def _result(self, output: Any) -> PromptResult:
