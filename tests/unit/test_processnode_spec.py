@@ -209,7 +209,7 @@ def pod_with(security: dict[str, object], container_security: dict[str, object] 
 def test_identity_comes_from_the_container_then_the_pod_then_the_image() -> None:
     pod, container = pod_with({"runAsUser": 2000, "fsGroup": 3000, "supplementalGroups": [4000]})
     identity = spec.container_identity(pod, container, 1000, 1000)
-    assert (identity.uid, identity.gid, identity.groups) == (2000, 0, (4000, 3000))
+    assert (identity.uid, identity.gid, identity.groups) == (2000, 0, (0, 4000, 3000))
     pod, container = pod_with({"runAsUser": 2000}, {"runAsUser": 5000, "runAsGroup": 5001})
     assert spec.container_identity(pod, container, 1000, 1000).uid == 5000
     pod, container = pod_with({})

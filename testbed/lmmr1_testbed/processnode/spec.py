@@ -373,7 +373,8 @@ def container_identity(pod: Obj, container: Obj, image_uid: int, image_gid: int)
             f"container: {container['name']})"
         )
     pod_security = pod["spec"].get("securityContext") or {}
-    groups = [int(g) for g in pod_security.get("supplementalGroups") or []]
+    # As with runc, the primary group is also a supplementary one.
+    groups = [int(gid), *(int(g) for g in pod_security.get("supplementalGroups") or [])]
     if pod_security.get("fsGroup") is not None:
         groups.append(int(pod_security["fsGroup"]))
     security = container.get("securityContext") or {}
