@@ -33,6 +33,9 @@ SETTINGS = OperatorSettings.from_env()
 class _State:
     controller: Controller | None = None
     leader: LeaderElector | None = None
+    # One registry and one metrics server per process: kopf retries `configure` after a
+    # failure, and a second server on the same port would fail every retry.
+    metrics = Metrics()
     stopping = threading.Event()
 
 
@@ -85,7 +88,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     api_client.rest_client.pool_manager.connection_pool_kw["timeout"] = urllib3.Timeout(
         connect=5, read=30
     )
-    metrics = Metrics()
+    metrics = _State.metrics
     metrics.serve(SETTINGS.bind_address, SETTINGS.metrics_port)
     kube = Kube(api_client, SETTINGS.identity)
     _State.controller = Controller(kube, SETTINGS, metrics, kube.post_event)

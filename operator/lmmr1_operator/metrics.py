@@ -29,6 +29,7 @@ class Metrics:
         )
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
+        self._serving = False
         for phase in PHASES:
             self.runs.labels(phase).set(0)
 
@@ -48,5 +49,7 @@ class Metrics:
             self.runs.labels(phase).set(sum(1 for p in self._phases.values() if p == phase))
 
     def serve(self, address: str, port: int) -> None:
-        if port:
+        """Expose the registry on `address:port` (0: not at all); idempotent."""
+        if port and not self._serving:
             start_http_server(port, addr=address, registry=self.registry)
+            self._serving = True

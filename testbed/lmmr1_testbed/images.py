@@ -18,6 +18,7 @@ has no such image.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lmmr1_testbed.layout import REPO_ROOT
 
@@ -63,6 +65,8 @@ class ImageSpec:
     gid: int
     workdir: str
     env: dict[str, str] = field(default_factory=dict)
+    # Accounts the Dockerfile adds with `useradd`: (name, uid, gid, home).
+    users: list[tuple[str, int, int, str]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -111,9 +115,12 @@ def parse_dockerfile(reference: str, dockerfile: str, root: Path = REPO_ROOT) ->
     uid = gid = 0
     workdir = "/"
     lock: str | None = None
+    users: list[tuple[str, int, int, str]] = []
     for line in _final_stage(path.read_text()):
         instruction, _, argument = line.partition(" ")
         instruction = instruction.upper()
+        if instruction == "RUN" and "useradd" in argument:
+            users.append(_useradd(argument))
         if instruction == "ENV":
             for key, value in _env_pairs(argument):
                 env[key] = _expand(value, env)
@@ -130,7 +137,39 @@ def parse_dockerfile(reference: str, dockerfile: str, root: Path = REPO_ROOT) ->
     if lock is None:
         raise ImageError(f"{dockerfile}: installs no requirements/<name>.txt lock file")
     venv = env.get("VIRTUAL_ENV") or str(Path(env["PATH"].split(":")[0]).parent)
-    return ImageSpec(reference, dockerfile, lock, venv, uid, gid, workdir, env)
+    return ImageSpec(reference, dockerfile, lock, venv, uid, gid, workdir, env, users)
+
+
+def _useradd(command: str) -> tuple[str, int, int, str]:
+    words = shlex.split(command[command.index("useradd") :])
+    options = dict(itertools.pairwise(words))  # each flag with the word after it
+    uid = int(options.get("--uid", options.get("-u", "1000")))
+    gid = int(options.get("--gid", options.get("-g", uid)))
+    name = words[-1]
+    home = options.get("--home-dir", options.get("-d", f"/home/{name}"))
+    return name, uid, gid, home
+
+
+# The Debian base images' own accounts, before a Dockerfile adds its users.
+BASE_PASSWD = [
+    "root:x:0:0:root:/root:/bin/bash",
+    "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin",
+    "bin:x:2:2:bin:/bin:/usr/sbin/nologin",
+    "sys:x:3:3:sys:/dev:/usr/sbin/nologin",
+    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin",
+]
+BASE_GROUP = ["root:x:0:", "daemon:x:1:", "bin:x:2:", "sys:x:3:", "nogroup:x:65534:"]
+
+
+def account_files(spec: ImageSpec) -> tuple[str, str]:
+    """The image's /etc/passwd and /etc/group: a uid the image never created has no name
+    there (as 65532 in a slim image), which code asking for its user's name must survive."""
+    passwd = [*BASE_PASSWD]
+    group = [*BASE_GROUP]
+    for name, uid, gid, home in spec.users:
+        passwd.append(f"{name}:x:{uid}:{gid}::{home}:/bin/sh")
+        group.append(f"{name}:x:{gid}:")
+    return "\n".join(passwd) + "\n", "\n".join(group) + "\n"
 
 
 def known_images(root: Path = REPO_ROOT) -> list[ImageSpec]:
@@ -218,22 +257,30 @@ class Runtime:
 
     spec: ImageSpec
     environment: str  # host path of the built virtualenv
+    etc: str  # host directory holding the image's passwd and group files
 
     def to_json(self) -> dict[str, object]:
-        return {"spec": asdict(self.spec), "environment": self.environment}
+        return {"spec": asdict(self.spec), "environment": self.environment, "etc": self.etc}
 
     @staticmethod
-    def from_json(data: dict[str, object]) -> Runtime:
-        spec = ImageSpec(**data["spec"])  # type: ignore[arg-type]
-        return Runtime(spec, str(data["environment"]))
+    def from_json(data: dict[str, Any]) -> Runtime:
+        spec = dict(data["spec"])
+        spec["users"] = [tuple(user) for user in spec.get("users", [])]
+        return Runtime(ImageSpec(**spec), str(data["environment"]), str(data["etc"]))
 
 
 def prepare(cache: Path, run_dir: Path, root: Path = REPO_ROOT) -> Path:
     """Build (or reuse) every image's environment, install this checkout into each, and
     write the process node's image table; returns the table's path."""
-    runtimes = [
-        Runtime(spec, str(ensure_environment(spec, cache, root))) for spec in known_images(root)
-    ]
+    runtimes = []
+    for spec in known_images(root):
+        etc = run_dir / "images" / spec.name / "etc"
+        etc.mkdir(parents=True, exist_ok=True)
+        passwd, group = account_files(spec)
+        (etc / "passwd").write_text(passwd)
+        (etc / "group").write_text(group)
+        environment = ensure_environment(spec, cache, root)
+        runtimes.append(Runtime(spec, str(environment), str(etc)))
     install_project([Path(r.environment) for r in runtimes], run_dir / "images" / "wheel", root)
     table = run_dir / "images" / "images.json"
     table.parent.mkdir(parents=True, exist_ok=True)

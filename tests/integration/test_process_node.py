@@ -363,11 +363,14 @@ def test_read_only_root_filesystem_leaves_only_volumes_writable(
                     "name": name,
                     "command": ["python", "-c", WRITE_EVERYWHERE],
                     "securityContext": {**RESTRICTED_CONTAINER, "readOnlyRootFilesystem": ro},
-                    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+                    "volumeMounts": [
+                        {"name": "scratch", "mountPath": "/scratch"},
+                        *([{"name": "tmp", "mountPath": "/tmp"}] if name == "ro-tmp" else []),
+                    ],
                 }
-                for name, ro in (("ro", True), ("rw", False))
+                for name, ro in (("ro", True), ("rw", False), ("ro-tmp", True))
             ],
-            volumes=[{"name": "scratch", "emptyDir": {}}],
+            volumes=[{"name": "scratch", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
         ),
     )
     wait("pod Succeeded", lambda: phase_is(kubectl, "read-only-root", "Succeeded"))
@@ -377,6 +380,8 @@ def test_read_only_root_filesystem_leaves_only_volumes_writable(
     assert "refused /tmp/probe Read-only file system" in read_only
     assert "wrote /tmp/probe" in writable
     assert "wrote /scratch/probe" in read_only  # an emptyDir is world-writable
+    # An emptyDir at /tmp replaces the read-only /tmp of the root filesystem.
+    assert "wrote /tmp/probe" in pod_log(testbed, namespace, "read-only-root", "ro-tmp")
     # The image's environment is never the container's to change.
     assert "refused /opt/venv/probe" in read_only and "refused /opt/venv/probe" in writable
 

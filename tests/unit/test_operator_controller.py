@@ -145,3 +145,17 @@ def test_a_job_whose_pods_are_refused_shows_its_failed_create_events() -> None:
     assert created["message"] == f"Job r-fre-trainer: {message}"
     assert ("Warning", "CreateFailed", f"Job r-fre-trainer: {message}") in posted
     assert condition(kube, "Blocked")["reason"] == "CreateFailed"
+
+
+def test_metrics_serve_twice_on_one_port_is_harmless() -> None:
+    """kopf retries a failed `configure`; the second call must not fail on the bound port."""
+    import socket
+
+    from lmmr1_operator.metrics import Metrics
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    metrics = Metrics()
+    metrics.serve("127.0.0.1", port)
+    metrics.serve("127.0.0.1", port)

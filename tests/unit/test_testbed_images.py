@@ -65,3 +65,16 @@ def test_every_runnable_image_is_non_root_in_a_venv_with_its_own_lock(reference:
 def test_the_cuda_image_is_not_runnable_here() -> None:
     assert "ghcr.io/lmmr1/lmmr1-trainer:0.1.0" not in images.IMAGES
     assert images.TRAINER_CPU_IMAGE in images.IMAGES and images.OPERATOR_IMAGE in images.IMAGES
+
+
+def test_the_images_accounts_are_its_base_and_useradd_users_only(tmp_path: Path) -> None:
+    dockerfile = DOCKERFILE + "RUN useradd --uid 1000 --user-group --home-dir /home/lmmr1 lmmr1\n"
+    (tmp_path / "Dockerfile").write_text(dockerfile)
+    spec = images.parse_dockerfile("example:1", "Dockerfile", tmp_path)
+    assert spec.users == [("lmmr1", 1000, 1000, "/home/lmmr1")]
+    passwd, group = images.account_files(spec)
+    assert "lmmr1:x:1000:1000::/home/lmmr1:/bin/sh" in passwd.splitlines()
+    assert "lmmr1:x:1000:" in group.splitlines()
+    # The operator image's 65532 has no name, as in python:3.11-slim.
+    operator = images.parse_dockerfile(images.OPERATOR_IMAGE, images.IMAGES[images.OPERATOR_IMAGE])
+    assert operator.uid == 65532 and ":65532:" not in images.account_files(operator)[0]

@@ -373,6 +373,9 @@ class PodRunner(threading.Thread):
                 False,
             )
         )
+        # A volume at a path of the image's root filesystem (an emptyDir at /tmp) replaces
+        # it, so the volume's own read-only flag is the one that applies.
+        mounts = [m for i, m in enumerate(mounts) if m[1] not in {t for _, t, _ in mounts[i + 1 :]}]
         launch = podspec.launch_script(
             mounts, c.spec.get("workingDir") or image.workdir, argv, identity=identity
         )
@@ -412,6 +415,8 @@ class PodRunner(threading.Thread):
         rootfs = self.dir / "containers" / c.name / "rootfs"
         read_only = identity.read_only_root
         layer = [(runtime.environment, image.venv_path, True)]
+        for accounts in ("passwd", "group"):
+            layer.append((f"{runtime.etc}/{accounts}", f"/etc/{accounts}", True))
         tmp = rootfs / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         tmp.chmod(0o1777)
