@@ -244,12 +244,6 @@ INVALID: list[Invalid] = [
         "must be of type string",
     ),
     Invalid(
-        "runs-as-root",
-        _set("spec.securityContext.runAsUser", 0),
-        "spec.securityContext.runAsUser",
-        "greater than or equal to 1",
-    ),
-    Invalid(
         "run-name-too-long",
         _set("metadata.name", "r" * 37),
         "",

@@ -272,5 +272,9 @@ def test_a_run_names_the_uid_and_gids_its_image_runs_as() -> None:
             0,
             3000,
         )
-    with pytest.raises(ValueError, match="runAsUser"):
-        LMMR1RunSpec.model_validate({**run["spec"], "securityContext": {"runAsUser": 0}})
+    # Root is the run's explicit choice: the pods then fail `restricted` (the namespace's
+    # admission decides) instead of claiming runAsNonRoot with uid 0.
+    run["spec"]["securityContext"] = {"runAsUser": 0}
+    pod = rollout.pod(context(run), 0)["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is False
+    assert "pod runAsUser=0" in restricted_violations(pod)

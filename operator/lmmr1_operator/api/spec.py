@@ -345,13 +345,18 @@ class Toleration(ApiModel):
 
 
 class PodSecurity(ApiModel):
-    """The user and groups every pod of the run runs as. The pods always run as non-root
-    with the `restricted` Pod Security profile (RuntimeDefault seccomp, no privilege
+    """The user and groups every pod of the run runs as. The pods always follow the
+    `restricted` Pod Security profile otherwise (RuntimeDefault seccomp, no privilege
     escalation, no capabilities, read-only root filesystem); set these only when your
     trainer image runs as another user than the default image's 1000:1000."""
 
     run_as_user: int = Field(
-        default=1000, ge=1, le=2_147_483_647, description="UID of every container (not 0)."
+        default=1000,
+        ge=0,
+        le=2_147_483_647,
+        description="UID of every container. 0 (root) drops runAsNonRoot and is admitted "
+        "only in namespaces whose Pod Security level allows root (baseline or privileged); "
+        "a `restricted` namespace rejects the pods, which shows on the run.",
     )
     run_as_group: int = Field(
         default=1000, ge=0, le=2_147_483_647, description="Primary GID of every container."

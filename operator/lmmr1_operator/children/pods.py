@@ -72,7 +72,9 @@ def pod_security_context(ctx: StageContext) -> dict[str, Any]:
     group-readable to it, the runtime's default seccomp profile."""
     security = ctx.spec.security_context
     return {
-        "runAsNonRoot": True,
+        # Root only when the run asks for it (an image that needs it); the namespace's
+        # Pod Security level then decides, and a refusal shows on the run.
+        "runAsNonRoot": security.run_as_user != 0,
         "runAsUser": security.run_as_user,
         "runAsGroup": security.run_as_group,
         "fsGroup": security.fs_group,
