@@ -412,3 +412,63 @@ def test_deleting_a_run_removes_every_child_but_keeps_checkpoints(bed: Bed) -> N
     )
     listed = bed.s3.list_objects_v2(Bucket=bed.bucket, Prefix=f"runs/{bed.ns}/doomed/")
     assert listed["KeyCount"] == 2
+
+
+def condition(bed: Bed, run: str, kind: str, status: str = "True") -> Any:
+    return next(
+        (
+            c
+            for c in (bed.status(run).get("conditions") or [])
+            if c["type"] == kind and c["status"] == status
+        ),
+        None,
+    )
+
+
+def test_every_child_of_a_run_is_admitted_in_a_restricted_namespace(bed: Bed) -> None:
+    """The module's namespace enforces Pod Security `restricted`: the rollout pods and the
+    trainer Job's pod are admitted as they are."""
+    bed.apply_run("admitted", stages=1)
+    trainer = bed.running_trainer("admitted", "fre")
+    rollouts = bed.pods("lmmr1.io/run=admitted,lmmr1.io/role=rollout")
+    assert len(rollouts) == 2
+    for pod in [trainer, *rollouts]:
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert condition(bed, "admitted", "ChildrenCreated", "False") is None
+
+
+def test_a_pod_the_namespace_refuses_shows_on_the_run(bed: Bed) -> None:
+    """A run that asks for root in a `restricted` namespace: the API server refuses its pods,
+    and the run says so (condition and Warning Event), not only the operator's log."""
+    committed = bed.commit("asroot", "fre", 2)
+    bed.apply_run("asroot", stages=1, securityContext={"runAsUser": 0})
+    refused = bed.wait(
+        "ChildrenCreated=False", lambda: condition(bed, "asroot", "ChildrenCreated", "False")
+    )
+    assert refused["reason"] == "CreateFailed"
+    assert 'violates PodSecurity "restricted' in refused["message"]
+    assert "runAsUser=0" in refused["message"] or "runAsNonRoot" in refused["message"]
+    assert "CreateFailed" in bed.events("asroot")
+    assert not bed.pods("lmmr1.io/run=asroot")
+    assert bed.status("asroot").get("phase") != "Failed"  # the operator keeps trying
+    key = committed.removeprefix(f"s3://{bed.bucket}/") + "/manifest.json"
+    assert bed.s3.get_object(Bucket=bed.bucket, Key=key)["Body"].read() == b"{}"
+
+
+def test_an_image_the_node_cannot_pull_blocks_the_run_with_its_reason(bed: Bed) -> None:
+    """On the process node, as on a cluster without the image: the rollout pod waits in
+    ErrImagePull/ImagePullBackOff, and the run shows Blocked with the pull error."""
+    committed = bed.commit("nopull", "fre", 2)
+    bed.apply_run(
+        "nopull",
+        stages=1,
+        images={"rollout": "ghcr.io/lmmr1/lmmr1-trainer:0.1.0"},  # the CUDA image
+        nodeSelector={"lmmr1.io/process-node": "true"},
+        tolerations=[{"key": "lmmr1.io/process-node", "operator": "Exists"}],
+    )
+    blocked = bed.wait("Blocked", lambda: condition(bed, "nopull", "Blocked"), 90)
+    assert blocked["reason"] == "ImagePullError"
+    assert "lmmr1-trainer:0.1.0" in blocked["message"]
+    assert "ImagePullError" in bed.events("nopull")
+    key = committed.removeprefix(f"s3://{bed.bucket}/") + "/manifest.json"
+    assert bed.s3.get_object(Bucket=bed.bucket, Key=key)["Body"].read() == b"{}"
