@@ -67,6 +67,8 @@ class ImageSpec:
     env: dict[str, str] = field(default_factory=dict)
     # Accounts the Dockerfile adds with `useradd`: (name, uid, gid, home).
     users: list[tuple[str, int, int, str]] = field(default_factory=list)
+    # Variables set on the command that builds the torch-dependent packages (DS_BUILD_*).
+    build_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -111,12 +113,13 @@ def parse_dockerfile(reference: str, dockerfile: str, root: Path = REPO_ROOT) ->
     """Read an image's user, working directory, environment and lock file from its
     Dockerfile; anything the test bed cannot reproduce is an ImageError naming the line."""
     path = root / dockerfile
+    text = path.read_text()
     env = {"PATH": BASE_PATH}
     uid = gid = 0
     workdir = "/"
     lock: str | None = None
     users: list[tuple[str, int, int, str]] = []
-    for line in _final_stage(path.read_text()):
+    for line in _final_stage(text):
         instruction, _, argument = line.partition(" ")
         instruction = instruction.upper()
         if instruction == "RUN" and "useradd" in argument:
@@ -132,12 +135,14 @@ def parse_dockerfile(reference: str, dockerfile: str, root: Path = REPO_ROOT) ->
         elif instruction == "WORKDIR":
             workdir = os.path.normpath(os.path.join(workdir, _expand(argument.strip(), env)))
     # The lock may be installed in a build stage and copied over: look at the whole file.
-    for match in re.finditer(r"(?:--requirement|-r)\s+(requirements/\S+\.txt)", path.read_text()):
+    for match in re.finditer(r"(?:--requirement|-r)\s+(requirements/\S+\.txt)", text):
         lock = match.group(1)
     if lock is None:
         raise ImageError(f"{dockerfile}: installs no requirements/<name>.txt lock file")
     venv = env.get("VIRTUAL_ENV") or str(Path(env["PATH"].split(":")[0]).parent)
-    return ImageSpec(reference, dockerfile, lock, venv, uid, gid, workdir, env, users)
+    build = re.search(r"((?:[A-Z_]+=\S+\s+)+)(?:\\\s*)?pip install[^&]*--no-build-isolation", text)
+    build_env = dict(pair.split("=", 1) for pair in build.group(1).split()) if build else {}
+    return ImageSpec(reference, dockerfile, lock, venv, uid, gid, workdir, env, users, build_env)
 
 
 def _useradd(command: str) -> tuple[str, int, int, str]:
@@ -179,9 +184,10 @@ def known_images(root: Path = REPO_ROOT) -> list[ImageSpec]:
 # ----- building the environments ------------------------------------------------------------
 
 
-def _uv(*args: str) -> None:
+def _uv(*args: str, env: dict[str, str] | None = None) -> None:
     command = [sys.executable, "-m", "uv", *args]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    environ = {**os.environ, **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=environ)
     if result.returncode != 0:
         raise ImageError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
 
@@ -198,7 +204,7 @@ def _base_python() -> Path:
 def environment_key(spec: ImageSpec, root: Path = REPO_ROOT) -> str:
     digest = hashlib.sha256()
     digest.update((root / spec.lock).read_bytes())
-    digest.update(f"{_base_python().resolve()}|{BUILDER_VERSION}".encode())
+    digest.update(f"{_base_python().resolve()}|{BUILDER_VERSION}|{spec.build_env}".encode())
     return digest.hexdigest()[:12]
 
 
@@ -230,8 +236,11 @@ def ensure_environment(spec: ImageSpec, cache: Path, root: Path = REPO_ROOT) -> 
     later = [r for r in requirements if _package(r) in BUILT_AGAINST_TORCH]
     _uv("pip", "install", "--quiet", "--python", python, "--no-deps", *first)
     if later:
-        _uv("pip", "install", "--quiet", "--python", python, "--no-deps",
-            "--no-build-isolation", *later)  # fmt: skip
+        # Built as the Dockerfile builds it (e.g. DeepSpeed's prebuilt CPU ops); --no-cache,
+        # so neither a wheel built with other flags nor this one is shared through uv's cache.
+        no_cache = ["--no-cache"] if spec.build_env else []
+        _uv("pip", "install", "--quiet", "--python", python, "--no-deps", *no_cache,
+            "--no-build-isolation", *later, env=spec.build_env)  # fmt: skip
     (partial / ".complete").write_text(spec.lock + "\n")
     shutil.rmtree(venv, ignore_errors=True)
     partial.rename(venv)

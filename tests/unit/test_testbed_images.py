@@ -78,3 +78,11 @@ def test_the_images_accounts_are_its_base_and_useradd_users_only(tmp_path: Path)
     # The operator image's 65532 has no name, as in python:3.11-slim.
     operator = images.parse_dockerfile(images.OPERATOR_IMAGE, images.IMAGES[images.OPERATOR_IMAGE])
     assert operator.uid == 65532 and ":65532:" not in images.account_files(operator)[0]
+
+
+def test_the_cpu_image_prebuilds_deepspeeds_cpu_collective_op() -> None:
+    """Built as the Dockerfile builds it, so trainer pods never JIT-compile at start-up."""
+    spec = images.parse_dockerfile(
+        images.TRAINER_CPU_IMAGE, images.IMAGES[images.TRAINER_CPU_IMAGE]
+    )
+    assert spec.build_env["DS_BUILD_SHM_COMM"] == "1" and spec.build_env["DS_ACCELERATOR"] == "cpu"
