@@ -13,7 +13,11 @@ import pytest
 
 from lmmr1_testbed.layout import REPO_ROOT
 
-DOCKERFILES = [REPO_ROOT / "Dockerfile", REPO_ROOT / "trainer_image" / "Dockerfile"]
+DOCKERFILES = [
+    REPO_ROOT / "Dockerfile",
+    REPO_ROOT / "trainer_image" / "Dockerfile",
+    REPO_ROOT / "trainer_image" / "Dockerfile.cpu",
+]
 
 
 def run(*argv: str | Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
