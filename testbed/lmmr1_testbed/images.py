@@ -79,9 +79,10 @@ class ImageSpec:
         return self.env.get("HOME", "/")
 
 
-def _final_stage(text: str) -> list[str]:
-    """The final stage's instructions, continuation lines joined, comments dropped."""
-    lines: list[str] = []
+def instructions(text: str) -> list[tuple[str, str]]:
+    """A Dockerfile's (INSTRUCTION, argument) pairs: continuation lines joined, comments
+    dropped."""
+    found: list[tuple[str, str]] = []
     pending = ""
     for raw in text.splitlines():
         line = raw.strip()
@@ -90,12 +91,18 @@ def _final_stage(text: str) -> list[str]:
         if line.endswith("\\"):
             pending += line[:-1] + " "
             continue
-        lines.append(pending + line)
+        instruction, _, argument = (pending + line).partition(" ")
+        found.append((instruction.upper(), argument.strip()))
         pending = ""
-    starts = [i for i, line in enumerate(lines) if line.upper().startswith("FROM ")]
+    return found
+
+
+def _final_stage(text: str) -> list[tuple[str, str]]:
+    steps = instructions(text)
+    starts = [i for i, (instruction, _) in enumerate(steps) if instruction == "FROM"]
     if not starts:
         raise ImageError("no FROM instruction")
-    return lines[starts[-1] + 1 :]
+    return steps[starts[-1] + 1 :]
 
 
 def _env_pairs(argument: str) -> list[tuple[str, str]]:
@@ -119,9 +126,8 @@ def parse_dockerfile(reference: str, dockerfile: str, root: Path = REPO_ROOT) ->
     workdir = "/"
     lock: str | None = None
     users: list[tuple[str, int, int, str]] = []
-    for line in _final_stage(text):
-        instruction, _, argument = line.partition(" ")
-        instruction = instruction.upper()
+    for instruction, argument in _final_stage(text):
+        line = f"{instruction} {argument}"
         if instruction == "RUN" and "useradd" in argument:
             users.append(_useradd(argument))
         if instruction == "ENV":
