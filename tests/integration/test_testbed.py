@@ -4,6 +4,8 @@ kubectl and helm."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import textwrap
 from pathlib import Path
@@ -121,6 +123,7 @@ def test_rbac_is_enforced(kubectl: Cli, namespace: str) -> None:
     assert forbidden.returncode != 0 and "Forbidden" in forbidden.stderr
 
 
+@pytest.mark.pod_security("privileged")  # simulated pods, not the product's
 def test_job_pods_are_scheduled_on_kwok_gpu_nodes_and_complete_on_demand(
     kubectl: Cli, wait: WaitFor, testbed: TestBedState
 ) -> None:
@@ -174,6 +177,7 @@ def test_job_pods_are_scheduled_on_kwok_gpu_nodes_and_complete_on_demand(
     )
 
 
+@pytest.mark.pod_security("privileged")  # simulated pods, not the product's
 def test_kwok_pod_fails_with_the_requested_exit_code(kubectl: Cli, wait: WaitFor) -> None:
     kubectl(
         "run",
