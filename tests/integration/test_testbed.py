@@ -4,12 +4,12 @@ kubectl and helm."""
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import textwrap
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_testbed.pytest_plugin import Cli, WaitFor
