@@ -60,7 +60,9 @@ class ScriptedBackend:
         results = [
             PromptResult(
                 prompt_token_ids=[len(user_text(chat))],
-                samples=[self.answer(chat, k, request.sampling.seed) for k in range(request.sampling.n)],
+                samples=[
+                    self.answer(chat, k, request.sampling.seed) for k in range(request.sampling.n)
+                ],
             )
             for chat in request.prompts
         ]
@@ -81,7 +83,7 @@ def serving(*backends: ScriptedBackend) -> Iterator[list[RolloutServer]]:
     """One in-process rollout server per back end, on free loopback ports."""
     servers = [RolloutServer(("127.0.0.1", 0), backend, TOKEN) for backend in backends]
     for server in servers:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
     try:
         yield servers
     finally:
