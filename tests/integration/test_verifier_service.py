@@ -153,7 +153,7 @@ def test_openrlhf_client_gets_rewards_for_chat_templated_queries(service: str) -
 
 def test_openrlhf_client_retries_until_the_verifier_is_up() -> None:
     port = _free_port()
-    client = OpenRLHFClient()
+    client = OpenRLHFClient(try_max_times=60)  # the service may take long to start under load
     answers: list[dict[str, Any]] = []
     caller = threading.Thread(
         target=lambda: answers.append(
