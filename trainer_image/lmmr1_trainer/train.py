@@ -55,13 +55,6 @@ class ConfigError(ValueError):
     """The stage cannot run as configured: exit 78, the operator fails the run at once."""
 
 
-def _print_line(text: str) -> None:
-    """One line to stdout in one write: the ranks share it, and two writes (the text, then
-    the newline) from two ranks interleave into a line no one can parse."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def step_records(lines: Iterable[str]) -> list[dict[str, Any]]:
     """The step records (`STEP_LOG_PREFIX` + JSON) among a trainer's output lines."""
     return [
@@ -271,7 +264,7 @@ class StageTrainer:
                     self.last_checkpoint = self._save(final)
             if self.rank == 0 and stats is not None:
                 metrics["seconds"] = round(time.monotonic() - started, 3)
-                _print_line(STEP_LOG_PREFIX + json.dumps(metrics))
+                print(STEP_LOG_PREFIX + json.dumps(metrics), flush=True)
                 self._report(stats)
         if self.rank == 0:
             final_uri = self.store.uri(self.total_steps)
@@ -356,22 +349,10 @@ class StageTrainer:
                 weight_version=stats.weight_version,
                 rows=rows,  # dataset rows of this step's prompts: the data order
             )
-        # The whole rollout batch's means, not rank 0's share: every rank's micro-batches.
-        kls = [mean_kl([mb]) for mb in micro_batches]
-        totals = torch.tensor(  # on the engine device: NCCL reduces CUDA tensors only
-            [sum(losses), len(losses), sum(clips), sum(kls), len(kls)],
-            dtype=torch.float64,
-            device=engine.device,
-        )
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(totals)
-        loss_sum, updates, clip_sum, kl_sum, batches = totals.tolist()
         metrics.update(
-            policy_loss=loss_sum / max(1.0, updates),
-            clip_fraction=clip_sum / max(1.0, updates),
-            kl=kl_sum / max(1.0, batches),
+            policy_loss=sum(losses) / max(1, len(losses)),
+            clip_fraction=sum(clips) / max(1, len(clips)),
+            kl=mean_kl(micro_batches),
             lr=self.policy.learning_rate(),
         )
         return stats, metrics
@@ -381,7 +362,7 @@ class StageTrainer:
         from lmmr1_trainer.engine import weight_digest
 
         record = {"rank": self.rank, "step": self.step, "sha256": weight_digest(self.policy.module)}
-        _print_line(WEIGHTS_LOG_PREFIX + json.dumps(record))
+        print(WEIGHTS_LOG_PREFIX + json.dumps(record), flush=True)
 
     def _sync_weights(self) -> None:
         state_dict = self.policy.full_state_dict(self.rank)
