@@ -55,6 +55,13 @@ class ConfigError(ValueError):
     """The stage cannot run as configured: exit 78, the operator fails the run at once."""
 
 
+def _print_line(text: str) -> None:
+    """One line to stdout in one write: the ranks share it, and two writes (the text, then
+    the newline) from two ranks interleave into a line no one can parse."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def step_records(lines: Iterable[str]) -> list[dict[str, Any]]:
     """The step records (`STEP_LOG_PREFIX` + JSON) among a trainer's output lines."""
     return [
@@ -264,7 +271,7 @@ class StageTrainer:
                     self.last_checkpoint = self._save(final)
             if self.rank == 0 and stats is not None:
                 metrics["seconds"] = round(time.monotonic() - started, 3)
-                print(STEP_LOG_PREFIX + json.dumps(metrics), flush=True)
+                _print_line(STEP_LOG_PREFIX + json.dumps(metrics))
                 self._report(stats)
         if self.rank == 0:
             final_uri = self.store.uri(self.total_steps)
@@ -362,7 +369,7 @@ class StageTrainer:
         from lmmr1_trainer.engine import weight_digest
 
         record = {"rank": self.rank, "step": self.step, "sha256": weight_digest(self.policy.module)}
-        print(WEIGHTS_LOG_PREFIX + json.dumps(record), flush=True)
+        _print_line(WEIGHTS_LOG_PREFIX + json.dumps(record))
 
     def _sync_weights(self) -> None:
         state_dict = self.policy.full_state_dict(self.rank)
