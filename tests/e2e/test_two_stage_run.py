@@ -50,31 +50,52 @@ def trainer_pid(testbed: TestBedState, stage: str) -> int | None:
     return None
 
 
+def committed_steps(s3_client: Any, stage_uri: str) -> list[int]:
+    """The steps under a stage's checkpoint URI whose manifest is written (committed)."""
+    bucket, _, prefix = stage_uri.removeprefix("s3://").partition("/")
+    steps = []
+    paginator = s3_client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/step-"):
+        for item in page.get("Contents", []):
+            found = re.fullmatch(rf"{re.escape(prefix)}/step-(\d+)/manifest\.json", item["Key"])
+            if found:
+                steps.append(int(found.group(1)))
+    return sorted(steps)
+
+
 def test_fre_then_mgt_with_a_killed_trainer_resuming(
     testbed: TestBedState, s3_client: Any, seeded: dict[str, str]
 ) -> None:
-    driver.install_operator(testbed, namespace=NAMESPACE, release="e2e", watch_namespace=NAMESPACE)
-    driver.prepare_namespace(testbed, NAMESPACE)
+    try:
+        driver.install_operator(
+            testbed, namespace=NAMESPACE, release="e2e", watch_namespace=NAMESPACE
+        )
+        driver.prepare_namespace(testbed, NAMESPACE)
+        run_and_check(testbed, s3_client)
+    finally:  # pass or fail: stop the run's pods and the operator, which load the machine
+        driver.delete_run(testbed, NAMESPACE, "tiny")
+        driver.cli(testbed, "helm", "uninstall", "e2e", "-n", NAMESPACE, check=False)
+
+
+def run_and_check(testbed: TestBedState, s3_client: Any) -> None:
     run = driver.example_run(episodes=4, maxSteps=6)
     for stage in run["spec"]["stages"]:
         stage["checkpoint"] = {"everySteps": 2, "keepLast": 2}
     run["spec"]["stages"][0]["algorithm"]["maxSteps"] = 10  # a window to kill it in
     driver.apply_run(testbed, NAMESPACE, run)
 
-    # Kill the FRE trainer once it has committed a checkpoint and moved past it.
+    # Kill the FRE trainer once it has committed two checkpoints (steps 2 and 4, or later
+    # ones) and moved past the newer: it must resume from the newest, and redo what followed.
     def fre_checkpointed() -> dict[str, Any] | None:
         status = driver.follow(testbed, NAMESPACE, "tiny", timeout=0.1, poll=0).status
         assert status.get("phase") not in ("Succeeded", "Failed"), status
         checkpoint = str(status.get("lastCheckpoint") or "")
-        ahead = (
-            (status.get("step") or 0) > int(checkpoint.rsplit("-", 1)[-1] or 0)
-            if "/fre/step-" in checkpoint
-            else False
-        )
+        at = int(checkpoint.rsplit("-", 1)[-1]) if "/fre/step-" in checkpoint else 0
+        ahead = at >= 4 and (status.get("step") or 0) > at
         return status if status.get("stage") == "fre" and ahead else None
 
-    wait_for(
-        "FRE past a committed checkpoint",
+    seen = wait_for(
+        "FRE past its second committed checkpoint",
         fre_checkpointed,
         timeout=420,
         state=testbed,
@@ -84,6 +105,12 @@ def test_fre_then_mgt_with_a_killed_trainer_resuming(
     pid = trainer_pid(testbed, "fre")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
+    # What the restarted trainer must resume from: the newest checkpoint committed when the
+    # trainer died (read from S3 now, before any restart can commit another).
+    fre_uri = str(seen["lastCheckpoint"]).rsplit("/step-", 1)[0]
+    committed = committed_steps(s3_client, fre_uri)
+    assert len(committed) >= 2, (fre_uri, committed)
+    expected = committed[-1]
 
     watch = driver.follow(testbed, NAMESPACE, "tiny", timeout=900)
     status = watch.status
@@ -91,13 +118,13 @@ def test_fre_then_mgt_with_a_killed_trainer_resuming(
     assert status.get("phase") == "Succeeded", f"{json.dumps(status, indent=1)}\n{logs[-4000:]}"
     fre, mgt = status["stages"]
     assert fre["restarts"] == 1 and status["restarts"] == 1
-    # The restarted trainer resumed from the committed checkpoint, not from step zero.
+    # The restarted trainer resumed from that checkpoint, not from step zero or another one.
     resumed = re.findall(r"resumed from (\S+)/fre/step-(\d+) \(step (\d+)\)", logs)
     assert resumed, logs[-3000:]
-    checkpoint_step, resumed_step = int(resumed[0][1]), int(resumed[0][2])
-    assert checkpoint_step >= 2 and resumed_step == checkpoint_step
+    assert [(int(r[1]), int(r[2])) for r in resumed] == [(expected, expected)], resumed
+    assert f"resumed from {fre_uri}/step-{expected} " in logs
     first_after = re.findall(r'"step": (\d+)', logs.split("resumed from", 1)[1])[0]
-    assert int(first_after) == checkpoint_step + 1  # the step counter did not restart at 1
+    assert int(first_after) == expected + 1  # the step counter did not restart at 1
     assert fre["finalCheckpoint"].endswith("/fre/step-10")
     assert mgt["initCheckpoint"] == fre["finalCheckpoint"]
     assert mgt["finalCheckpoint"].endswith("/mgt/step-6")
@@ -106,4 +133,3 @@ def test_fre_then_mgt_with_a_killed_trainer_resuming(
         manifest = s3_client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")
         files = json.loads(manifest["Body"].read())["files"]
         assert any(f["path"].endswith("model.safetensors") for f in files)
-    driver.cli(testbed, "helm", "uninstall", "e2e", "-n", NAMESPACE, check=False)
