@@ -415,3 +415,17 @@ def test_full_response_mode_matches_the_lmm_r1_reference() -> None:
                 assert ours.accuracy_score == reference, case.name
             compared += 1
     assert compared >= 100
+
+
+# The versions the table above was checked against: the rewards depend on what math-verify
+# and its LaTeX parser return, so another version must be re-checked (rerun every row, update
+# the table and these pins) before it can train anything. sympy: its minor version.
+CHECKED_AGAINST = {"math-verify": "0.9.0", "latex2sympy2_extended": "1.11.0", "sympy": "1.14"}
+
+
+def test_the_installed_math_verify_is_the_version_the_table_was_checked_against() -> None:
+    from importlib.metadata import version
+
+    installed = {name: version(name) for name in CHECKED_AGAINST}
+    installed["sympy"] = ".".join(installed["sympy"].split(".")[:2])
+    assert installed == CHECKED_AGAINST
