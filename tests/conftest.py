@@ -1,5 +1,7 @@
-"""Shared test configuration: the test-bed fixtures, and the integration marker applied to
-everything under tests/integration and tests/e2e."""
+"""Shared test configuration: the test-bed fixtures, the integration marker applied to
+everything under tests/integration and tests/e2e, and the order of the suite: unit tests
+first (fast, no test bed, not slowed by the trainers and pods of the others), then
+integration, then end to end."""
 
 from __future__ import annotations
 
@@ -12,12 +14,21 @@ import pytest
 pytest_plugins = ["lmmr1_testbed.pytest_plugin"]
 
 _INTEGRATION_DIRS = {"integration", "e2e"}
+_ORDER = ("unit", "integration", "e2e")  # anything else runs with the unit tests
+
+
+def suite_rank(path: Path) -> int:
+    """0 for unit tests (and anything not under integration/ or e2e/), 1, then 2."""
+    parts = set(path.parts)
+    return max((i for i, name in enumerate(_ORDER) if name in parts), default=0)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _INTEGRATION_DIRS & set(Path(str(item.fspath)).parts):
             item.add_marker(pytest.mark.integration)
+    # A stable sort: within each part, pytest's own order (files, then definitions).
+    items.sort(key=lambda item: suite_rank(Path(str(item.fspath))))
 
 
 _EXIT: dict[str, int] = {}

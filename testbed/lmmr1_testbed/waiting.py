@@ -58,7 +58,12 @@ def wait_for(
     state: TestBedState | None = None,
     namespace: str | None = None,
 ) -> T:
-    """Poll `probe` until it returns something truthy; on timeout fail with diagnostics."""
+    """Poll `probe` until it returns something truthy; on timeout fail with diagnostics.
+
+    Any other exception from the probe means "not yet" and is shown on timeout, except an
+    AssertionError: a check inside the probe that fails (say, the run already Failed while
+    we wait for a step) is the test's failure, raised at once instead of after `timeout`.
+    """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while True:
@@ -66,6 +71,8 @@ def wait_for(
             value = probe()
             if value:
                 return value
+        except AssertionError:
+            raise
         except Exception as err:  # noted, shown on timeout
             last_error = err
         if time.monotonic() > deadline:
