@@ -114,9 +114,12 @@ def test_a_new_run_starts_its_first_stage_with_rollouts_first() -> None:
 def test_deciding_twice_on_the_same_world_changes_nothing() -> None:
     run, plan = started()
     again = decide(seen(run), SETTINGS)
-    assert again.status == plan.status | {"conditions": again.status["conditions"]}
+    assert again.status == plan.status  # conditions included
     assert again.events == [] and kinds(again.ensure) == kinds(plan.ensure)
-    assert decide(seen(run), SETTINGS).status == again.status
+    # Later, in the same world: no condition moves its lastTransitionTime.
+    later = decide(seen(run, now=NOW + dt.timedelta(minutes=5)), SETTINGS)
+    assert later.status["conditions"] == plan.status["conditions"]
+    assert {c["lastTransitionTime"] for c in later.status["conditions"]} == {"2026-01-01T12:00:00Z"}
 
 
 def test_ready_rollouts_give_the_trainer_its_config_and_job() -> None:
@@ -245,13 +248,38 @@ def test_a_failed_pod_restarts_the_stage_with_backoff_until_the_limit() -> None:
     # After it, the stage comes back.
     later = decide(seen(run, now=NOW + dt.timedelta(seconds=11)), SETTINGS)
     assert "Pod/r-fre-rollout-0" in kinds(later.ensure)
-    # The second failure doubles the wait; the fourth exceeds backoffLimit=3.
+    # The fourth failure exceeds backoffLimit=3 (the doubling: the test below).
     run["status"]["restarts"] = 3
     run["status"]["retryAfter"] = None
     final = decide(replace(failed, run=run), SETTINGS)
     assert final.status["phase"] == "Failed"
     assert conditions(final)["Failed"] == "True"
     assert "BackoffLimitExceeded" in [c["reason"] for c in final.status["conditions"]]
+
+
+def test_the_restart_backoff_doubles_from_the_setting_and_caps_at_five_minutes() -> None:
+    run, _ = started()
+    run["spec"]["backoffLimit"] = 8
+    now, waits = NOW, []
+    for restart in range(1, 9):
+        failed = [pod("r-fre-rollout-0", phase="Failed", exit_code=137)]
+        plan = decide(seen(run, now=now, rollout_pods=failed), SETTINGS)
+        assert plan.delete_stage and plan.status["restarts"] == restart
+        retry_after = dt.datetime.fromisoformat(plan.status["retryAfter"].replace("Z", "+00:00"))
+        waits.append((retry_after - now).total_seconds())
+        assert f"restart {restart}/8 in {waits[-1]:.0f}s" in plan.events[-1][2]
+        run = with_status(run, plan)
+        # Nothing comes back a second early; the stage is recreated once the wait is over.
+        early = decide(seen(run, now=retry_after - dt.timedelta(seconds=1)), SETTINGS)
+        assert not early.ensure
+        now = retry_after + dt.timedelta(seconds=1)
+        back = decide(seen(run, now=now), SETTINGS)
+        assert "Pod/r-fre-rollout-0" in kinds(back.ensure)
+        run = with_status(run, back)
+    # restart_backoff_seconds=10: 10 s, doubling, capped at 300 s.
+    assert waits == [10, 20, 40, 80, 160, 300, 300, 300]
+    failed = [pod("r-fre-rollout-0", phase="Failed", exit_code=137)]
+    assert decide(seen(run, now=now, rollout_pods=failed), SETTINGS).status["phase"] == "Failed"
 
 
 def test_a_config_error_fails_fast_without_retrying() -> None:
