@@ -194,8 +194,12 @@ def test_server_errors_are_json(server: RolloutServer) -> None:
     assert garbage.status_code == 400
 
 
-def test_client_retries_on_another_server(server: RolloutServer) -> None:
+def test_client_retries_on_another_server(server: RolloutServer, vl_dir: Path) -> None:
     client = RolloutClient(["http://127.0.0.1:9", server.url], TOKEN, retries=2, backoff_s=0)
     prompts = [chat_message(row.question, None) for row in generate_rows("arithmetic", 4, 0)]
     results, _ = client.generate(prompts, SamplingParams(n=1, max_tokens=2))
-    assert len(results) == 4
+    # Each result is its own prompt's: the server's prompt tokens are that prompt's encoding.
+    encoder = ChatEncoder.load(vl_dir)
+    expected = [encoder.encode(chat, [])["input_ids"][0].tolist() for chat in prompts]
+    assert [r.prompt_token_ids for r in results] == expected
+    assert len(set(map(tuple, expected))) == 4  # distinct prompts, so the check can fail
