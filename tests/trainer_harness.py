@@ -1,14 +1,23 @@
 """Running the real trainer (`python -m lmmr1_trainer.train`) as a subprocess in tests: the
-stage config a test starts from, the process with CPU settings, and its step log."""
+stage config a test starts from, the process with CPU settings (one rank, or two under
+`lmmr1_trainer.launch` as the operator runs them), its step log, its rollout servers, and a
+proxy in front of the verifier that records what the trainer asked it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,21 @@ TRAIN_MODULE = ["-m", "lmmr1_trainer.train"]
 # The trainer with the sign of every advantage flipped: the negative control of the
 # learning test (`python tests/flipped_advantages.py --config …`).
 FLIPPED_TRAINER = [str(Path(__file__).with_name("flipped_advantages.py"))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def two_ranks() -> list[str]:
+    """The trainer on two CPU ranks (gloo), launched as the operator launches a multi-rank
+    trainer: `lmmr1_trainer.launch` (torchrun) on a free rendezvous port."""
+    return [
+        "-m", "lmmr1_trainer.launch", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}", *TRAIN_MODULE,
+    ]  # fmt: skip
 
 
 def stage_config(
@@ -76,21 +100,86 @@ def write_stage(path: Path, stage: dict[str, Any]) -> Path:
 
 
 @contextmanager
+def rollout_servers(
+    stage: dict[str, Any], workdir: Path, count: int, env: dict[str, str] | None = None
+) -> Iterator[list[Service]]:
+    """`count` transformers rollout servers serving `stage`'s `init_from` (started together),
+    stopped on exit. Every trainer pushes its weights when it starts, so consecutive runs can
+    share them."""
+    config = write_stage(workdir / "rollout-stage.yaml", stage)
+    token = Path(stage["rollout"]["token_file"])
+    server_env = {**(env or {}), "LMMR1_MODEL_CACHE": str(workdir / "rollout-models")}
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(start_rollout, config, token, env=server_env) for _ in range(count)]
+    services = [f.result() for f in futures if f.exception() is None]
+    try:
+        for future in futures:
+            future.result()  # the first failure to start, once the others are stopped
+        yield services
+    finally:
+        for service in services:
+            service.stop()
+
+
+@contextmanager
 def rollout_server(
     stage: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
 ) -> Iterator[Service]:
-    """A transformers rollout server serving `stage`'s `init_from`, stopped on exit. Every
-    trainer pushes its weights when it starts, so consecutive runs can share one server."""
-    config = write_stage(workdir / "rollout-stage.yaml", stage)
-    service = start_rollout(
-        config,
-        Path(stage["rollout"]["token_file"]),
-        env={**(env or {}), "LMMR1_MODEL_CACHE": str(workdir / "rollout-models")},
-    )
+    """One rollout server (see `rollout_servers`)."""
+    with rollout_servers(stage, workdir, 1, env) as services:
+        yield services[0]
+
+
+@dataclass
+class RewardCall:
+    """One `/get_reward` the trainer made: what it sent and what the verifier answered."""
+
+    queries: list[str]
+    prompts: list[str]
+    labels: list[str]
+    scores: dict[str, list[float]]
+
+
+@contextmanager
+def recording_verifier(url: str) -> Iterator[tuple[str, list[RewardCall]]]:
+    """A proxy in front of the verifier at `url`: its own URL, and every call it forwarded."""
+    calls: list[RewardCall] = []
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            forward = urllib.request.Request(
+                url.rstrip("/") + self.path,
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(forward, timeout=180) as response:
+                status, answer = response.status, response.read()
+            if self.path == "/get_reward" and status == 200:
+                sent = json.loads(body)
+                with lock:
+                    calls.append(
+                        RewardCall(
+                            sent["query"], sent["prompts"], sent["labels"], json.loads(answer)
+                        )
+                    )
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
-        yield service
+        yield f"http://127.0.0.1:{server.server_address[1]}", calls
     finally:
-        service.stop()
+        server.shutdown()
+        server.server_close()
 
 
 def trainer_env(workdir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -112,13 +201,29 @@ def start_trainer(
     env: dict[str, str] | None = None,
     program: list[str] = TRAIN_MODULE,
 ) -> subprocess.Popen[str]:
+    """The trainer in a session of its own, so that a kill reaches every rank."""
     return subprocess.Popen(
         [sys.executable, *program, "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=trainer_env(workdir, env),
+        start_new_session=True,
     )
+
+
+def run_trainer_output(
+    config: Path,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    program: list[str] = TRAIN_MODULE,
+    timeout_s: float = 400,
+) -> list[str]:
+    """Run the stage to the end; its output lines. Fails with the log's tail otherwise."""
+    process = start_trainer(config, workdir, env, program)
+    out, _ = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, out[-4000:]
+    return out.splitlines()
 
 
 def run_trainer(
@@ -129,25 +234,27 @@ def run_trainer(
     timeout_s: float = 400,
 ) -> list[dict[str, Any]]:
     """Run the stage to the end; its step records. Fails with the log's tail otherwise."""
-    process = start_trainer(config, workdir, env, program)
-    out, _ = process.communicate(timeout=timeout_s)
-    assert process.returncode == 0, out[-4000:]
-    return step_records(out.splitlines())
+    return step_records(run_trainer_output(config, workdir, env, program, timeout_s))
 
 
 def run_until_killed(
-    config: Path, workdir: Path, kill_after_step: int, env: dict[str, str] | None = None
+    config: Path,
+    workdir: Path,
+    kill_after_step: int,
+    env: dict[str, str] | None = None,
+    program: list[str] = TRAIN_MODULE,
 ) -> list[str]:
-    """Run the stage and SIGKILL it (no clean-up) once step `kill_after_step` is logged,
-    i.e. after that step's checkpoint, when it has one, is committed. Its output lines."""
-    process = start_trainer(config, workdir, env)
+    """Run the stage and SIGKILL every process of it (no clean-up, as when its pod dies) once
+    step `kill_after_step` is logged, i.e. after that step's checkpoint, when it has one, is
+    committed. Its output lines."""
+    process = start_trainer(config, workdir, env, program)
     assert process.stdout is not None
     lines: list[str] = []
     for line in process.stdout:
         lines.append(line)
         records = step_records([line])
         if records and records[0]["step"] == kill_after_step:
-            process.send_signal(signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             break
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL, "".join(lines[-30:])

@@ -5,13 +5,17 @@
   format only part of the time, mean reward rises clearly within a few steps; the same run
   with the advantage sign flipped (tests/flipped_advantages.py) does not rise, so the test
   can fail.
-- Resume is exact: N steps straight give the same data order, rewards and final weights as
-  N/2 steps, a SIGKILL and a resume from the S3 checkpoint (test bed's S3 server).
+- Resume is exact, on one rank and on two: a run killed between two checkpoints (test bed's
+  S3 server) redoes the steps after the last one and ends where the uninterrupted run ends
+  (data order, rewards, losses, weights); the two-rank run (same global batch) also matches
+  the one-rank run, and its ranks hold the same weights after every step.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +27,10 @@ from tests.trainer_harness import (
     TRAIN_MODULE,
     rollout_server,
     run_trainer,
+    run_trainer_output,
     run_until_killed,
     stage_config,
-    step_records,
+    two_ranks,
     write_stage,
     write_token,
 )
@@ -34,6 +39,7 @@ from lmmr1_testbed.layout import TestBedState
 from lmmr1_trainer.checkpoint import CheckpointStore
 from lmmr1_trainer.localrun import CPU_ENV, Service
 from lmmr1_trainer.storage import open_storage
+from lmmr1_trainer.train import WEIGHT_DIGEST_ENV, WEIGHTS_LOG_PREFIX, step_records
 
 LEARN_STEPS = 16  # one pass over 64 prompts, 4 per step
 LEARN_ALGORITHM: dict[str, Any] = {
@@ -101,21 +107,48 @@ def test_mean_reward_rises_and_does_not_with_flipped_advantages(
     assert _mean(flipped[-window:]) <= _mean(flipped[:window]), curves
 
 
-# -- resume is exact ---------------------------------------------------------------------
+# -- resume is exact, on one rank and on two -----------------------------------------------
 
 RESUME_STEPS = 4
+CHECKPOINT_EVERY = 2
+KILL_AFTER = 3  # between checkpoints: step 3 dies with the trainer and must be redone
+# A resumed run repeats the same computation: equal up to the order DeepSpeed reloads state.
+ONE_RANK_ATOL = {"policy_loss": 1e-6, "kl": 1e-6, "weights": 1e-6}
+# Two ranks against one: the same samples, micro-batches and global batch (fp32), with the
+# gradients summed in another order (all-reduced across ranks), so equal up to rounding;
+# measured: weights 5e-7 apart after 4 steps. An advantage whitened per rank instead of over
+# the whole batch, or a rank training on the wrong share, moves them by far more.
+RANKS_ATOL = {"policy_loss": 1e-5, "kl": 1e-6, "weights": 1e-5}
 
 
-def _assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+def _max_weight_difference(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
     left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert left.keys() == right.keys()
-    worst = max((left[k].float() - right[k].float()).abs().max().item() for k in left)
-    assert worst <= atol, f"largest weight difference {worst}"
+    return max((left[k].float() - right[k].float()).abs().max().item() for k in left)
 
 
-def test_resume_after_a_crash_equals_the_uninterrupted_run(
+def _weight_digests(lines: list[str]) -> dict[int, dict[int, str]]:
+    """step -> rank -> sha256 of the full weights (LMMR1_WEIGHT_DIGEST), from every rank's
+    output (searched, not split into lines: the ranks share stdout)."""
+    digests: dict[int, dict[int, str]] = {}
+    pattern = re.escape(WEIGHTS_LOG_PREFIX) + r"(\{[^{}]*\})"
+    for found in re.finditer(pattern, "\n".join(lines)):
+        record = json.loads(found.group(1))
+        digests.setdefault(record["step"], {})[record["rank"]] = record["sha256"]
+    return digests
+
+
+def _killed_and_resumed(
+    config: Path, workdir: Path, env: dict[str, str], program: list[str]
+) -> tuple[list[str], list[str]]:
+    """The output of a run killed after step KILL_AFTER, and of its restart to the end."""
+    before = run_until_killed(config, workdir, KILL_AFTER, env, program)
+    return before, run_trainer_output(config, workdir, env, program)
+
+
+def test_resume_between_checkpoints_on_one_and_two_ranks_equals_the_uninterrupted_run(
     testbed: TestBedState,
     s3_bucket: str,
     s3_env: dict[str, str],
@@ -124,7 +157,8 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(
     verifier: Service,
     tmp_path: Path,
 ) -> None:
-    """N steps straight == N/2 steps, SIGKILL, resume from the S3 checkpoint, N/2 more."""
+    """4 steps straight on one rank == 3 steps, SIGKILL, resume from step 2's checkpoint
+    (step 3 redone), 1 more; on one rank and on two."""
     token = write_token(tmp_path)
 
     def stage(name: str, rollout_urls: list[str]) -> dict[str, Any]:
@@ -138,25 +172,71 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(
             s3_endpoint=testbed.s3_endpoint,
             max_steps=RESUME_STEPS,
             kl_coef=0.01,
+            # One update per step over the whole rollout batch (2 prompts x 4 samples), in
+            # micro-batches of 2: on one rank 4 accumulated, on two ranks 2 each.
+            train_batch_size=8,
+            gradient_checkpointing=False,
         )
-        config["checkpoint"].update(every_steps=RESUME_STEPS // 2, keep_last=3)
+        config["checkpoint"].update(every_steps=CHECKPOINT_EVERY, keep_last=3)
         return config
 
+    digest_env = {**s3_env, WEIGHT_DIGEST_ENV: "1"}
     with rollout_server(stage("server", []), tmp_path, s3_env) as rollout:
-        straight_config = write_stage(tmp_path / "a.yaml", stage("straight", [rollout.url]))
-        straight = run_trainer(straight_config, tmp_path / "a", s3_env)
-        crashed = write_stage(tmp_path / "b.yaml", stage("crashed", [rollout.url]))
-        before = step_records(run_until_killed(crashed, tmp_path / "b", RESUME_STEPS // 2, s3_env))
-        after = run_trainer(crashed, tmp_path / "b", s3_env)
-    assert [r["step"] for r in before] == list(range(1, RESUME_STEPS // 2 + 1))
-    assert [r["step"] for r in after] == list(range(RESUME_STEPS // 2 + 1, RESUME_STEPS + 1))
-    resumed = before + after
-    assert [r["rows"] for r in resumed] == [r["rows"] for r in straight]  # same data order
-    assert [r["reward"] for r in resumed] == [r["reward"] for r in straight]
-    for a, b in zip(straight, resumed, strict=True):
-        assert a["policy_loss"] == pytest.approx(b["policy_loss"], abs=1e-6)
+        runs: dict[str, tuple[list[str], list[str]]] = {}
+        config = write_stage(tmp_path / "straight.yaml", stage("straight", [rollout.url]))
+        straight = run_trainer(config, tmp_path / "straight", s3_env)
+        config = write_stage(tmp_path / "one.yaml", stage("one", [rollout.url]))
+        runs["one"] = _killed_and_resumed(config, tmp_path / "one", s3_env, TRAIN_MODULE)
+        config = write_stage(tmp_path / "two.yaml", stage("two", [rollout.url]))
+        runs["two"] = _killed_and_resumed(config, tmp_path / "two", digest_env, two_ranks())
+    assert [r["step"] for r in straight] == list(range(1, RESUME_STEPS + 1))
+    # Each step's rollouts come from the policy of the step before: never from the weights
+    # of a step that died with the trainer (the servers held step 3's when it was killed).
+    assert [r["weight_version"] for r in straight] == [r["step"] - 1 for r in straight]
     a_store = CheckpointStore(open_storage(f"s3://{s3_bucket}/straight"))
-    b_store = CheckpointStore(open_storage(f"s3://{s3_bucket}/crashed"))
-    a_store.download(RESUME_STEPS, tmp_path / "final-a", skip_prefix="trainer_state/")
-    b_store.download(RESUME_STEPS, tmp_path / "final-b", skip_prefix="trainer_state/")
-    _assert_same_weights(tmp_path / "final-a", tmp_path / "final-b")
+    a_store.download(RESUME_STEPS, tmp_path / "final-straight", skip_prefix="trainer_state/")
+
+    for name, (before_lines, after_lines) in runs.items():
+        before, after = step_records(before_lines), step_records(after_lines)
+        assert [r["step"] for r in before] == list(range(1, KILL_AFTER + 1)), name
+        last_checkpoint = KILL_AFTER - KILL_AFTER % CHECKPOINT_EVERY
+        assert any(
+            f"/{name}/step-{last_checkpoint} (step {last_checkpoint})" in line
+            for line in after_lines
+        ), name
+        # The steps after the last checkpoint are redone, exactly as the killed run did them.
+        assert [r["step"] for r in after] == list(range(last_checkpoint + 1, RESUME_STEPS + 1))
+        redone = before[last_checkpoint:]
+        assert [r["rows"] for r in redone] == [r["rows"] for r in after[: len(redone)]], name
+        assert [r["reward"] for r in redone] == [r["reward"] for r in after[: len(redone)]], name
+        resumed = before[:last_checkpoint] + after
+        assert [r["weight_version"] for r in resumed] == [r["step"] - 1 for r in resumed], name
+        # ... and the whole run equals the uninterrupted one.
+        assert [r["rows"] for r in resumed] == [r["rows"] for r in straight], name
+        assert [r["reward"] for r in resumed] == [r["reward"] for r in straight], name
+        store = CheckpointStore(open_storage(f"s3://{s3_bucket}/{name}"))
+        store.download(RESUME_STEPS, tmp_path / f"final-{name}", skip_prefix="trainer_state/")
+        worst = {
+            key: max(abs(a[key] - b[key]) for a, b in zip(straight, resumed, strict=True))
+            for key in ("policy_loss", "kl")
+        }
+        worst["weights"] = _max_weight_difference(
+            tmp_path / "final-straight", tmp_path / f"final-{name}"
+        )
+        print(f"{name}: largest differences from the straight run {worst}")
+        tolerance = ONE_RANK_ATOL if name == "one" else RANKS_ATOL
+        assert all(worst[key] <= tolerance[key] for key in worst), (name, worst, tolerance)
+
+    # Two ranks: identical replicas after every step (ZeRO-2), before and after the kill, and
+    # the checkpoint holds both ranks' optimizer shards.
+    before_lines, after_lines = runs["two"]
+    for lines, steps in ((before_lines, [1, 2, 3]), (after_lines, [3, 4])):
+        digests = _weight_digests(lines)
+        assert sorted(digests) == steps
+        assert all(len(set(d.values())) == 1 and len(d) == 2 for d in digests.values()), digests
+    files = {
+        f.path
+        for f in CheckpointStore(open_storage(f"s3://{s3_bucket}/two")).manifest(RESUME_STEPS).files
+    }
+    for rank in (0, 1):
+        assert f"trainer_state/deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files

@@ -1,9 +1,12 @@
-"""A real (tiny) LMM-R1 stage on CPU against the test bed's S3 server: the model and the
-synthetic multimodal dataset in S3, a verifier and a transformers rollout server as
+"""A real (tiny) LMM-R1 stage on CPU against the test bed's S3 server: the model and a
+synthetic multimodal dataset in S3, a verifier and two transformers rollout servers as
 subprocesses, the trainer with DeepSpeed ZeRO-2 on CPU writing checkpoints to S3. The
 trainer is killed mid-run (SIGKILL) and restarted: it must resume from the last committed
 checkpoint and finish the stage with a final checkpoint, progress and termination message.
-Also: the progress reporter against the test bed's API server.
+Every reward request goes through a recording proxy: each sample reaches the verifier with
+its own prompt's label, and answers that match it earn accuracy. (Two ranks, and a resume
+that must redo steps: tests/integration/test_trainer_learning.py.) Also: the progress
+reporter against the test bed's API server, and the model cache.
 """
 
 from __future__ import annotations
@@ -11,33 +14,44 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.trainer_harness import (
-    rollout_server,
+    RewardCall,
+    recording_verifier,
+    rollout_servers,
     run_until_killed,
     stage_config,
     start_trainer,
-    trainer_env,
     write_stage,
     write_token,
 )
 
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_trainer.checkpoint import CheckpointStore
-from lmmr1_trainer.config import PROGRESS_KEY, Progress, ProgressConfig
+from lmmr1_trainer.config import (
+    PROGRESS_KEY,
+    DatasetConfig,
+    Progress,
+    ProgressConfig,
+    S3Settings,
+)
 from lmmr1_trainer.localrun import Service
 from lmmr1_trainer.progress import ConfigMapReporter
 from lmmr1_trainer.storage import open_storage, upload_tree
-from lmmr1_trainer.train import WEIGHT_DIGEST_ENV, WEIGHTS_LOG_PREFIX, step_records
+from lmmr1_trainer.train import step_records
 
 MAX_STEPS = 5
 KILL_AFTER_STEP = 2
+ASSISTANT = "<|im_start|>assistant\n"
 
 
 def _stage_config(
@@ -52,7 +66,43 @@ def _stage_config(
         token_file=token_file,
         s3_endpoint=endpoint,
         max_steps=MAX_STEPS,
+        learning_rate=1e-4,  # 1e-3 collapses the tiny model to reward 0 after one step
     )
+
+
+def _generate_requests(url: str) -> float:
+    """How many /generate requests a rollout server answered (its Prometheus counter)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("lmmr1_rollout_requests_total{")
+        and 'endpoint="/generate"' in line
+        and 'code="200"' in line
+    )
+
+
+def _check_reward_calls(calls: list[RewardCall], labels_by_prompt: dict[str, set[str]]) -> int:
+    """Every sample went to the verifier with a label of its own prompt (text prompts are
+    unique, so exactly theirs), and a response whose answer is the label earned accuracy.
+    Returns the number of samples that earned accuracy."""
+    earned = 0
+    for call in calls:
+        assert len(call.queries) == len(call.prompts) == len(call.labels)
+        assert len(call.scores["acc_rewards"]) == len(call.queries)
+        for query, prompt, label, accuracy in zip(
+            call.queries, call.prompts, call.labels, call.scores["acc_rewards"], strict=True
+        ):
+            assert label in labels_by_prompt[prompt], (prompt[-80:], label)
+            if "<|image_pad|>" not in prompt:
+                assert query.startswith(prompt), (query[:200], prompt[-80:])
+            response = query.split(ASSISTANT)[-1]
+            answers = re.findall(r"<answer>(.*?)</answer>", response, re.DOTALL)
+            if answers and answers[-1].strip() == label:
+                assert accuracy == 1.0, (response, label)
+            earned += accuracy > 0
+    return earned
 
 
 def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
@@ -66,16 +116,22 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
 ) -> None:
     endpoint = testbed.s3_endpoint
     upload_tree(open_storage(f"s3://{s3_bucket}/models/tiny"), warm_model, "")
-    for task, folder in (("arithmetic", "text"), ("mixed", "images")):  # one prefix, two files
+    # One prefix, two files: a few text prompts, and image prompts to count shapes in (the
+    # warm model answers those right now and then: accuracy can be earned).
+    for task, folder, count in (("arithmetic", "text", 4), ("counting", "images", 12)):
         subprocess.run(
-            [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", task, "--count", "8",
-             "--out", f"s3://{s3_bucket}/data/{folder}", "--s3-endpoint", endpoint],
+            [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", task, "--count",
+             str(count), "--out", f"s3://{s3_bucket}/data/{folder}", "--s3-endpoint", endpoint],
             check=True, env={**os.environ, **s3_env}, capture_output=True,
         )  # fmt: skip
     token = write_token(tmp_path)
     server_stage = _stage_config(s3_bucket, endpoint, [], verifier.url, token)
-    with rollout_server(server_stage, tmp_path, s3_env) as rollout:
-        stage = _stage_config(s3_bucket, endpoint, [rollout.url], verifier.url, token)
+    with (
+        rollout_servers(server_stage, tmp_path, 2, s3_env) as rollouts,
+        recording_verifier(verifier.url) as (reward_url, calls),
+    ):
+        urls = [r.url for r in rollouts]
+        stage = _stage_config(s3_bucket, endpoint, urls, reward_url, token)
         config = write_stage(tmp_path / "stage.yaml", stage)
         store = CheckpointStore(open_storage(stage["checkpoint"]["uri"]))
 
@@ -99,79 +155,49 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
         )
         assert all(math.isfinite(s["reward"]) and math.isfinite(s["policy_loss"]) for s in steps)
         assert all(math.isfinite(s["kl"]) for s in steps)
-        print(f"trained {len(steps)} steps in {time.monotonic() - started:.1f}s:",
-              [(s["step"], round(s["reward"], 3), s["seconds"]) for s in steps])  # fmt: skip
+        summary = [(s["step"], round(s["reward"], 3), s["accuracy"], s["seconds"]) for s in steps]
+        print(f"trained {len(steps)} steps in {time.monotonic() - started:.1f}s:", summary)
 
-        assert store.latest() == MAX_STEPS and store.manifest(MAX_STEPS).final
-        assert store.committed_steps() == sorted({resumed_from, MAX_STEPS - 1, MAX_STEPS})
-        final_uri = store.uri(MAX_STEPS)
-        progress = Progress.model_validate_json((tmp_path / "progress.json").read_text())
-        assert progress.final_checkpoint == final_uri and progress.step == MAX_STEPS
-        assert progress.reward is not None and math.isfinite(progress.reward)
-        assert progress.initial_reward is not None
-        termination = json.loads((tmp_path / "termination-log").read_text())
-        assert termination == {"final_checkpoint": final_uri, "step": MAX_STEPS}
+        # Both rollout servers generated (each step splits its prompts between them) and
+        # both serve the final policy.
+        assert all(_generate_requests(url) >= MAX_STEPS for url in urls), urls
+        for url in urls:
+            with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+                assert json.loads(response.read())["weight_version"] == MAX_STEPS
 
-        # The final checkpoint is an HF model the next stage (or transformers) loads as is.
-        from lmmr1_trainer.models import ChatEncoder, load_model, resolve_model
+    # What the verifier was asked: each sample with its own prompt's label. And accuracy,
+    # not only format, was earned, and reported in the step records.
+    from lmmr1_trainer.data import load_dataset
+    from lmmr1_trainer.models import ChatEncoder
 
-        monkeypatch.setenv("LMMR1_MODEL_CACHE", str(tmp_path / "final"))
-        final_dir = resolve_model(final_uri, None)
-        assert not (final_dir / "trainer_state").exists()
-        model, encoder = load_model(final_dir), ChatEncoder.load(final_dir)
-        assert encoder.image_token_id is not None and model.config.model_type == "qwen2_5_vl"
-        health = json.loads(
-            __import__("urllib.request").request.urlopen(f"{rollout.url}/health").read()
-        )
-        assert health["weight_version"] == MAX_STEPS  # the servers serve the final policy
+    encoder = ChatEncoder.load(warm_model)
+    rows = load_dataset(DatasetConfig(**stage["dataset"]), S3Settings(endpoint=endpoint))
+    labels_by_prompt: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        labels_by_prompt[encoder.prompt_text(row.messages)].add(row.label)
+    assert len(calls) >= MAX_STEPS
+    earned = _check_reward_calls(calls, labels_by_prompt)
+    assert earned > 0, "no sample earned accuracy: only format reward reached the trainer"
+    assert any(s["accuracy"] > 0 for s in steps), steps
 
+    assert store.latest() == MAX_STEPS and store.manifest(MAX_STEPS).final
+    assert store.committed_steps() == sorted({resumed_from, MAX_STEPS - 1, MAX_STEPS})
+    final_uri = store.uri(MAX_STEPS)
+    progress = Progress.model_validate_json((tmp_path / "progress.json").read_text())
+    assert progress.final_checkpoint == final_uri and progress.step == MAX_STEPS
+    assert progress.reward is not None and math.isfinite(progress.reward)
+    assert progress.initial_reward is not None
+    termination = json.loads((tmp_path / "termination-log").read_text())
+    assert termination == {"final_checkpoint": final_uri, "step": MAX_STEPS}
 
-def test_two_cpu_ranks_train_and_checkpoint_every_zero_shard(
-    testbed: TestBedState,
-    s3_bucket: str,
-    s3_env: dict[str, str],
-    warm_model: Path,
-    verifier: Service,
-    tmp_path: Path,
-) -> None:
-    """torchrun with 2 ranks (gloo): rank 0 drives rollouts, both train their share, both
-    hold identical weights after every step, and the checkpoint holds both ZeRO-2 optimizer
-    shards."""
-    endpoint = testbed.s3_endpoint
-    upload_tree(open_storage(f"s3://{s3_bucket}/models/tiny"), warm_model, "")
-    subprocess.run(
-        [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", "arithmetic", "--count", "8",
-         "--out", f"s3://{s3_bucket}/data", "--s3-endpoint", endpoint],
-        check=True, env={**os.environ, **s3_env}, capture_output=True,
-    )  # fmt: skip
-    token = write_token(tmp_path)
-    server_stage = _stage_config(s3_bucket, endpoint, [], verifier.url, token)
-    with rollout_server(server_stage, tmp_path, s3_env) as rollout:
-        stage = _stage_config(s3_bucket, endpoint, [rollout.url], verifier.url, token)
-        stage["algorithm"].update(max_steps=2, gradient_checkpointing=False)
-        config = write_stage(tmp_path / "stage.yaml", stage)
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        result = subprocess.run(
-            [*torchrun, "-m", "lmmr1_trainer.train", "--config", str(config)],
-            capture_output=True, text=True, timeout=300,
-            env=trainer_env(tmp_path, {**s3_env, WEIGHT_DIGEST_ENV: "1"}),
-        )  # fmt: skip
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-        assert [s["step"] for s in step_records(result.stdout.splitlines())] == [1, 2]
-        digests: dict[int, dict[int, str]] = {}
-        for line in result.stdout.splitlines():
-            if line.startswith(WEIGHTS_LOG_PREFIX):
-                record = json.loads(line[len(WEIGHTS_LOG_PREFIX) :])
-                digests.setdefault(record["step"], {})[record["rank"]] = record["sha256"]
-        assert sorted(digests) == [1, 2] and all(len(d) == 2 for d in digests.values())
-        assert digests[1][0] == digests[1][1] and digests[2][0] == digests[2][1]
-        assert digests[1][0] != digests[2][0]  # the weights did change
-        store = CheckpointStore(open_storage(stage["checkpoint"]["uri"]))
-        files = {f.path for f in store.manifest(2).files}
-        for rank in (0, 1):
-            assert (
-                f"trainer_state/deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
-            )
+    # The final checkpoint is an HF model the next stage (or transformers) loads as is.
+    from lmmr1_trainer.models import load_model, resolve_model
+
+    monkeypatch.setenv("LMMR1_MODEL_CACHE", str(tmp_path / "final"))
+    final_dir = resolve_model(final_uri, None)
+    assert not (final_dir / "trainer_state").exists()
+    model, final_encoder = load_model(final_dir), ChatEncoder.load(final_dir)
+    assert final_encoder.image_token_id is not None and model.config.model_type == "qwen2_5_vl"
 
 
 def test_progress_reaches_the_configmap(
@@ -180,12 +206,14 @@ def test_progress_reaches_the_configmap(
     from kubernetes import client
 
     api = client.CoreV1Api(kube_client)
-    api.create_namespaced_config_map(namespace, {"metadata": {"name": "run-progress"}, "data": {}})
+    body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="run-progress"), data={})
+    api.create_namespaced_config_map(namespace, body)
     reporter = ConfigMapReporter(ProgressConfig(configmap="run-progress", namespace=namespace), api)
     progress = Progress(stage="fre", step=3, total_steps=10, reward=0.5, updated_at="now")
     assert reporter.report(progress)
-    stored = api.read_namespaced_config_map("run-progress", namespace).data[PROGRESS_KEY]
-    assert Progress.model_validate_json(stored) == progress
+    data = api.read_namespaced_config_map("run-progress", namespace).data
+    assert data is not None
+    assert Progress.model_validate_json(data[PROGRESS_KEY]) == progress
     missing = ConfigMapReporter(ProgressConfig(configmap="absent", namespace=namespace), api)
     assert missing.report(progress) is False  # logged, never raised
 

@@ -356,10 +356,22 @@ class StageTrainer:
                 weight_version=stats.weight_version,
                 rows=rows,  # dataset rows of this step's prompts: the data order
             )
+        # The whole rollout batch's means, not rank 0's share: every rank's micro-batches.
+        kls = [mean_kl([mb]) for mb in micro_batches]
+        totals = torch.tensor(  # on the engine device: NCCL reduces CUDA tensors only
+            [sum(losses), len(losses), sum(clips), sum(kls), len(kls)],
+            dtype=torch.float64,
+            device=engine.device,
+        )
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        loss_sum, updates, clip_sum, kl_sum, batches = totals.tolist()
         metrics.update(
-            policy_loss=sum(losses) / max(1, len(losses)),
-            clip_fraction=sum(clips) / max(1, len(clips)),
-            kl=mean_kl(micro_batches),
+            policy_loss=loss_sum / max(1.0, updates),
+            clip_fraction=clip_sum / max(1.0, updates),
+            kl=kl_sum / max(1.0, batches),
             lr=self.policy.learning_rate(),
         )
         return stats, metrics
