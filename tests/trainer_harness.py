@@ -79,7 +79,12 @@ def stage_config(
             **algorithm,
         },
         "reward": {"url": reward_url},
-        "rollout": {"urls": rollout_urls, "backend": "transformers", "token_file": str(token_file)},
+        "rollout": {
+            "mode": "separate",
+            "urls": rollout_urls,
+            "backend": "transformers",
+            "token_file": str(token_file),
+        },
         "trainer": {"nodes": 1, "gpus_per_node": 0},
         "checkpoint": {"uri": checkpoint_uri, "every_steps": 1, "keep_last": 2},
         "progress": {"configmap": "tiny-progress", "namespace": "ns"},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmmr1_trainer.verifier.config import PromptTemplate, UnparseableLabelPolicy
 
@@ -104,13 +104,36 @@ class RewardConfig(_Config):
 
 
 class RolloutConfig(_Config):
-    """The stage's rollout servers. The operator starts them first and lists their URLs."""
+    """Where the stage's samples are generated.
 
+    `colocate` (the paper's layout, the default): every trainer rank owns a vLLM engine in
+    its own process and generates its share of each step's prompts; new weights go straight
+    into the engine after each update (on GPU the engine sleeps while the policy trains).
+    No rollout pods. `separate`: rollout servers in their own pods (`urls`, started by the
+    operator first), weights pushed to them after each update (NCCL on GPU, HTTP on CPU).
+    `backend: transformers` is an explicit fallback for `separate` only (no vLLM).
+    """
+
+    mode: Literal["colocate", "separate"] = "colocate"
     urls: list[str] = Field(default_factory=list)
     backend: Literal["vllm", "transformers"] = "vllm"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.6
+    # vLLM's CPU back end reserves this much memory for its KV cache (VLLM_CPU_KVCACHE_SPACE);
+    # ignored on GPU, where gpu_memory_utilization sizes it.
+    cpu_kv_cache_gib: int = Field(default=1, ge=1)
+    # A weight update that takes longer fails the attempt (the stage restarts from its last
+    # checkpoint) instead of hanging the trainer.
+    weight_sync_timeout_s: float = Field(default=600.0, gt=0)
     token_file: str = str(TOKEN_PATH)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RolloutConfig:
+        if self.mode == "colocate" and self.urls:
+            raise ValueError("rollout.urls must be empty in colocate mode (no rollout servers)")
+        if self.mode == "colocate" and self.backend != "vllm":
+            raise ValueError("rollout.mode colocate needs rollout.backend vllm")
+        return self
 
 
 class TrainerTopology(_Config):

@@ -49,6 +49,7 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
             unparseable_label=reward.unparseable_label,
         ),
         rollout=RolloutConfig(
+            mode="separate",
             urls=rollout_urls,
             backend="vllm" if rollout.gpus_per_replica > 0 else "transformers",
             tensor_parallel_size=rollout.tensor_parallel_size,
