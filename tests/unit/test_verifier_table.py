@@ -1,7 +1,9 @@
 """The reward table: at least 100 (response, label) cases with the rewards they must get.
 
-Every expected value was checked against math-verify 0.9.0 (latex2sympy2_extended 1.11,
-sympy 1.14) by running it, not written from memory. Where math-verify (or one of our own
+Every expected value was checked by running it, not written from memory, against the
+versions of math-verify, latex2sympy2_extended and sympy that pyproject.toml pins
+(math-verify 0.9.0, latex2sympy2_extended 1.11.0, sympy 1.14.0; the last tests of this file
+fail when the installed ones differ). Where math-verify (or one of our own
 rules) disagrees with mathematics, the row says so in `note` and expects what the verifier
 really gives; docs/verifier.md lists these. `accuracy=None` means the label is unparseable
 (status `label_unparseable`, scored by the policy: 0 by default).
@@ -9,7 +11,10 @@ really gives; docs/verifier.md lists these. `accuracy=None` means the label is u
 
 from __future__ import annotations
 
+import re
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -24,6 +29,8 @@ from lmmr1_trainer.verifier.config import (
     VerifierConfig,
 )
 from lmmr1_trainer.verifier.engine import Sample, Verifier
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Case(NamedTuple):
@@ -417,15 +424,56 @@ def test_full_response_mode_matches_the_lmm_r1_reference() -> None:
     assert compared >= 100
 
 
-# The versions the table above was checked against: the rewards depend on what math-verify
-# and its LaTeX parser return, so another version must be re-checked (rerun every row, update
-# the table and these pins) before it can train anything. sympy: its minor version.
-CHECKED_AGAINST = {"math-verify": "0.9.0", "latex2sympy2_extended": "1.11.0", "sympy": "1.14"}
+# The versions the table above was checked against are pyproject.toml's exact pins of the
+# verifier's math stack, in every extra that installs math-verify: the rewards depend on what
+# math-verify, its LaTeX parser and sympy return, so another version must be re-checked (rerun
+# every row, update the table, then the pins) before it can train anything. Read from there,
+# so that the pins and this check cannot disagree.
+CHECKED_PACKAGES = ("math-verify", "latex2sympy2-extended", "sympy")
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned_versions() -> dict[str, dict[str, str]]:
+    """Per extra that declares math-verify: {package: version} of its `==` pins."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins: dict[str, dict[str, str]] = {}
+    for extra, requirements in project.get("optional-dependencies", {}).items():
+        found = {}
+        for requirement in requirements:
+            match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[[^]]*\])?\s*(.*?)\s*", requirement)
+            assert match, requirement
+            name, spec = _normalized(match.group(1)), match.group(2)
+            if name in CHECKED_PACKAGES:
+                assert spec.startswith("==") and "," not in spec, (
+                    f"{extra}: {requirement} must pin one exact version"
+                )
+                found[name] = spec.removeprefix("==").strip()
+        if "math-verify" in found:
+            pins[extra] = found
+    return pins
+
+
+def test_every_extra_with_math_verify_pins_the_same_exact_versions() -> None:
+    pins = pinned_versions()
+    assert {"trainer", "verifier"} <= set(pins), pins
+    for extra, found in pins.items():
+        assert set(found) == set(CHECKED_PACKAGES), f"{extra} pins only {sorted(found)}"
+    assert len({tuple(sorted(found.items())) for found in pins.values()}) == 1, pins
 
 
 def test_the_installed_math_verify_is_the_version_the_table_was_checked_against() -> None:
     from importlib.metadata import version
 
-    installed = {name: version(name) for name in CHECKED_AGAINST}
-    installed["sympy"] = ".".join(installed["sympy"].split(".")[:2])
-    assert installed == CHECKED_AGAINST
+    expected = pinned_versions()["verifier"]
+    installed = {name: version(name) for name in expected}
+    assert installed == expected, "installed math stack differs from pyproject.toml's pins"
+
+
+def test_the_docs_name_the_pinned_versions() -> None:
+    docs = (ROOT / "docs" / "verifier.md").read_text()
+    for text in (docs, __doc__ or ""):
+        for name, pinned in pinned_versions()["verifier"].items():
+            assert f"{name.replace('-extended', '_extended')} {pinned}" in text, name
