@@ -1,13 +1,16 @@
 """Rollout servers for unit tests: the real `RolloutServer` (HTTP, the real protocol) in this
 process, over a scripted back end whose answers say which prompt they belong to.
 
-`ScriptedBackend(answer)` calls `answer(chat, sample_index, seed)` for every sample and
-records each request it serves; `fail` makes it fail (HTTP 500) a number of times, or always.
+`ScriptedBackend(answer)` calls `answer(chat, sample_index, seed)` for every sample (`seed`:
+the sample's own seed, as a real engine derives it from the request) and records each
+request it serves and how many it served at once; `fail` makes it fail (HTTP 500) a number
+of times, or always; `delay_s` holds every request that long.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from lmmr1_trainer.rollout.protocol import (
     NcclUpdateRequest,
     PromptResult,
     Sample,
+    sample_seed,
 )
 from lmmr1_trainer.rollout.server import RolloutServer
 
@@ -49,6 +53,9 @@ class ScriptedBackend:
     name: str = "scripted"
     requests: list[GenerateRequest] = field(default_factory=list)
     failures: int = 0
+    delay_s: float = 0.0
+    in_flight: int = 0
+    max_in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def generate(self, request: GenerateRequest) -> list[PromptResult]:
@@ -57,15 +64,28 @@ class ScriptedBackend:
                 self.failures += 1
                 raise RuntimeError("scripted failure")
             self.requests.append(request)
-        results = [
-            PromptResult(
-                prompt_token_ids=[len(user_text(chat))],
-                samples=[
-                    self.answer(chat, k, request.sampling.seed) for k in range(request.sampling.n)
-                ],
-            )
-            for chat in request.prompts
-        ]
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay_s)
+            seed = request.sampling.seed
+            results = [
+                PromptResult(
+                    prompt_token_ids=[len(user_text(chat))],
+                    samples=[
+                        self.answer(
+                            chat,
+                            k,
+                            None if seed is None else sample_seed(seed, request.first_index + i, k),
+                        )
+                        for k in range(request.sampling.n)
+                    ],
+                )
+                for i, chat in enumerate(request.prompts)
+            ]
+        finally:
+            with self._lock:
+                self.in_flight -= 1
         return results[:-1] if self.drop_last else results
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> int:

@@ -160,11 +160,14 @@ def rollout_backend(settings: BenchSettings, seed: int) -> tuple[RolloutBackend,
     if wants_vllm and settings.device == "cuda" and importable("vllm"):
         from importlib.metadata import version
 
-        from lmmr1_trainer.rollout.vllm_backend import VllmBackend
+        from lmmr1_trainer.rollout.vllm_backend import VllmBackend, VllmEngine
 
-        backend = VllmBackend(
-            Path(settings.model_dir), 1, settings.gpu_memory_utilization, load_format="dummy"
+        engine = VllmEngine(
+            Path(settings.model_dir),
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            load_format="dummy",
         )
+        backend = VllmBackend(engine)
         return backend, f"vLLM {version('vllm')} back end (dummy random weights)"
     if settings.rollout_backend == "vllm":
         why = "no CUDA device" if settings.device != "cuda" else "vllm is not installed"

@@ -18,7 +18,7 @@ from tests.scripted_rollout import (
 )
 
 from lmmr1_trainer.rollout.client import RolloutClient, RolloutError
-from lmmr1_trainer.rollout.protocol import PromptResult, Sample, SamplingParams
+from lmmr1_trainer.rollout.protocol import PromptResult, Sample, SamplingParams, sample_seed
 
 SEED = 1000
 N = 3
@@ -44,14 +44,15 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def assert_paired(chats: list[Chat], results: list[PromptResult], shard_of: list[int]) -> None:
-    """Result i answers prompt i with N samples, sampled with the seed of prompt i's shard."""
+def assert_paired(chats: list[Chat], results: list[PromptResult]) -> None:
+    """Result i answers prompt i with N samples, sample k drawn with the seed of (prompt i,
+    sample k) in the whole step, whichever server drew it."""
     assert len(results) == len(chats)
     for i, (chat, result) in enumerate(zip(chats, results, strict=True)):
         marker = user_text(chat)
         assert result.prompt_token_ids == [len(marker)], (i, result)
         assert [s.text for s in result.samples] == [
-            f"{marker}#{k}@{SEED + shard_of[i]}" for k in range(N)
+            f"{marker}#{k}@{sample_seed(SEED, i, k)}" for k in range(N)
         ], f"result {i} does not answer prompt {i}"
 
 
@@ -67,7 +68,7 @@ def test_each_result_answers_its_own_prompt_across_three_servers(count: int) -> 
         client = RolloutClient([s.url for s in servers], TOKEN, backoff_s=0)
         results, _ = client.generate(chats, SamplingParams(n=N, seed=SEED))
     chunk = -(-count // 3)
-    assert_paired(chats, results, [i // chunk for i in range(count)])
+    assert_paired(chats, results)
     # Contiguous shards, one request per server that has one, in server order.
     markers = [user_text(c) for c in chats]
     for index, backend in enumerate(backends):
@@ -82,12 +83,29 @@ def test_a_failing_servers_shard_is_retried_on_the_next_server_and_stays_in_plac
     with serving(*backends) as servers:
         client = RolloutClient([s.url for s in servers], TOKEN, backoff_s=0)
         results, _ = client.generate(chats, SamplingParams(n=N, seed=SEED))
-    # The retried shard keeps its own seed: sampling does not depend on which server served it.
-    assert_paired(chats, results, [0, 0, 0, 1, 1, 1, 2, 2])
+    # The retried shard keeps its seeds: sampling does not depend on which server served it.
+    assert_paired(chats, results)
     markers = [user_text(c) for c in chats]
     assert backends[1].failures >= 1 and served(backends[1]) == []
     assert served(backends[0]) == [markers[0:3]]
     assert sorted(served(backends[2])) == sorted([markers[3:6], markers[6:8]])
+
+
+def test_a_server_never_serves_two_generate_calls_at_once() -> None:
+    # Server 1 always fails: its shard is retried on server 2 while server 2 is busy with
+    # its own, and must wait for it.
+    backends = [
+        ScriptedBackend(echo, delay_s=0.3),
+        ScriptedBackend(echo, fail=ALWAYS),
+        ScriptedBackend(echo, delay_s=0.3),
+    ]
+    chats = prompts(6)
+    with serving(*backends) as servers:
+        client = RolloutClient([s.url for s in servers], TOKEN, backoff_s=0)
+        results, _ = client.generate(chats, SamplingParams(n=N, seed=SEED))
+    assert_paired(chats, results)
+    assert len(backends[2].requests) == 2
+    assert [b.max_in_flight for b in backends] == [1, 0, 1]
 
 
 def test_a_dead_server_and_a_flaky_one_still_give_results_in_prompt_order() -> None:
@@ -98,7 +116,7 @@ def test_a_dead_server_and_a_flaky_one_still_give_results_in_prompt_order() -> N
         urls = [dead_url(), servers[0].url, servers[1].url]
         client = RolloutClient(urls, TOKEN, retries=3, backoff_s=0)
         results, _ = client.generate(chats, SamplingParams(n=N, seed=SEED))
-    assert_paired(chats, results, [0, 0, 0, 1, 1, 1, 2])
+    assert_paired(chats, results)
     assert flaky.failures == 1
 
 

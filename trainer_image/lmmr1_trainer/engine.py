@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,21 @@ class PolicyEngine:
         if rank != 0:
             return None
         return gather_state_dict(self.module)
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every weight, on the policy's device, one at a time, on every rank (collective
+        under ZeRO-3: every rank iterates to the end). Under ZeRO <= 2 these are the
+        parameters themselves (no copy): the consumer copies them before the next step."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            for name, param in self.module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    gathered = param.detach().clone()
+                yield name, gathered
+            return
+        for name, tensor in self.module.state_dict().items():
+            yield name, tensor.detach()
 
     def save_state(self, directory: Path) -> None:
         """Optimizer, scheduler and ZeRO partitions (collective: every rank writes its shard)."""

@@ -32,8 +32,8 @@ from lmmr1_trainer.models import (
     build_sequence_batch,
     response_log_probs,
 )
-from lmmr1_trainer.rollout.client import RewardClient, RolloutClient
-from lmmr1_trainer.rollout.protocol import SamplingParams
+from lmmr1_trainer.rollout.client import RewardClient
+from lmmr1_trainer.rollout.protocol import Rollouts, SamplingParams
 
 
 @dataclass
@@ -68,7 +68,7 @@ def truncate_at(tokens: list[int], forbidden: set[int]) -> list[int]:
 
 def collect_rollout(
     rows: list[PromptRow],
-    client: RolloutClient,
+    client: Rollouts,
     verifier: RewardClient,
     encoder: ChatEncoder,
     images: ImageLoader,

@@ -115,11 +115,13 @@ def build_processor(tokenizer: Any, max_pixels: int = IMAGE_MAX_PIXELS) -> Any:
 def _text_settings(tokenizer: Any) -> dict[str, Any]:
     return {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        # head_dim 64: vLLM's CPU attention rejects 16 ("Unsupported CPU attention
+        # configuration"); 2 query heads sharing 1 KV head keep grouped-query attention.
+        "hidden_size": 128,
+        "intermediate_size": 256,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,  # head_dim 16
-        "num_key_value_heads": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True,
@@ -154,8 +156,9 @@ def tiny_config(tokenizer: Any, *, text_only: bool = False) -> Any:
     text = _text_settings(tokenizer)
     if text_only:
         return Qwen2Config(**text)
-    # mrope splits the rotary half of head_dim (16 / 2 = 8) over (time, height, width).
-    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
+    # mrope splits the rotary half of head_dim (64 / 2 = 32) over (time, height, width),
+    # in Qwen2.5-VL's proportions ([16, 24, 24] for head_dim 128).
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [8, 12, 12]}
     vision = {
         "depth": 2,
         "hidden_size": 32,

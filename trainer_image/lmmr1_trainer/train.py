@@ -2,11 +2,16 @@
 
 Runs one LMM-R1 stage: rule-based RL of the policy with DeepSpeed. Launched once per rank
 (torchrun or an indexed Job: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK; without
-them, a world of one). Rank 0 drives each step: prompts -> rollout servers -> verifier ->
-group baseline; every rank then computes old/reference log-probs and advantages for its
-share and trains (PPO-clip, several updates per rollout batch); rank 0 pushes the new
-weights to the rollout servers, reports progress and, every `checkpoint.every_steps`,
-everybody writes a checkpoint to `<checkpoint.uri>/step-<N>/` (manifest last).
+them, a world of one). Rank 0 drives each step: prompts -> generation -> verifier -> group
+baseline; every rank then computes old/reference log-probs and advantages for its share and
+trains (PPO-clip, several updates per rollout batch); the new weights go to the engines,
+rank 0 reports progress and, every `checkpoint.every_steps`, everybody writes a checkpoint
+to `<checkpoint.uri>/step-<N>/` (manifest last).
+
+Generation (`rollout.mode`): `colocate` (default), every rank's own vLLM engine generates
+its share of the prompts and takes the new weights in process (`rollout.colocate`);
+`separate`, rank 0 sends the prompts to the rollout servers and pushes the weights to them
+(`weight_sync`).
 
 Start: resume from the newest committed checkpoint under `checkpoint.uri`, else load
 `init_from`. End: final checkpoint committed -> progress with `final_checkpoint` ->
@@ -40,6 +45,8 @@ from lmmr1_trainer.launch import write_termination_message as _write_termination
 
 if TYPE_CHECKING:
     from lmmr1_trainer.experience import RolloutStats
+    from lmmr1_trainer.rollout.colocate import ColocatedRollout
+    from lmmr1_trainer.rollout.protocol import Rollouts
 
 logger = logging.getLogger("lmmr1_trainer.train")
 THREADS_ENV = "LMMR1_TORCH_THREADS"
@@ -135,6 +142,7 @@ class StageTrainer:
         self.config = config
         self.algo = config.algorithm
         self.on_gpu = config.trainer.gpus_per_node > 0
+        self.colocated: ColocatedRollout | None = None
         self.log_weight_digest = os.environ.get(WEIGHT_DIGEST_ENV) == "1"
 
     # -- set-up -------------------------------------------------------------------------
@@ -174,6 +182,7 @@ class StageTrainer:
             if self.local_rank == 0 or self.world == 1:
                 self.store.download(self.resume_step, policy_dir)
             self._barrier()
+        self.policy_dir = policy_dir
         self.encoder = ChatEncoder.load(policy_dir)
         self.images = ImageLoader(self.config.s3)
         device = torch.device("cuda", self.local_rank) if self.on_gpu else torch.device("cpu")
@@ -223,11 +232,39 @@ class StageTrainer:
         random.setstate(state["python_rng"])
         logger.info("resumed from %s (step %d)", self.last_checkpoint, self.step)
 
+    def _start_colocated_engine(self) -> None:
+        """Every rank: its own vLLM engine, serving the policy's starting weights."""
+        from lmmr1_trainer.rollout.backends import BackendUnavailable
+        from lmmr1_trainer.rollout.colocate import ColocatedRollout
+        from lmmr1_trainer.rollout.vllm_backend import VllmEngine
+
+        rollout = self.config.rollout
+        try:
+            engine = VllmEngine(
+                self.policy_dir,
+                tensor_parallel_size=rollout.tensor_parallel_size,
+                gpu_memory_utilization=rollout.gpu_memory_utilization,
+                cpu_kv_cache_gib=rollout.cpu_kv_cache_gib,
+                max_model_len=self.algo.max_prompt_length + self.algo.max_generation_length,
+                dtype="bfloat16" if self.on_gpu and self.algo.bf16 else "float32",
+                seed=self.algo.seed + self.rank,
+                colocated=True,
+                distributed=self.world > 1,
+            )
+        except BackendUnavailable as err:
+            raise ConfigError(str(err)) from err
+        self.colocated = ColocatedRollout(engine, self.rank, self.world)
+
     def _connect(self) -> None:
         from lmmr1_trainer.progress import make_reporter
         from lmmr1_trainer.rollout.client import RewardClient, RolloutClient
         from lmmr1_trainer.weight_sync import make_weight_sync
 
+        self.verifier = RewardClient(self.config.reward.resolved_url())
+        self.reporter = make_reporter(self.config.progress)
+        if self.colocated is not None:
+            self.rollouts: Rollouts = self.colocated
+            return
         token_file = Path(self.config.rollout.token_file)
         try:
             token = token_file.read_text().strip()
@@ -237,9 +274,8 @@ class StageTrainer:
             self.client = RolloutClient(self.config.rollout.urls, token)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        self.verifier = RewardClient(self.config.reward.resolved_url())
-        self.reporter = make_reporter(self.config.progress)
         self.client.wait_ready()
+        self.rollouts = self.client
         self.weight_sync = make_weight_sync(
             self.client,
             self.config.rollout.backend,
@@ -251,6 +287,8 @@ class StageTrainer:
 
     def run(self) -> int:
         self._setup()
+        if self.config.rollout.mode == "colocate":
+            self._start_colocated_engine()
         if self.log_weight_digest and self.policy.zero_stage == 3:
             logger.warning("%s ignored: ZeRO-3 partitions the weights", WEIGHT_DIGEST_ENV)
             self.log_weight_digest = False
@@ -302,7 +340,7 @@ class StageTrainer:
             batch = [self.rows[i] for i in rows]
             samples, stats = collect_rollout(
                 batch,
-                self.client,
+                self.rollouts,
                 self.verifier,
                 self.encoder,
                 self.images,
@@ -312,6 +350,10 @@ class StageTrainer:
             )
             if self.initial_reward is None:
                 self.initial_reward = stats.reward
+        elif self.colocated is not None:
+            self.colocated.follow_step()
+        if self.colocated is not None:
+            self.colocated.sleep()  # the GPU is the policy's until the next generation
         mine = _scatter(samples, self.rank, self.world)
         engine = self.policy.engine
         metrics: dict[str, Any] = {"step": self.step + 1, "total_steps": self.total_steps}
@@ -384,6 +426,9 @@ class StageTrainer:
         _print_line(WEIGHTS_LOG_PREFIX + json.dumps(record))
 
     def _sync_weights(self) -> None:
+        if self.colocated is not None:
+            self.colocated.push(self.policy.named_weights(), version=self.step)
+            return
         state_dict = self.policy.full_state_dict(self.rank)
         if self.rank == 0 and state_dict is not None:
             self.weight_sync.push(state_dict, version=self.step)

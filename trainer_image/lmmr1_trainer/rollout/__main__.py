@@ -1,8 +1,9 @@
 """python -m lmmr1_trainer.rollout --host "$POD_IP" --port 8000 --config /etc/lmmr1/stage.yaml
 
-Starts a rollout server for the stage: the back end named by `rollout.backend` (`vllm` on a
-GPU, `transformers` on CPU) serving the stage's starting weights (`init_from`, or `--model`),
-which the trainer replaces after every update. The weight-update routes need the bearer
+Starts a rollout server for the stage (`rollout.mode: separate`): the back end named by
+`rollout.backend` (`vllm`, CPU or GPU; `transformers` is a fallback without vLLM) serving
+the stage's starting weights (`init_from`, or `--model`), which the trainer replaces after
+every update. The weight-update routes need the bearer
 token read from `--token-file` (default: `rollout.token_file`, /etc/lmmr1/token/token).
 Prints `lmmr1-rollout listening on http://HOST:PORT` once it accepts requests (`--port 0`
 picks a free port), stops cleanly on SIGTERM/SIGINT, and exits 78 on a configuration error
@@ -32,13 +33,23 @@ logger = logging.getLogger("lmmr1_trainer.rollout")
 
 
 def _backend(config: StageConfig, model_dir: Path, threads: int | None) -> RolloutBackend:
-    if config.rollout.backend == "vllm":
-        from lmmr1_trainer.rollout.vllm_backend import VllmBackend
+    rollout = config.rollout
+    if rollout.backend == "transformers":
+        return TransformersBackend(model_dir, threads=threads)
+    from lmmr1_trainer.rollout.vllm_backend import VllmBackend, VllmEngine
 
-        return VllmBackend(
-            model_dir, config.rollout.tensor_parallel_size, config.rollout.gpu_memory_utilization
-        )
-    return TransformersBackend(model_dir, threads=threads)
+    algo = config.algorithm
+    on_gpu = config.trainer.gpus_per_node > 0
+    engine = VllmEngine(
+        model_dir,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        cpu_kv_cache_gib=rollout.cpu_kv_cache_gib,
+        max_model_len=algo.max_prompt_length + algo.max_generation_length,
+        dtype="bfloat16" if on_gpu and algo.bf16 else "float32",
+        seed=algo.seed,
+    )
+    return VllmBackend(engine)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,12 +2,17 @@
 
 Prompts are split into contiguous chunks, one per server, sent in parallel; a chunk whose
 server fails is retried on the next server (up to `retries` attempts in all) so one
-restarting pod does not stop the step. Weights go to every server.
+restarting pod does not stop the step. A server never has two generate calls from this
+client at once (a retried chunk waits for the server's own): its engine batches one call's
+prompts, and two overlapping calls would only compete for its memory. Each chunk carries
+its place in the step (`first_index`), so every sample's seed is the same whichever server
+draws it. Weights go to every server.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +54,7 @@ class RolloutClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self._session = requests.Session()
+        self._busy = {url: threading.Lock() for url in self.urls}
 
     def _with_retries(self, urls: list[str], what: str, call: Callable[[str], _T]) -> _T:
         """`call(url)` up to `retries` times, cycling through `urls`."""
@@ -97,18 +103,18 @@ class RolloutClient:
         pieces = [(i, p) for i, p in pieces if p]
 
         def send(index: int, chats: list[list[dict[str, Any]]]) -> GenerateResponse:
-            seed = None if sampling.seed is None else sampling.seed + index
             body = GenerateRequest(
-                prompts=chats, sampling=sampling.model_copy(update={"seed": seed})
+                prompts=chats, sampling=sampling, first_index=index * chunk
             ).model_dump_json()
 
             def call(url: str) -> GenerateResponse:
-                response = self._session.post(
-                    f"{url}/generate",
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                    timeout=self.timeout_s,
-                )
+                with self._busy[url]:
+                    response = self._session.post(
+                        f"{url}/generate",
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                        timeout=self.timeout_s,
+                    )
                 self._check(response)
                 return GenerateResponse.model_validate_json(response.content)
 

@@ -8,7 +8,8 @@ takes a safetensors-serialised state dict. `GET /health`, `GET /metrics`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import hashlib
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +31,17 @@ class SamplingParams(_Message):
 class GenerateRequest(_Message):
     prompts: list[list[dict[str, Any]]] = Field(min_length=1)
     sampling: SamplingParams = SamplingParams()
+    # The index of `prompts[0]` in the step's whole batch: sample j of prompt i is drawn
+    # with `sample_seed(sampling.seed, first_index + i, j)`, so the samples are the same
+    # whichever server or rank generates which share.
+    first_index: int = Field(default=0, ge=0)
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample: distinct per (step seed, prompt, sample), 63 bits, the same
+    in every process (no Python hash randomisation)."""
+    raw = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8)
+    return int.from_bytes(raw.digest(), "big") >> 1
 
 
 class Sample(_Message):
@@ -70,3 +82,14 @@ class NcclUpdateRequest(_Message):
     dtypes: list[str]
     shapes: list[list[int]]
     weight_version: int
+
+
+class Rollouts(Protocol):
+    """What the trainer's rank 0 generates with: rollout servers (`RolloutClient`) or the
+    ranks' colocated engines (`ColocatedRollout`)."""
+
+    def generate(
+        self, prompts: list[list[dict[str, Any]]], sampling: SamplingParams
+    ) -> tuple[list[PromptResult], int]:
+        """Results in prompt order, and the (oldest) weight version that drew them."""
+        ...

