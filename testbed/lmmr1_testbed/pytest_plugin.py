@@ -42,9 +42,34 @@ def testbed() -> Iterator[TestBedState]:
 POD_SECURITY_LABEL = "pod-security.kubernetes.io/enforce"
 
 
+class CommandFailed(RuntimeError):
+    """A test bed command (kubectl, helm) exited non-zero.
+
+    Not an AssertionError: inside a `wait_for` probe a failed command is a normal "not yet"
+    (`kubectl get pod x` before x exists, the API server still starting) and is retried,
+    while an AssertionError there is the test's own check failing and ends the wait at once.
+    Outside a probe it fails the test like any other exception.
+    """
+
+    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(
+            f"{' '.join(argv)} exited {returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        )
+
+    def __reduce__(self) -> tuple[type[CommandFailed], tuple[list[str], int, str, str]]:
+        return (type(self), (self.argv, self.returncode, self.stdout, self.stderr))
+
+
 @dataclass
 class Cli:
-    """A test bed command-line client (kubectl or helm) run as the admin unless told."""
+    """A test bed command-line client (kubectl or helm) run as the admin unless told.
+
+    A non-zero exit raises CommandFailed unless `check=False`.
+    """
 
     state: TestBedState
     name: str
@@ -73,10 +98,7 @@ class Cli:
             check=False,
         )
         if check and result.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(argv)} exited {result.returncode}\nstdout:\n{result.stdout}\n"
-                f"stderr:\n{result.stderr}"
-            )
+            raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
         return result
 
 

@@ -12,6 +12,9 @@ from lmmr1_testbed.layout import TestBedState
 
 T = TypeVar("T")
 
+# Exceptions from a probe that end a wait at once; every other Exception means "not yet".
+FAILS_AT_ONCE: tuple[type[BaseException], ...] = (AssertionError,)
+
 
 def diagnostics(state: TestBedState, namespace: str | None) -> str:
     """The namespace's last events and every pod's phase and container states."""
@@ -60,9 +63,15 @@ def wait_for(
 ) -> T:
     """Poll `probe` until it returns something truthy; on timeout fail with diagnostics.
 
-    Any other exception from the probe means "not yet" and is shown on timeout, except an
-    AssertionError: a check inside the probe that fails (say, the run already Failed while
-    we wait for a step) is the test's failure, raised at once instead of after `timeout`.
+    What the probe raises decides:
+    - AssertionError (FAILS_AT_ONCE) is the test's own check failing (say, the run already
+      Failed while we wait for a step): raised at once, with its message, not after
+      `timeout`. pytest.fail/skip are not Exceptions and also go through at once.
+    - Any other Exception means "not yet": retried, and the last one is shown on timeout.
+      That is `CommandFailed` from the test bed's `Cli` (kubectl/helm exited non-zero:
+      `kubectl get pod x` before x exists), a refused or reset connection (OSError),
+      subprocess.TimeoutExpired, and KeyError/IndexError/JSON errors on a half-filled
+      object. A probe must not turn these into AssertionErrors.
     """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -71,7 +80,7 @@ def wait_for(
             value = probe()
             if value:
                 return value
-        except AssertionError:
+        except FAILS_AT_ONCE:
             raise
         except Exception as err:  # noted, shown on timeout
             last_error = err
