@@ -51,6 +51,7 @@ def _set(path: str, value: Any) -> Callable[[Run], None]:
 
 _DELETE = object()
 ALGO = "spec.stages[0].algorithm"
+RESOURCES = "spec.stages[0].resources"
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,38 @@ INVALID: list[Invalid] = [
     Invalid(
         "tensor-parallel-not-dividing",
         lambda r: [
+            _set("spec.stages[0].resources.rollout.mode", "separate")(r),
             _set("spec.stages[0].resources.rollout.gpusPerReplica", 4)(r),
             _set("spec.stages[0].resources.rollout.tensorParallelSize", 3)(r),
         ],
         "spec.stages[0].resources.rollout.tensorParallelSize",
         "must divide gpusPerReplica",
+    ),
+    Invalid(
+        # One trainer node: the rollout mode defaults to colocate.
+        "tensor-parallel-colocated",
+        lambda r: [
+            _set(f"{RESOURCES}.rollout.gpusPerReplica", 2)(r),
+            _set(f"{RESOURCES}.rollout.tensorParallelSize", 2)(r),
+        ],
+        f"{RESOURCES}.rollout.tensorParallelSize",
+        "must be 1 in colocate mode",
+    ),
+    Invalid(
+        "transformers-colocated",
+        lambda r: [
+            _set(f"{RESOURCES}.trainer.nodes", 2)(r),
+            _set(f"{RESOURCES}.rollout.mode", "colocate")(r),
+            _set(f"{RESOURCES}.rollout.backend", "transformers")(r),
+        ],
+        f"{RESOURCES}.rollout.backend",
+        "colocate mode needs vllm",
+    ),
+    Invalid(
+        "unknown-rollout-mode",
+        _set(f"{RESOURCES}.rollout.mode", "remote"),
+        f"{RESOURCES}.rollout.mode",
+        'Unsupported value: "remote"',
     ),
     Invalid("unknown-field", _set(f"{ALGO}.lr", 0.1), f"{ALGO}.lr", "unknown field"),
     Invalid(

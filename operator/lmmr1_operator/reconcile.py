@@ -14,7 +14,7 @@ from typing import Any
 
 from lmmr1_operator import conditions as cond
 from lmmr1_operator import podstate
-from lmmr1_operator.api.spec import LMMR1RunSpec
+from lmmr1_operator.api.spec import LMMR1RunSpec, resolved_rollout_mode
 from lmmr1_operator.api.status import LMMR1RunStatus, StageStatus
 from lmmr1_operator.children import access, rollout, stage_config, trainer
 from lmmr1_operator.children.context import StageContext, init_weights
@@ -218,23 +218,26 @@ class _Decision:
                 f"stage {record.name} ({ctx.stage.type}) starts from {ctx.init_from}",
             )
         self.status.stage = record.name
+        record.rollout_mode = resolved_rollout_mode(ctx.stage.resources)
+        separate = record.rollout_mode == "separate"
         self.apply_progress(record)
         self.plan.ensure += [
+            # The trainer mounts the token in either mode; only rollout servers check it.
             access.token_secret(seen.run, seen.token),
             access.progress_configmap(seen.run),
             access.progress_role(seen.run),
             access.progress_binding(seen.run, seen.service_account),
-            access.rollout_network_policy(ctx),
-            rollout.service(ctx),
-            *(rollout.pod(ctx, r) for r in range(ctx.stage.resources.rollout.replicas)),
         ]
+        if separate:
+            self.plan.ensure += [
+                access.rollout_network_policy(ctx),
+                rollout.service(ctx),
+                *(rollout.pod(ctx, r) for r in range(ctx.stage.resources.rollout.replicas)),
+            ]
         if self.failed(ctx):
             return
-        ready = [p for p in seen.rollout_pods if podstate.is_ready(p)]
-        urls = None
-        if len(ready) == ctx.stage.resources.rollout.replicas:
-            by_replica = sorted(ready, key=lambda p: p["metadata"]["name"])
-            urls = [f"http://{p['status']['podIP']}:{ROLLOUT_PORT}" for p in by_replica]
+        # Colocated engines live in the trainer's ranks: nothing to wait for.
+        urls = self.rollout_urls(ctx) if separate else []
         config = stage_config.configmap(ctx, urls)
         have = (seen.config or {}).get("data", {})
         if seen.config is None or (urls is not None and have != config["data"]):
@@ -258,6 +261,14 @@ class _Decision:
             self.condition(cond.RUNNING, True, "StageRunning", f"stage {record.name}")
         else:
             self.condition(cond.RUNNING, False, "StageStarting", f"stage {record.name} starting")
+
+    def rollout_urls(self, ctx: StageContext) -> list[str] | None:
+        """The rollout servers' URLs once every replica is Ready (None until then)."""
+        ready = [p for p in self.seen.rollout_pods if podstate.is_ready(p)]
+        if len(ready) != ctx.stage.resources.rollout.replicas:
+            return None
+        by_replica = sorted(ready, key=lambda p: p["metadata"]["name"])
+        return [f"http://{p['status']['podIP']}:{ROLLOUT_PORT}" for p in by_replica]
 
     def creation(self) -> tuple[str, str] | None:
         """ChildrenCreated from what the API server refused: False (CreateFailed, its

@@ -10,7 +10,7 @@ from tests.invalid_runs import valid_run
 
 from lmmr1_operator import naming
 from lmmr1_operator.api import crd
-from lmmr1_operator.api.spec import MAX_STAGE_NAME, LMMR1RunSpec
+from lmmr1_operator.api.spec import MAX_STAGE_NAME, LMMR1RunSpec, resolved_rollout_mode
 from lmmr1_operator.children import access, rollout, stage_config, trainer
 from lmmr1_operator.children.context import StageContext, init_weights
 from lmmr1_operator.settings import OperatorSettings
@@ -100,12 +100,57 @@ def test_a_cpu_stage_runs_one_plain_process_with_deepspeed_on_cpu() -> None:
         "trainer": {"gpusPerNode": 0},
         "rollout": {"gpusPerReplica": 0},
     }
-    main = trainer.job(context(run))["spec"]["template"]["spec"]["containers"][0]
+    pod = trainer.job(context(run))["spec"]["template"]["spec"]
+    main = pod["containers"][0]
     assert main["command"][:3] == ["python", "-m", "lmmr1_trainer.train"]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in main["env"]
     assert "resources" not in main or "limits" not in main["resources"]
-    config = stage_config.render(context(run), ["http://127.101.0.1:8000"])
-    assert config.rollout.backend == "transformers"
+    # The colocated engine (vLLM's CPU build) writes only where the trainer already may.
+    mounts = {m["mountPath"] for m in main["volumeMounts"]}
+    assert {"/tmp", "/var/cache/lmmr1", "/dev/shm"} <= mounts
+    config = stage_config.render(context(run), [])
+    assert (config.rollout.mode, config.rollout.backend) == ("colocate", "vllm")
+
+
+def test_the_rollout_mode_defaults_to_colocate_on_one_trainer_node() -> None:
+    def mode(resources: dict[str, Any]) -> str:
+        run = run_obj()
+        run["spec"]["stages"][0]["resources"] = resources
+        return resolved_rollout_mode(context(run).stage.resources)
+
+    assert mode({}) == "colocate"
+    assert mode({"trainer": {"nodes": 2}}) == "separate"
+    assert mode({"rollout": {"mode": "separate"}}) == "separate"
+    assert mode({"trainer": {"nodes": 2}, "rollout": {"mode": "colocate"}}) == "colocate"
+    # Tensor-parallel rollout servers are valid where they exist.
+    tensor_parallel = {"gpusPerReplica": 2, "tensorParallelSize": 2}
+    assert mode({"rollout": {"mode": "separate", **tensor_parallel}}) == "separate"
+    assert mode({"trainer": {"nodes": 2}, "rollout": tensor_parallel}) == "separate"
+
+
+def test_a_colocated_stage_config_is_complete_at_once_without_urls() -> None:
+    run = run_obj()
+    run["spec"]["stages"][0]["resources"] = {"rollout": {"gpuMemoryUtilization": 0.4}}
+    configmap = stage_config.configmap(context(run), None)
+    assert set(configmap["data"]) == {"stage.yaml"}
+    loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
+    assert (loaded.rollout.mode, loaded.rollout.urls) == ("colocate", [])
+    assert (loaded.rollout.backend, loaded.rollout.gpu_memory_utilization) == ("vllm", 0.4)
+
+
+def test_separate_mode_renders_vllm_unless_transformers_is_asked_for() -> None:
+    run = run_obj()
+    rollout_spec: dict[str, Any] = {"mode": "separate", "gpusPerReplica": 0}
+    run["spec"]["stages"][0]["resources"] = {"rollout": rollout_spec}
+    urls = ["http://127.101.0.1:8000"]
+    config = stage_config.render(context(run), urls)
+    assert (config.rollout.mode, config.rollout.backend, config.rollout.urls) == (
+        "separate",
+        "vllm",
+        urls,
+    )
+    rollout_spec["backend"] = "transformers"
+    assert stage_config.render(context(run), urls).rollout.backend == "transformers"
 
 
 def test_rollout_pods_and_service() -> None:
@@ -122,13 +167,16 @@ def test_rollout_pods_and_service() -> None:
 
 
 def test_stage_config_round_trips_through_the_trainers_model() -> None:
-    ctx = context(run_obj(), index=1, finals=["s3://bucket/ckpt/ns/r/fre/step-20"])
+    run = run_obj()
+    run["spec"]["stages"][1]["resources"] = {"rollout": {"mode": "separate"}}
+    ctx = context(run, index=1, finals=["s3://bucket/ckpt/ns/r/fre/step-20"])
     configmap = stage_config.configmap(ctx, ["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
     loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
     assert loaded.init_from == "s3://bucket/ckpt/ns/r/fre/step-20"
     assert loaded.run.stage == "mgt" and loaded.dataset.type == "multimodal"
     assert loaded.checkpoint.uri == "s3://bucket/ckpt/ns/r/mgt"
     assert loaded.rollout.urls == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    assert loaded.rollout.mode == "separate"
     assert loaded.progress.configmap == "r-progress"
     assert loaded.algorithm.samples_per_prompt == 16
     # Before the rollout servers are up only their own config exists.

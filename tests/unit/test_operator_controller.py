@@ -90,9 +90,12 @@ def controller(run: Obj) -> tuple[Controller, FakeKube, list[tuple[str, str, str
     return ctl, kube, posted
 
 
-def new_run() -> Obj:
+def new_run(rollout_mode: str | None = None) -> Obj:
     run = valid_run("r")
     run["metadata"].update(namespace="ns", uid="uid-r", generation=1, resourceVersion="1")
+    if rollout_mode is not None:
+        for stage in run["spec"]["stages"]:
+            stage["resources"] = {"rollout": {"mode": rollout_mode}}
     return run
 
 
@@ -102,7 +105,7 @@ def condition(kube: FakeKube, kind: str) -> Obj:
 
 
 def test_a_pod_the_api_server_refuses_is_on_the_run_at_once_with_one_event() -> None:
-    ctl, kube, posted = controller(new_run())
+    ctl, kube, posted = controller(new_run("separate"))
     kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
     kube.refuse["Pod"] = FORBIDDEN
     ctl.reconcile("ns", "r")
@@ -123,15 +126,9 @@ def test_a_pod_the_api_server_refuses_is_on_the_run_at_once_with_one_event() -> 
 def test_a_job_whose_pods_are_refused_shows_its_failed_create_events() -> None:
     ctl, kube, posted = controller(new_run())
     kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    # Colocated rollouts (one trainer node): the trainer Job comes on the first pass.
     ctl.reconcile("ns", "r")
-    # The rollout server is ready: the operator creates the trainer Job.
-    rollout = kube.objects[("Pod", "r-fre-rollout-0")]
-    rollout["status"] = {
-        "phase": "Running",
-        "podIP": "10.0.0.7",
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }
-    ctl.reconcile("ns", "r")
+    assert not [key for key in kube.objects if key[0] == "Pod"]
     job = kube.objects[("Job", naming.trainer_job("r", "fre"))]
     assert job["metadata"]["uid"] == "uid-r-fre-trainer"
     # The Job controller's pod creation is refused: an Event on the Job, no pods.

@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
+import yaml
 from tests.invalid_runs import valid_run
 
 from lmmr1_operator.reconcile import CreateFailure, Observed, Plan, decide
@@ -18,10 +19,13 @@ SETTINGS = OperatorSettings(restart_backoff_seconds=10)
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
 
-def new_run(**spec: Any) -> dict[str, Any]:
+def new_run(rollout_mode: str | None = None, **spec: Any) -> dict[str, Any]:
     run = valid_run("r")
     run["metadata"].update(namespace="ns", uid="uid-1", generation=1)
     run["spec"].update(spec)
+    if rollout_mode is not None:
+        for stage in run["spec"]["stages"]:
+            stage.setdefault("resources", {}).setdefault("rollout", {})["mode"] = rollout_mode
     return run
 
 
@@ -93,21 +97,60 @@ def conditions(plan: Plan) -> dict[str, str]:
     return {c["type"]: c["status"] for c in plan.status["conditions"]}
 
 
-def started() -> tuple[dict[str, Any], Plan]:
-    run = new_run()
+def started(rollout_mode: str | None = None) -> tuple[dict[str, Any], Plan]:
+    """A run after its first pass (one trainer node: colocated rollouts unless told)."""
+    run = new_run(rollout_mode)
     plan = decide(seen(run), SETTINGS)
     return with_status(run, plan), plan
 
 
-def test_a_new_run_starts_its_first_stage_with_rollouts_first() -> None:
+def stage_yaml(plan: Plan) -> dict[str, Any]:
+    config = next(o for o in plan.replace if o["kind"] == "ConfigMap")
+    loaded: dict[str, Any] = yaml.safe_load(config["data"]["stage.yaml"])
+    return loaded
+
+
+def test_a_colocated_stage_starts_its_trainer_at_once_with_no_rollout_servers() -> None:
     _, plan = started()
+    created = kinds(plan.ensure)
+    assert not [k for k in created if "rollout" in k and k != "Secret/r-rollout-token"], created
+    assert "Job/r-fre-trainer" in created and "Service/r-fre-trainer" in created
+    assert kinds(plan.replace) == ["ConfigMap/r-fre-config"]
+    assert set(plan.replace[0]["data"]) == {"stage.yaml"}
+    rollout = stage_yaml(plan)["rollout"]
+    assert (rollout["mode"], rollout["urls"], rollout["backend"]) == ("colocate", [], "vllm")
+    assert plan.status["stages"][0]["rolloutMode"] == "colocate"
+    # Nothing else to wait for: the same plan on the next pass, with the config in place.
+    run = with_status(new_run(), plan)
+    again = decide(seen(run, config=plan.replace[0]), SETTINGS)
+    assert "Job/r-fre-trainer" in kinds(again.ensure) and not again.replace
+
+
+def test_a_multi_node_trainer_defaults_to_rollout_servers_started_first() -> None:
+    run = new_run()
+    for stage in run["spec"]["stages"]:
+        stage["resources"] = {"trainer": {"nodes": 2}}
+    plan = decide(seen(run), SETTINGS)
+    created = kinds(plan.ensure)
+    assert "Pod/r-fre-rollout-0" in created and "Service/r-fre-rollout" in created
+    assert "NetworkPolicy/r-fre-rollout" in created
+    assert not any(o["kind"] == "Job" for o in plan.ensure)
+    assert set(plan.replace[0]["data"]) == {"rollout.yaml"}
+    assert plan.status["stages"][0]["rolloutMode"] == "separate"
+
+
+def test_a_new_run_in_separate_mode_starts_its_rollout_servers_first() -> None:
+    _, plan = started("separate")
     assert plan.status["phase"] == "Pending"
     assert plan.status["stage"] == "fre" and plan.status["stageIndex"] == 0
     assert "Pod/r-fre-rollout-0" in kinds(plan.ensure)
     assert "Secret/r-rollout-token" in kinds(plan.ensure)
     assert "Role/r-progress" in kinds(plan.ensure)
     assert not any(o["kind"] == "Job" for o in plan.ensure)  # rollouts are not ready yet
+    assert "NetworkPolicy/r-fre-rollout" in kinds(plan.ensure)
     assert kinds(plan.replace) == ["ConfigMap/r-fre-config"]
+    assert set(plan.replace[0]["data"]) == {"rollout.yaml"}
+    assert plan.status["stages"][0]["rolloutMode"] == "separate"
     assert [e[1] for e in plan.events] == ["Created", "StageStarted"]
 
 
@@ -123,14 +166,14 @@ def test_deciding_twice_on_the_same_world_changes_nothing() -> None:
 
 
 def test_ready_rollouts_give_the_trainer_its_config_and_job() -> None:
-    run, _ = started()
+    run, _ = started("separate")
     config = {"data": {"rollout.yaml": "x"}}
     plan = decide(
         seen(run, rollout_pods=[pod("r-fre-rollout-0", ip="10.0.0.7")], config=config), SETTINGS
     )
     assert "Job/r-fre-trainer" in kinds(plan.ensure)
-    assert "stage.yaml" in plan.replace[0]["data"]
-    assert "http://10.0.0.7:8000" in plan.replace[0]["data"]["stage.yaml"]
+    rollout = stage_yaml(plan)["rollout"]
+    assert (rollout["mode"], rollout["urls"]) == ("separate", ["http://10.0.0.7:8000"])
 
 
 def test_progress_reaches_the_status() -> None:
@@ -180,7 +223,7 @@ def test_a_finished_stage_is_verified_in_s3_then_the_next_stage_starts_from_it()
     assert "StageSucceeded" in [e[1] for e in plan.events]
     nxt = decide(seen(with_status(run, plan)), SETTINGS)
     config = next(o for o in nxt.replace if o["kind"] == "ConfigMap")
-    assert f"init_from: {final}" in config["data"]["rollout.yaml"]
+    assert f"init_from: {final}" in config["data"]["stage.yaml"]
     assert nxt.status["stages"][1]["initCheckpoint"] == final
 
 
@@ -235,7 +278,7 @@ def test_a_completed_trainer_without_a_committed_checkpoint_restarts() -> None:
 
 
 def test_a_failed_pod_restarts_the_stage_with_backoff_until_the_limit() -> None:
-    run, _ = started()
+    run, _ = started("separate")
     failed = seen(run, rollout_pods=[pod("r-fre-rollout-0", phase="Failed", exit_code=137)])
     plan = decide(failed, SETTINGS)
     assert plan.delete_stage and plan.status["restarts"] == 1
@@ -258,7 +301,7 @@ def test_a_failed_pod_restarts_the_stage_with_backoff_until_the_limit() -> None:
 
 
 def test_the_restart_backoff_doubles_from_the_setting_and_caps_at_five_minutes() -> None:
-    run, _ = started()
+    run, _ = started("separate")
     run["spec"]["backoffLimit"] = 8
     now, waits = NOW, []
     for restart in range(1, 9):
@@ -298,7 +341,7 @@ def test_a_config_error_fails_fast_without_retrying() -> None:
 
 
 def test_suspend_stops_the_pods_and_resume_continues() -> None:
-    run, _ = started()
+    run, _ = started("separate")
     run["spec"]["suspend"] = True
     plan = decide(seen(run, stage_children_exist=True), SETTINGS)
     assert plan.status["phase"] == "Suspended" and plan.delete_stage
@@ -333,7 +376,7 @@ def test_a_missing_secret_blocks_with_a_condition_saying_what_to_do() -> None:
 
 
 def test_unschedulable_and_bad_images_show_as_conditions() -> None:
-    run, _ = started()
+    run, _ = started("separate")
     plan = decide(
         seen(
             run,
@@ -395,7 +438,7 @@ def _failed_condition(plan: Plan) -> dict[str, Any]:
 
 
 def test_a_rollout_servers_config_error_fails_fast_without_retrying() -> None:
-    run, _ = started()
+    run, _ = started("separate")
     server = pod(
         "r-fre-rollout-0",
         phase="Failed",
@@ -453,7 +496,7 @@ def test_a_sidecar_restarting_for_another_reason_is_left_to_the_kubelet() -> Non
 
 
 def test_a_failed_pod_names_each_failed_container_and_its_exit_code() -> None:
-    run, _ = started()
+    run, _ = started("separate")
     plan = decide(
         seen(run, rollout_pods=[pod("r-fre-rollout-0", phase="Failed", exit_code=137)]),
         SETTINGS,

@@ -276,8 +276,13 @@ class TrainerResources(ApiModel):
     shm_size: Quantity = Field(default="16Gi", description="/dev/shm for NCCL and dataloaders.")
 
 
+RolloutMode = Literal["colocate", "separate"]
+_COLOCATE_ONLY = "unused in colocate mode (the trainer's pods generate)"
+
+
 class RolloutResources(ApiModel):
-    """vLLM rollout servers."""
+    """Where samples are generated: vLLM inside every trainer rank (colocate) or rollout
+    server pods (separate)."""
 
     rules = (
         Rule(
@@ -290,15 +295,77 @@ class RolloutResources(ApiModel):
         ),
     )
 
-    replicas: int = Field(default=1, ge=1, le=256)
-    gpus_per_replica: int = Field(default=1, ge=0, le=16, description="0: CPU back end (tests).")
-    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
-    gpu_memory_utilization: float = Field(default=0.6, ge=0.05, le=0.98)
-    cpu: Quantity | None = None
-    memory: Quantity | None = None
+    mode: RolloutMode | None = Field(
+        default=None,
+        description="colocate: every trainer rank runs its own vLLM engine and generates its "
+        "share of the prompts (the paper's layout; no rollout pods). separate: rollout server "
+        "pods (replicas x gpusPerReplica) that the operator starts before the trainer. Unset: "
+        "colocate when the trainer fits one node (resources.trainer.nodes 1), separate "
+        "otherwise; the resolved mode shows in status.stages[].rolloutMode.",
+    )
+    backend: Literal["vllm", "transformers"] = Field(
+        default="vllm",
+        description="vllm (GPU, or its CPU build on CPU). transformers: fallback for "
+        "separate mode without vLLM; colocate needs vllm.",
+    )
+    replicas: int = Field(
+        default=1, ge=1, le=256, description=f"Rollout server pods; {_COLOCATE_ONLY}."
+    )
+    gpus_per_replica: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description=f"0: a CPU rollout server (tests); {_COLOCATE_ONLY}.",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, le=16, description="GPUs per vLLM engine; 1 in colocate mode."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.6,
+        ge=0.05,
+        le=0.98,
+        description="Share of each GPU's memory for vLLM (in colocate mode: of the trainer's).",
+    )
+    cpu: Quantity | None = Field(default=None, description=f"Per rollout pod; {_COLOCATE_ONLY}.")
+    memory: Quantity | None = Field(default=None, description=f"Per rollout pod; {_COLOCATE_ONLY}.")
+
+
+# The resolved mode in CEL; `resolved_rollout_mode` is the same in Python.
+_CEL_ROLLOUT_MODE = (
+    "(has(self.rollout.mode) ? self.rollout.mode : "
+    "(self.trainer.nodes == 1 ? 'colocate' : 'separate'))"
+)
+
+
+def resolved_rollout_mode(resources: Resources) -> RolloutMode:
+    """rollout.mode, or its default: colocate when the trainer fits one node."""
+    if resources.rollout.mode is not None:
+        return resources.rollout.mode
+    return "colocate" if resources.trainer.nodes == 1 else "separate"
 
 
 class Resources(ApiModel):
+    """The stage's pods: the trainer's, and the rollout servers' in separate mode."""
+
+    rules = (
+        Rule(
+            cel=f"{_CEL_ROLLOUT_MODE} != 'colocate' || self.rollout.tensorParallelSize == 1",
+            message="must be 1 in colocate mode (each trainer rank owns one engine); set "
+            "rollout.mode: separate for tensor-parallel rollout servers",
+            check=lambda r: (
+                resolved_rollout_mode(r) != "colocate" or r.rollout.tensor_parallel_size == 1
+            ),
+            field="rollout.tensorParallelSize",
+        ),
+        Rule(
+            cel=f"{_CEL_ROLLOUT_MODE} != 'colocate' || self.rollout.backend == 'vllm'",
+            message="colocate mode needs vllm; set rollout.mode: separate to run "
+            "transformers rollout servers",
+            check=lambda r: resolved_rollout_mode(r) != "colocate" or r.rollout.backend == "vllm",
+            field="rollout.backend",
+        ),
+    )
+
     trainer: TrainerResources = Field(default_factory=TrainerResources)
     rollout: RolloutResources = Field(default_factory=RolloutResources)
 

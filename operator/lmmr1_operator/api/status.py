@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from lmmr1_operator.api.base import ApiModel
+from lmmr1_operator.api.spec import RolloutMode
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
@@ -38,6 +39,10 @@ class StageStatus(ApiModel):
     init_checkpoint: str | None = Field(default=None, max_length=2048)
     final_checkpoint: str | None = Field(default=None, max_length=2048)
     restarts: int = Field(default=0, ge=0)
+    rollout_mode: RolloutMode | None = Field(
+        default=None,
+        description="Where the stage generates samples (spec's rollout.mode, resolved).",
+    )
 
 
 class LMMR1RunStatus(ApiModel):

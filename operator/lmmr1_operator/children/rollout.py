@@ -1,5 +1,6 @@
-"""Rollout servers: one pod per replica (vLLM on GPU, transformers on CPU) and a headless
-Service giving them stable DNS names in real clusters."""
+"""Rollout servers (separate mode only): one pod per replica (vLLM on GPU or CPU,
+transformers when asked for) and a headless Service giving them stable DNS names in real
+clusters."""
 
 from __future__ import annotations
 

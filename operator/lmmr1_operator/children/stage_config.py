@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmmr1_operator import naming
+from lmmr1_operator.api.spec import resolved_rollout_mode
 from lmmr1_operator.children.context import StageContext
 from lmmr1_trainer.config import (
     AlgorithmConfig,
@@ -49,9 +50,9 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
             unparseable_label=reward.unparseable_label,
         ),
         rollout=RolloutConfig(
-            mode="separate",
+            mode=resolved_rollout_mode(stage.resources),
             urls=rollout_urls,
-            backend="vllm" if rollout.gpus_per_replica > 0 else "transformers",
+            backend=rollout.backend,
             tensor_parallel_size=rollout.tensor_parallel_size,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
         ),
@@ -71,11 +72,15 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
 
 
 def configmap(ctx: StageContext, rollout_urls: list[str] | None) -> dict[str, Any]:
-    """`rollout.yaml` (what rollout servers need) from the start; `stage.yaml` (with the
-    rollout servers' URLs) once they are up and the trainer can start."""
-    data = {ROLLOUT_KEY: render(ctx, []).to_yaml()}
-    if rollout_urls is not None:
-        data[CONFIG_KEY] = render(ctx, rollout_urls).to_yaml()
+    """Separate mode: `rollout.yaml` (what rollout servers need) from the start, `stage.yaml`
+    (with the rollout servers' URLs) once they are up and the trainer can start. Colocate
+    mode: `stage.yaml` alone, at once (no rollout servers, no URLs)."""
+    if resolved_rollout_mode(ctx.stage.resources) == "colocate":
+        data = {CONFIG_KEY: render(ctx, []).to_yaml()}
+    else:
+        data = {ROLLOUT_KEY: render(ctx, []).to_yaml()}
+        if rollout_urls is not None:
+            data[CONFIG_KEY] = render(ctx, rollout_urls).to_yaml()
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
