@@ -30,7 +30,11 @@ NAMESPACE = "lmmr1-scale"
 
 
 def _run(name: str) -> dict[str, Any]:
-    cpu = {"trainer": {"gpusPerNode": 0, "shmSize": "64Mi"}, "rollout": {"gpusPerReplica": 0}}
+    # Separate rollout servers: the most children per run, and comparable with earlier results.
+    cpu = {
+        "trainer": {"gpusPerNode": 0, "shmSize": "64Mi"},
+        "rollout": {"mode": "separate", "gpusPerReplica": 0},
+    }
     return {
         "apiVersion": "lmmr1.io/v1alpha1",
         "kind": "LMMR1Run",

@@ -1,6 +1,7 @@
 """End to end: the operator (installed by its chart) runs examples/run-tiny.yaml on the
-process node with the real trainer, verifier and rollout server on CPU — FRE, then MGT from
-FRE's final checkpoint — and survives its trainer being killed mid-stage."""
+process node with the real trainer (generating with its colocated vLLM engine) and verifier
+on CPU — FRE, then MGT from FRE's final checkpoint — and survives its trainer being killed
+mid-stage."""
 
 from __future__ import annotations
 

@@ -36,7 +36,17 @@ class Bed:
     def wait(self, what: str, probe: Any, timeout: float = 60) -> Any:
         return wait_for(what, probe, timeout=timeout, state=self.testbed, namespace=self.ns)
 
-    def apply_run(self, name: str, stages: int = 2, trainer_gpus: int = 4, **spec: Any) -> None:
+    def apply_run(
+        self,
+        name: str,
+        stages: int = 2,
+        trainer_gpus: int = 4,
+        rollout_mode: str | None = None,
+        **spec: Any,
+    ) -> None:
+        """A run on the kwok GPU nodes; one trainer node, so colocated rollouts (no rollout
+        pods) unless `rollout_mode` is "separate"."""
+        mode = {"mode": rollout_mode} if rollout_mode else {}
         run = {
             "apiVersion": "lmmr1.io/v1alpha1",
             "kind": "LMMR1Run",
@@ -56,7 +66,7 @@ class Bed:
                         "dataset": {"uri": "s3://d/fre.jsonl"},
                         "resources": {
                             "trainer": {"gpusPerNode": trainer_gpus},
-                            "rollout": {"replicas": 2, "gpusPerReplica": 1},
+                            "rollout": {**mode, "replicas": 2, "gpusPerReplica": 1},
                         },
                     },
                     {
@@ -66,7 +76,7 @@ class Bed:
                         "algorithm": {"learningRate": 1e-6},
                         "resources": {
                             "trainer": {"gpusPerNode": 4},
-                            "rollout": {"replicas": 1, "gpusPerReplica": 1},
+                            "rollout": {**mode, "replicas": 1, "gpusPerReplica": 1},
                         },
                     },
                 ][:stages],
@@ -213,7 +223,7 @@ def _delete_runs_after_each_test(bed: Bed) -> Iterator[None]:
 
 
 def test_two_stage_run_goes_fre_then_mgt_to_succeeded(bed: Bed) -> None:
-    bed.apply_run("happy")
+    bed.apply_run("happy", rollout_mode="separate")
     trainer = bed.running_trainer("happy", "fre")
     rollouts = bed.pods("lmmr1.io/run=happy,lmmr1.io/role=rollout")
     assert len(rollouts) == 2 and all(
@@ -259,6 +269,22 @@ def test_two_stage_run_goes_fre_then_mgt_to_succeeded(bed: Bed) -> None:
     for reason in ("Created", "StageStarted", "StageSucceeded", "Succeeded"):
         assert reason in events
     assert events.count("StageSucceeded") == 2  # one operator acted, not two
+
+
+def test_a_one_node_trainer_generates_itself_without_rollout_servers(bed: Bed) -> None:
+    """rollout.mode unset and one trainer node: colocated vLLM, so no rollout pods, Service
+    or NetworkPolicy, and the trainer starts at once with the whole stage config."""
+    bed.apply_run("colocated", stages=1)
+    bed.running_trainer("colocated", "fre")
+    selector = "lmmr1.io/run=colocated,lmmr1.io/role=rollout"
+    assert not bed.pods(selector)
+    listed = bed.kubectl("get", "services,networkpolicies", "-l", selector, "-o", "name")
+    assert not listed.stdout.strip(), listed.stdout
+    config = bed.kubectl("get", "configmap", "colocated-fre-config", "-o", "json").stdout
+    data = json.loads(config)["data"]
+    assert set(data) == {"stage.yaml"}
+    assert "mode: colocate" in data["stage.yaml"]
+    assert bed.status("colocated")["stages"][0]["rolloutMode"] == "colocate"
 
 
 def test_a_failed_trainer_resumes_then_the_run_fails_at_the_backoff_limit(bed: Bed) -> None:
@@ -364,7 +390,7 @@ def test_deadline_fails_and_ttl_deletes_the_run_and_its_children(bed: Bed) -> No
 
 
 def test_killing_the_operator_midway_loses_nothing_and_duplicates_nothing(bed: Bed) -> None:
-    bed.apply_run("survivor")
+    bed.apply_run("survivor", rollout_mode="separate")
     bed.running_trainer("survivor", "fre")
     bed.report("survivor", stage="fre", step=2, total_steps=4, reward=0.5)
     bed.wait("progress", lambda: bed.status("survivor").get("step") == 2, 10)
@@ -428,7 +454,7 @@ def condition(bed: Bed, run: str, kind: str, status: str = "True") -> Any:
 def test_every_child_of_a_run_is_admitted_in_a_restricted_namespace(bed: Bed) -> None:
     """The module's namespace enforces Pod Security `restricted`: the rollout pods and the
     trainer Job's pod are admitted as they are."""
-    bed.apply_run("admitted", stages=1)
+    bed.apply_run("admitted", stages=1, rollout_mode="separate")
     trainer = bed.running_trainer("admitted", "fre")
     rollouts = bed.pods("lmmr1.io/run=admitted,lmmr1.io/role=rollout")
     assert len(rollouts) == 2
@@ -462,6 +488,7 @@ def test_an_image_the_node_cannot_pull_blocks_the_run_with_its_reason(bed: Bed) 
     bed.apply_run(
         "nopull",
         stages=1,
+        rollout_mode="separate",
         images={"rollout": "ghcr.io/lmmr1/lmmr1-trainer:0.1.0"},  # the CUDA image
         nodeSelector={"lmmr1.io/process-node": "true"},
         tolerations=[{"key": "lmmr1.io/process-node", "operator": "Exists"}],
