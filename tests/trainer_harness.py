@@ -57,9 +57,11 @@ def stage_config(
     token_file: Path,
     s3_endpoint: str | None = None,
     stage: str = "mgt",
+    rollout_backend: str = "vllm",
     **algorithm: Any,
 ) -> dict[str, Any]:
-    """A small CPU stage (ZeRO-2, fp32, transformers rollout); `algorithm` overrides."""
+    """A small CPU stage (ZeRO-2, fp32) generating with vLLM: colocated with the trainer
+    without `rollout_urls`, on those rollout servers with them; `algorithm` overrides."""
     return {
         "run": {"namespace": "ns", "name": "tiny", "stage": stage, "stage_index": 1},
         "init_from": init_from,
@@ -80,9 +82,9 @@ def stage_config(
         },
         "reward": {"url": reward_url},
         "rollout": {
-            "mode": "separate",
+            "mode": "separate" if rollout_urls else "colocate",
             "urls": rollout_urls,
-            "backend": "transformers",
+            "backend": rollout_backend,
             "token_file": str(token_file),
         },
         "trainer": {"nodes": 1, "gpus_per_node": 0},
@@ -108,7 +110,7 @@ def write_stage(path: Path, stage: dict[str, Any]) -> Path:
 def rollout_servers(
     stage: dict[str, Any], workdir: Path, count: int, env: dict[str, str] | None = None
 ) -> Iterator[list[Service]]:
-    """`count` transformers rollout servers serving `stage`'s `init_from` (started together),
+    """`count` rollout servers (the stage's back end, vLLM by default) serving `stage`'s `init_from` (started together),
     stopped on exit. Every trainer pushes its weights when it starts, so consecutive runs can
     share them."""
     config = write_stage(workdir / "rollout-stage.yaml", stage)

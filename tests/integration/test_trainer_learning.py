@@ -18,6 +18,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +73,19 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+@contextmanager
+def rollout_urls(mode: str, server_stage: dict[str, Any], workdir: Path) -> Iterator[list[str]]:
+    """No URLs (colocated vLLM engines), or one vLLM rollout server's (separate)."""
+    if mode == "colocate":
+        yield []
+        return
+    with rollout_server(server_stage, workdir) as rollout:
+        yield [rollout.url]
+
+
+@pytest.mark.parametrize("mode", ["colocate", "separate"])
 def test_mean_reward_rises_and_does_not_with_flipped_advantages(
-    warm_model: Path, arithmetic: Path, verifier: Service, tmp_path: Path
+    mode: str, warm_model: Path, arithmetic: Path, verifier: Service, tmp_path: Path
 ) -> None:
     token = write_token(tmp_path)
 
@@ -91,10 +104,10 @@ def test_mean_reward_rises_and_does_not_with_flipped_advantages(
         return config
 
     curves = {}
-    with rollout_server(stage("server", []), tmp_path) as rollout:
+    with rollout_urls(mode, stage("server", []), tmp_path) as urls:
         for name, program in (("learn", TRAIN_MODULE), ("flipped", FLIPPED_TRAINER)):
             (tmp_path / name).mkdir()
-            config = write_stage(tmp_path / f"{name}.yaml", stage(name, [rollout.url]))
+            config = write_stage(tmp_path / f"{name}.yaml", stage(name, urls))
             records = run_trainer(config, tmp_path / name, program=program)
             curves[name] = [r["reward"] for r in records]
             print(name, [round(r, 3) for r in curves[name]])

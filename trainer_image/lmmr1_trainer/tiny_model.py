@@ -243,7 +243,9 @@ def warm_start(
     torch.manual_seed(seed)
     texts = _warm_start_texts(tokenizer, 256, seed)
     image_batches = _image_batches(processor, 64, seed) if processor is not None else []
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    # 1e-3 for the head_dim-64 model: well-formed answers a third of the time after 100
+    # steps (measured 0.33; 2e-3 gives 0.80, 5e-3 garbles every answer).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     marker = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     model.train()
     loss = torch.tensor(0.0)

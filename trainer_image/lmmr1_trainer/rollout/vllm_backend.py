@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -186,8 +187,16 @@ class VllmEngine:
         if distributed:
             options["distributed_executor_backend"] = "external_launcher"
         if max_model_len is not None:
-            options["max_model_len"] = max_model_len
+            # Prompt + response, within what the model's positions allow.
+            from transformers import AutoConfig
+
+            text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
+            limit = getattr(text_config, "max_position_embeddings", None)
+            options["max_model_len"] = min(max_model_len, limit) if limit else max_model_len
         started = time.monotonic()
+        # vLLM seeds the process's global generators: in the trainer's process that would
+        # replace the trainer's (restored, on resume) random state.
+        random_state = (random.getstate(), torch.get_rng_state())
         self.llm = LLM(
             model=str(model_dir),
             tensor_parallel_size=tensor_parallel_size,
@@ -199,6 +208,8 @@ class VllmEngine:
             seed=seed,
             **options,
         )
+        random.setstate(random_state[0])
+        torch.set_rng_state(random_state[1])
         if self.on_cpu and colocated:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op; the trainer's
             # setting stands.
