@@ -110,9 +110,9 @@ def write_stage(path: Path, stage: dict[str, Any]) -> Path:
 def rollout_servers(
     stage: dict[str, Any], workdir: Path, count: int, env: dict[str, str] | None = None
 ) -> Iterator[list[Service]]:
-    """`count` rollout servers (the stage's back end, vLLM by default) serving `stage`'s `init_from` (started together),
-    stopped on exit. Every trainer pushes its weights when it starts, so consecutive runs can
-    share them."""
+    """`count` rollout servers (the stage's back end, vLLM by default) serving `stage`'s
+    `init_from` (started together), stopped on exit. Every trainer pushes its weights when it
+    starts, so consecutive runs can share them."""
     config = write_stage(workdir / "rollout-stage.yaml", stage)
     token = Path(stage["rollout"]["token_file"])
     server_env = {**(env or {}), "LMMR1_MODEL_CACHE": str(workdir / "rollout-models")}
