@@ -1,11 +1,12 @@
 """The RL update really learns, and a crash costs nothing: properties of the whole trainer
-(verifier + transformers rollout server + DeepSpeed ZeRO-2 on CPU), not of one function.
+(verifier + vLLM, CPU build + DeepSpeed ZeRO-2 on CPU), not of one function.
 
-- It learns: on synthetic arithmetic, with the warm tiny model that follows the answer
-  format only part of the time, mean reward rises clearly within a few steps; the same run
-  with the advantage sign flipped (tests/flipped_advantages.py) does not rise, so the test
-  can fail.
-- Resume is exact, on one rank and on two: a run killed between two checkpoints (test bed's
+- It learns, with vLLM colocated in the trainer and with a vLLM rollout server: on
+  synthetic arithmetic, with the warm tiny model that follows the answer format only part
+  of the time, mean reward rises clearly within a few steps; the same run with the
+  advantage sign flipped (tests/flipped_advantages.py) does not rise, so the test can fail.
+- Resume is exact, on one rank and on two (colocated engines; the stage test covers a
+  resume with rollout servers): a run killed between two checkpoints (test bed's
   S3 server) redoes the steps after the last one and ends where the uninterrupted run ends
   (data order, rewards, losses, weights); the two-rank run (same global batch) also matches
   the one-rank run, and its ranks hold the same weights after every step.
@@ -49,7 +50,9 @@ LEARN_ALGORITHM: dict[str, Any] = {
     "rollout_batch_size": 4,
     "train_batch_size": 16,
     "micro_train_batch_size": 16,
-    "learning_rate": 5e-4,  # 2e-3 collapses the tiny model whatever the advantage sign
+    # 1e-3 collapses the (head_dim 64) tiny model whatever the advantage sign; 2e-4 barely
+    # moves it in 16 steps.
+    "learning_rate": 3e-4,
     "warmup_ratio": 0.0,
     "kl_coef": 0.0,
     "max_generation_length": 24,
@@ -115,8 +118,12 @@ def test_mean_reward_rises_and_does_not_with_flipped_advantages(
     assert len(learn) == len(flipped) == LEARN_STEPS
     assert learn[0] == flipped[0]  # same model, data and sampling seed: the same first batch
     window = 4  # means over 4 steps (128 samples) smooth the sampling noise
-    # Measured: 0.16 -> 0.36 learning; 0.09 -> 0.00 flipped.
-    assert _mean(learn[-window:]) >= _mean(learn[:window]) + 0.1, curves
+    # Measured (vLLM, colocated; head_dim-64 tiny model): learning 0.133 over the first 4
+    # steps -> 0.201 over the second half, 0.203 over the last 4; flipped 0.066 -> 0.000.
+    # The control run shares the data order and seeds, so it also cancels out how hard
+    # each step's prompts happen to be.
+    assert _mean(learn[LEARN_STEPS // 2 :]) >= _mean(learn[:window]) + 0.04, curves
+    assert _mean(learn[-window:]) >= _mean(flipped[-window:]) + 0.1, curves
     assert _mean(flipped[-window:]) <= _mean(flipped[:window]), curves
 
 
@@ -194,17 +201,18 @@ def test_resume_between_checkpoints_on_one_and_two_ranks_equals_the_uninterrupte
         return config
 
     digest_env = {**s3_env, WEIGHT_DIGEST_ENV: "1"}
-    with rollout_server(stage("server", []), tmp_path, s3_env) as rollout:
-        runs: dict[str, tuple[list[str], list[str]]] = {}
-        config = write_stage(tmp_path / "straight.yaml", stage("straight", [rollout.url]))
-        straight = run_trainer(config, tmp_path / "straight", s3_env)
-        config = write_stage(tmp_path / "one.yaml", stage("one", [rollout.url]))
-        runs["one"] = _killed_and_resumed(config, tmp_path / "one", s3_env, TRAIN_MODULE)
-        config = write_stage(tmp_path / "two.yaml", stage("two", [rollout.url]))
-        runs["two"] = _killed_and_resumed(config, tmp_path / "two", digest_env, two_ranks())
+    # Colocated vLLM engines (the default layout): on two ranks each rank's engine draws its
+    # share of the prompts, with the same per-sample seeds as the one engine of one rank.
+    runs: dict[str, tuple[list[str], list[str]]] = {}
+    config = write_stage(tmp_path / "straight.yaml", stage("straight", []))
+    straight = run_trainer(config, tmp_path / "straight", s3_env)
+    config = write_stage(tmp_path / "one.yaml", stage("one", []))
+    runs["one"] = _killed_and_resumed(config, tmp_path / "one", s3_env, TRAIN_MODULE)
+    config = write_stage(tmp_path / "two.yaml", stage("two", []))
+    runs["two"] = _killed_and_resumed(config, tmp_path / "two", digest_env, two_ranks())
     assert [r["step"] for r in straight] == list(range(1, RESUME_STEPS + 1))
     # Each step's rollouts come from the policy of the step before: never from the weights
-    # of a step that died with the trainer (the servers held step 3's when it was killed).
+    # of a step that died with the trainer.
     assert [r["weight_version"] for r in straight] == [r["step"] - 1 for r in straight]
     a_store = CheckpointStore(open_storage(f"s3://{s3_bucket}/straight"))
     a_store.download(RESUME_STEPS, tmp_path / "final-straight", skip_prefix="trainer_state/")
