@@ -305,6 +305,7 @@ class _Decision:
         record.step, record.total_steps = progress.step, progress.total_steps
         record.reward, record.accuracy = progress.reward, progress.accuracy
         record.initial_reward = progress.initial_reward
+        record.rollout_engine = progress.rollout_engine or record.rollout_engine
 
     def failed(self, ctx: StageContext) -> bool:
         """Handle a failed rollout or trainer pod. True when the stage is not running."""

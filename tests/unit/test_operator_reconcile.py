@@ -186,6 +186,7 @@ def test_progress_reaches_the_status() -> None:
         accuracy=0.5,
         last_checkpoint="s3://b/c/step-10",
         initial_reward=0.1,
+        rollout_engine="vllm 0.32.0 cpu, colocate",
         updated_at="2026-01-01T12:00:00Z",
     )
     plan = decide(
@@ -200,6 +201,7 @@ def test_progress_reaches_the_status() -> None:
     )
     assert status["reward"] == 0.75 and status["lastCheckpoint"] == "s3://b/c/step-10"
     assert status["stages"][0]["initialReward"] == 0.1
+    assert status["stages"][0]["rolloutEngine"] == "vllm 0.32.0 cpu, colocate"
     assert conditions(plan)["Running"] == "True"
 
 

@@ -187,6 +187,8 @@ class Progress(_Config):
     accuracy: float | None = None
     initial_reward: float | None = None
     tokens_per_second: float | None = None
+    # What generates the samples, e.g. "vllm 0.32.0 cpu, colocate".
+    rollout_engine: str | None = Field(default=None, max_length=128)
     last_checkpoint: str | None = None
     final_checkpoint: str | None = None  # set once, when the stage's last checkpoint commits
     updated_at: str

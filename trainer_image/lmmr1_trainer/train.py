@@ -143,6 +143,7 @@ class StageTrainer:
         self.algo = config.algorithm
         self.on_gpu = config.trainer.gpus_per_node > 0
         self.colocated: ColocatedRollout | None = None
+        self.rollout_engine: str | None = None  # reported with the progress
         self.log_weight_digest = os.environ.get(WEIGHT_DIGEST_ENV) == "1"
 
     # -- set-up -------------------------------------------------------------------------
@@ -254,6 +255,7 @@ class StageTrainer:
         except BackendUnavailable as err:
             raise ConfigError(str(err)) from err
         self.colocated = ColocatedRollout(engine, self.rank, self.world)
+        self.rollout_engine = f"{engine.describe()}, colocate"
 
     def _connect(self) -> None:
         from lmmr1_trainer.progress import make_reporter
@@ -271,11 +273,13 @@ class StageTrainer:
         except OSError as err:
             raise ConfigError(f"rollout.token_file: cannot read {token_file}: {err}") from err
         try:
-            self.client = RolloutClient(self.config.rollout.urls, token)
+            urls = self.config.rollout.urls
+            self.client = RolloutClient(urls, token)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         self.client.wait_ready()
         self.rollouts = self.client
+        self.rollout_engine = f"{self.config.rollout.backend}, separate ({len(urls)} servers)"
         self.weight_sync = make_weight_sync(
             self.client,
             self.config.rollout.backend,
@@ -447,6 +451,7 @@ class StageTrainer:
                 accuracy=stats.accuracy if stats else None,
                 initial_reward=self.initial_reward,
                 tokens_per_second=stats.generated_tokens / stats.seconds if stats else None,
+                rollout_engine=self.rollout_engine,
                 last_checkpoint=self.last_checkpoint,
                 final_checkpoint=final,
                 updated_at=now(),

@@ -43,6 +43,11 @@ class StageStatus(ApiModel):
         default=None,
         description="Where the stage generates samples (spec's rollout.mode, resolved).",
     )
+    rollout_engine: str | None = Field(
+        default=None,
+        max_length=128,
+        description='What the trainer reports generating with, e.g. "vllm 0.32.0 cpu, colocate".',
+    )
 
 
 class LMMR1RunStatus(ApiModel):

