@@ -107,6 +107,11 @@ def main() -> None:
 
     before = generate()
     report = {"before": _largest_gap(policy, encoder, chats, before, loader)}
+    # A step bigger than one engine step's token budget (48 seeded samples of a 252-token
+    # image prompt): on CPU a prefill split over two engine steps failed every seeded sample.
+    if not args.server:
+        many = engine.generate(GenerateRequest(prompts=[inline[1]] * 16, sampling=SAMPLING))
+        report["big_step_samples"] = sum(len(r.samples) for r in many)
     old = load_model(args.model).eval()
     torch.manual_seed(3)
     with torch.no_grad():

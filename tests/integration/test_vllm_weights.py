@@ -69,7 +69,9 @@ def _assert_exact_after_update(report: dict[str, float]) -> None:
 def test_a_colocated_engine_takes_the_policys_weights_exactly(
     tiny_model: Path, counting: Path, tmp_path: Path
 ) -> None:
-    _assert_exact_after_update(_parity(tiny_model, counting, tmp_path / "report.json"))
+    report = _parity(tiny_model, counting, tmp_path / "report.json")
+    _assert_exact_after_update(report)
+    assert report["big_step_samples"] == 16 * 3
 
 
 def test_a_rollout_server_takes_the_pushed_weights_exactly(

@@ -177,6 +177,10 @@ class VllmEngine:
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
             options["enforce_eager"] = True  # no torch.compile on CPU (slow start, no gain)
+            # A prefill split over two engine steps rewinds the request's seeded generator,
+            # which CPU generators cannot do ("CPU Generator does not use offset": every
+            # seeded sample of a step whose prompts exceed one step's token budget failed).
+            options["enable_chunked_prefill"] = False
             if colocated:
                 # The trainer owns this process's threads: vLLM must not pin or cap them.
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
