@@ -109,15 +109,15 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
     testbed: TestBedState,
     s3_bucket: str,
     s3_env: dict[str, str],
-    warm_model: Path,
+    answering_model: Path,
     verifier: Service,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     endpoint = testbed.s3_endpoint
-    upload_tree(open_storage(f"s3://{s3_bucket}/models/tiny"), warm_model, "")
+    upload_tree(open_storage(f"s3://{s3_bucket}/models/tiny"), answering_model, "")
     # One prefix, two files: a few text prompts, and image prompts to count shapes in (the
-    # warm model answers those right now and then: accuracy can be earned).
+    # answering model gets those right now and then: accuracy can be earned).
     for task, folder, count in (("arithmetic", "text", 4), ("counting", "images", 12)):
         subprocess.run(
             [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", task, "--count",
@@ -170,7 +170,7 @@ def test_stage_trains_checkpoints_to_s3_and_resumes_after_a_kill(
     from lmmr1_trainer.data import load_dataset
     from lmmr1_trainer.models import ChatEncoder
 
-    encoder = ChatEncoder.load(warm_model)
+    encoder = ChatEncoder.load(answering_model)
     rows = load_dataset(DatasetConfig(**stage["dataset"]), S3Settings(endpoint=endpoint))
     labels_by_prompt: dict[str, set[str]] = defaultdict(set)
     for row in rows:
