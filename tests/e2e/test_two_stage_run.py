@@ -64,6 +64,10 @@ def committed_steps(s3_client: Any, stage_uri: str) -> list[int]:
     return sorted(steps)
 
 
+# Three trainer starts, each with its colocated vLLM engine (measured 30-40 s to start in a
+# pod on a loaded 2-core machine, most of it vLLM inspecting the model class in a fresh
+# HOME), plus two stages of steps: more than the suite's default 600 s.
+@pytest.mark.timeout(1200)
 def test_fre_then_mgt_with_a_killed_trainer_resuming(
     testbed: TestBedState, s3_client: Any, seeded: dict[str, str]
 ) -> None:
