@@ -8,7 +8,9 @@ checkpointing, 8 x 1024-token micro-batches; plain torch AdamW if deepspeed is a
 weight-sync seconds for the full state dict (HTTP safetensors push to a local rollout
 server; NCCL needs vLLM and two GPUs). Each phase runs in its own process under a time cap,
 so one that crashes, runs out of memory or overruns leaves the others' numbers; the update
-phase retries with half the micro-batch after an out-of-memory error.
+phase retries with half the micro-batch after an out-of-memory error. `--phases colocate`
+(not in the defaults; `lmmr1_bench.gpu_colocate`) measures the colocated engine instead:
+`VllmEngine.generate` tokens/s against bare `vllm.LLM.generate` and `update_weights` seconds.
 
 Writes `gpubench.json` and `gpubench.md` (card, versions, numbers) plus one log per phase
 to `--out` (default `$OUT`, else `./bench-gpu-out`). The defaults finish in about 7 minutes
@@ -36,14 +38,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lmmr1_bench.gpu_phases import PHASES, BenchSettings
+from lmmr1_bench.gpu_colocate import phase_colocate
+from lmmr1_bench.gpu_phases import PHASES, BenchSettings, PhaseFunction
 
 EXIT_NO_GPU = 2
 OUT_ENV = "OUT"
 DEFAULT_OUT = Path("bench-gpu-out")
 # Seconds each phase may take, its process's start and model build included. Full size:
 # 130 + 160 + 130 = 420 s, inside gpu.sh's 8 minutes with room for the wheels' install.
-PHASE_CAPS = {"rollout": 130.0, "update": 160.0, "sync": 130.0}
+PHASE_CAPS = {"rollout": 130.0, "update": 160.0, "sync": 130.0, "colocate": 240.0}
+# `colocate` (the colocated vLLM engine against bare vLLM, and its weight updates) runs only
+# when asked for: `--phases colocate`.
+ALL_PHASES: dict[str, PhaseFunction] = {**PHASES, "colocate": phase_colocate}
 TINY_CAP = 240.0  # a cold DeepSpeed CPU start JIT-builds its shm op (~1 min)
 MIN_PHASE_S = 30.0  # a phase given less than this is skipped, not started
 
@@ -154,7 +160,7 @@ def run_phase(name: str, settings: BenchSettings, cap_s: float, result: Path) ->
     # Stop measuring with a tenth of the cap left: the process still has to exit.
     deadline = started + cap_s * 0.9
     try:
-        PHASES[name](settings, record, deadline)
+        ALL_PHASES[name](settings, record, deadline)
     except PhaseSkipped as skipped:
         record.set(status="skipped", reason=str(skipped))
         return 0
@@ -267,6 +273,13 @@ def summarise(name: str, result: dict[str, Any]) -> str:
         return f"{status}: {result.get('reason') or result.get('error', '')}"
     if name == "rollout":
         return f"{result.get('tokens_per_second')} tokens/s generated ({result['backend']})"
+    if name == "colocate":
+        return (
+            f"VllmEngine.generate {result.get('ours_tokens_per_second')} tokens/s = "
+            f"{result.get('tokens_per_second_ratio')}x bare vllm.LLM.generate "
+            f"({result.get('bare_tokens_per_second')}); update_weights "
+            f"{result.get('median_update_s')} s ({result.get('engine')})"
+        )
     if name == "update":
         return (
             f"{result.get('median_step_s')} s per optimizer step, "
@@ -390,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=None, help="rollout samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=None, help="rollout tokens per sample")
     # The child side (one phase), started by the parent.
-    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=sorted(ALL_PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--settings", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cap-s", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -411,9 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    unknown = set(args.phases.split(",")) - set(PHASES)
+    unknown = set(args.phases.split(",")) - set(ALL_PHASES)
     if unknown:
-        parser.error(f"--phases: unknown {sorted(unknown)}; choose from {sorted(PHASES)}")
+        parser.error(f"--phases: unknown {sorted(unknown)}; choose from {sorted(ALL_PHASES)}")
     import torch
 
     if not args.tiny and not torch.cuda.is_available():

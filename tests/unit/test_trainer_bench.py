@@ -33,11 +33,13 @@ def _step(seconds: float, generate: float = 0.0) -> StepTiming:
     return StepTiming(seconds, generate, 0.1, 0.2, 0.05, 20.0)
 
 
-def test_the_stage_is_valid_and_does_one_update_per_rollout_batch(tmp_path: Path) -> None:
+def test_the_stage_is_valid_colocated_and_does_one_update_per_rollout_batch(
+    tmp_path: Path,
+) -> None:
     settings = BenchSettings()
     case = BenchCase("multimodal", tmp_path / "model", "file:///data/train.jsonl")
-    raw = stage_config(case, settings, tmp_path, ["http://r"], "http://v", tmp_path / "t")
-    config = StageConfig.model_validate(raw)
+    config = StageConfig.model_validate(stage_config(case, settings, tmp_path, "http://v"))
+    assert (config.rollout.mode, config.rollout.backend) == ("colocate", "vllm")  # the default
     assert config.dataset.type == "multimodal"
     assert config.algorithm.advantage_estimator == "grpo"  # TRL's group normalisation
     assert not config.algorithm.kl_in_reward and config.algorithm.kl_estimator == "k3"
@@ -70,15 +72,17 @@ def test_the_median_is_a_real_step_so_its_phases_add_up() -> None:
     assert (median.seconds, median.generate) == (2.0, 0.5)
 
 
-def test_a_row_shows_the_ratio_or_why_a_run_failed() -> None:
+def test_a_row_shows_the_ratios_or_why_a_run_failed() -> None:
     ours = RunResult([_step(1.5)])
-    row = render_row("text", ours, RunResult([_step(1.0)]))
-    assert "| 1.50 | 1.00 | 1.50x |" in row
+    row = render_row("text", ours, RunResult([_step(1.0)]), RunResult([_step(3.0)]))
+    assert "| 1.50 | 1.00 | 3.00 | 1.50x | 0.50x |" in row
     quartiles = RunResult([_step(1.0), _step(2.0), _step(3.0)]).seconds_cell()
     assert quartiles == "2.00 (1.50-2.50)"  # within the measured range
-    failed = render_row("multimodal", ours, RunResult(error="ValueError: no | images"))
+    failed = render_row(
+        "multimodal", ours, RunResult([_step(1.0)]), RunResult(error="ValueError: no | images")
+    )
     assert "failed: ValueError: no \\| images" in failed
-    assert "n/a" in failed
+    assert "| 1.50x | n/a |" in failed
 
 
 def test_the_section_replaces_the_previous_one_and_keeps_what_follows() -> None:
