@@ -94,6 +94,26 @@ def stage_config(
     }
 
 
+def build_tiny_model(out: Path, warm_start_steps: int = 0) -> Path:
+    """The tiny Qwen2.5-VL in `out` (`python -m lmmr1_trainer.tiny_model`, CPU settings)."""
+    subprocess.run(
+        [sys.executable, "-m", "lmmr1_trainer.tiny_model", str(out),
+         "--warm-start-steps", str(warm_start_steps)],
+        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+def synthetic_dataset(out: Path, task: str, count: int) -> Path:
+    """A local synthetic dataset (`python -m lmmr1_trainer.synthetic`); its train.jsonl."""
+    subprocess.run(
+        [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", task, "--count", str(count),
+         "--out", str(out)],
+        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
+    )  # fmt: skip
+    return out / "train.jsonl"
+
+
 def write_token(directory: Path) -> Path:
     """The rollout servers' weight-update token, as the operator mounts it."""
     token = directory / "token"

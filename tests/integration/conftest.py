@@ -3,18 +3,16 @@ what the trainer's tests share (a warm tiny model, a verifier, S3 credentials)."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.trainer_harness import build_tiny_model
 
 from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 from lmmr1_testbed.pytest_plugin import Cli
 from lmmr1_testbed.waiting import wait_for
-from lmmr1_trainer.localrun import CPU_ENV, Service, start_verifier
+from lmmr1_trainer.localrun import Service, start_verifier
 
 MANIFESTS = REPO_ROOT / "manifests"
 
@@ -49,12 +47,7 @@ def installed_manifests(testbed: TestBedState) -> Path:
 def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2.5-VL after 100 SFT steps: it writes a well-formed answer about a third
     of the time on text and image prompts, so rewards vary and the format can be learned."""
-    out = tmp_path_factory.mktemp("tiny-vl-warm")
-    subprocess.run(
-        [sys.executable, "-m", "lmmr1_trainer.tiny_model", str(out), "--warm-start-steps", "100"],
-        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
-    )  # fmt: skip
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-vl-warm"), warm_start_steps=100)
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +55,7 @@ def answering_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2.5-VL after 300 SFT steps: well-formed answers about 90% of the time,
     and the right count for an image now and then (measured 0.19 of samples), so a stage
     can earn accuracy, not only format."""
-    out = tmp_path_factory.mktemp("tiny-vl-answering")
-    subprocess.run(
-        [sys.executable, "-m", "lmmr1_trainer.tiny_model", str(out), "--warm-start-steps", "300"],
-        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
-    )  # fmt: skip
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-vl-answering"), warm_start_steps=300)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +30,7 @@ from tests.trainer_harness import (
     run_trainer_output,
     run_until_killed,
     stage_config,
+    synthetic_dataset,
     two_ranks,
     write_stage,
     write_token,
@@ -40,7 +38,7 @@ from tests.trainer_harness import (
 
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_trainer.checkpoint import CheckpointStore
-from lmmr1_trainer.localrun import CPU_ENV, Service
+from lmmr1_trainer.localrun import Service
 from lmmr1_trainer.storage import open_storage
 from lmmr1_trainer.train import WEIGHT_DIGEST_ENV, WEIGHTS_LOG_PREFIX, step_records
 
@@ -63,13 +61,7 @@ LEARN_ALGORITHM: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("arithmetic")
-    subprocess.run(
-        [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", "arithmetic", "--count", "64",
-         "--out", str(out)],
-        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
-    )  # fmt: skip
-    return out / "train.jsonl"
+    return synthetic_dataset(tmp_path_factory.mktemp("arithmetic"), "arithmetic", 64)
 
 
 def _mean(values: list[float]) -> float:

@@ -18,7 +18,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.trainer_harness import rollout_server, stage_config, write_token
+from tests.trainer_harness import (
+    build_tiny_model,
+    rollout_server,
+    stage_config,
+    synthetic_dataset,
+    write_token,
+)
 
 from lmmr1_trainer.localrun import CPU_ENV
 
@@ -28,23 +34,12 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-vl")
-    subprocess.run(
-        [sys.executable, "-m", "lmmr1_trainer.tiny_model", str(out)],
-        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
-    )  # fmt: skip
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-vl"))
 
 
 @pytest.fixture(scope="module")
 def counting(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("counting")
-    subprocess.run(
-        [sys.executable, "-m", "lmmr1_trainer.synthetic", "--task", "counting", "--count", "2",
-         "--out", str(out)],
-        check=True, env={**os.environ, **CPU_ENV}, capture_output=True,
-    )  # fmt: skip
-    return out / "train.jsonl"
+    return synthetic_dataset(tmp_path_factory.mktemp("counting"), "counting", 2)
 
 
 def _parity(tiny_model: Path, counting: Path, out: Path, *server: str) -> dict[str, float]:
