@@ -26,10 +26,11 @@ from lmmr1_trainer.experience import (
     ScoredSample,
     collect_rollout,
     mean_kl,
+    old_log_probs_from_update,
     prepare_micro_batches,
     whiten_across_ranks,
 )
-from lmmr1_trainer.models import ChatEncoder, load_model
+from lmmr1_trainer.models import ChatEncoder, load_model, response_log_probs
 from lmmr1_trainer.rollout.client import RewardClient, RolloutClient
 from lmmr1_trainer.rollout.protocol import Sample
 from lmmr1_trainer.synthetic import chat_message, write_dataset
@@ -308,6 +309,36 @@ def test_log_probs_kl_and_returns_match_an_independent_computation(
     assert_close(whitened, expected_whitened, "whitened advantages")
     for mb in mbs:  # padding stays zero
         assert float((mb.advantages * (1 - mb.batch.response_mask)).abs().sum()) == 0.0
+
+
+def test_one_update_per_rollout_takes_its_old_log_probs_from_the_update_itself(
+    setup: Setup,
+) -> None:
+    """Skipping the old-log-prob pass changes nothing the update sees: the same old
+    log-probs, KL and returns as the precomputed path; the KL in the reward refuses it."""
+    algo = algorithm(kl_in_reward=False, kl_estimator="k3")
+    assert old_log_probs_from_update(algo, updates_per_rollout=1)
+    assert not old_log_probs_from_update(algo, updates_per_rollout=2)
+    assert not old_log_probs_from_update(algorithm(kl_in_reward=True), updates_per_rollout=1)
+    samples = rollout(setup, algo).samples
+    args = (samples, setup.policy, setup.reference, setup.encoder, algo)
+    precomputed = prepare_micro_batches(*args)
+    skipped = prepare_micro_batches(*args, skip_old_log_probs=True)
+    assert all(mb.old_log_probs is None for mb in skipped)
+    for index, (full, lazy) in enumerate(zip(precomputed, skipped, strict=True)):
+        assert_close(lazy.advantages, full.advantages, f"returns of micro-batch {index}")
+        with torch.no_grad():  # the update's own forward pass, as the trainer's loop runs it
+            current = response_log_probs(setup.policy, lazy.batch, algo.temperature)
+        assert full.old_log_probs is not None
+        assert_close(lazy.old_or(current), full.old_log_probs, f"old log-probs of {index}")
+        assert_close(lazy.kl, full.kl, f"KL metric of micro-batch {index}")
+        assert_close(full.old_or(current * 2), full.old_log_probs, "precomputed ones stay")
+    assert mean_kl(skipped) == pytest.approx(mean_kl(precomputed), abs=1e-6)
+    with pytest.raises(ValueError, match="KL in the reward"):
+        prepare_micro_batches(
+            samples, setup.policy, setup.reference, setup.encoder, algorithm(kl_in_reward=True),
+            skip_old_log_probs=True,
+        )  # fmt: skip
 
 
 def test_the_step_fails_rather_than_train_on_a_prompt_over_max_prompt_length(

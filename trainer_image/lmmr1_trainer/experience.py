@@ -5,6 +5,11 @@ scores them with the verifier (OpenRLHF payload) and applies the group baseline.
 `prepare_micro_batches` computes, on each rank's share, the old policy's and the reference's
 log-probs, the KL penalty and the returns; `whiten_across_ranks` then normalises the
 advantages over the whole rollout batch (all ranks), as OpenRLHF does.
+
+When a rollout feeds exactly one optimizer update and the KL is a loss term (not part of the
+reward), the policy cannot change between the old-log-prob pass and the loss, so the old
+log-probs equal the update's own, detached: `old_log_probs_from_update` says so, the
+preparation skips that forward pass and the update fills them in (TRL does the same).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lmmr1_trainer.algorithms import (
+    KLEstimator,
     approx_kl,
     cumulative_returns,
     group_baseline,
@@ -134,11 +140,29 @@ def collect_rollout(
 @dataclass
 class MicroBatch:
     batch: SequenceBatch
-    old_log_probs: Tensor
+    old_log_probs: Tensor | None  # None: the update's own log-probs, detached (see above)
     ref_log_probs: Tensor | None
     advantages: Tensor
     kl: Tensor
+    kl_estimator: KLEstimator = "k3"  # how `kl` is estimated from the old and reference log-probs
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def old_or(self, current: Tensor) -> Tensor:
+        """The old policy's log-probs; `current` (detached) when they were not precomputed,
+        recording the KL to the reference from them for the step's metrics."""
+        if self.old_log_probs is not None:
+            return self.old_log_probs.to(current.device)
+        old = current.detach()
+        if self.ref_log_probs is not None:
+            kl = approx_kl(old.cpu(), self.ref_log_probs, self.kl_estimator)
+            self.kl = kl * self.batch.response_mask
+        return old
+
+
+def old_log_probs_from_update(algo: AlgorithmConfig, updates_per_rollout: int) -> bool:
+    """Whether the old-log-prob pass can be skipped: one update per rollout, and no KL in
+    the reward (whose returns need the old log-probs before any loss)."""
+    return updates_per_rollout == 1 and not algo.kl_in_reward
 
 
 def prepare_micro_batches(
@@ -147,8 +171,14 @@ def prepare_micro_batches(
     reference: Any | None,
     encoder: ChatEncoder,
     algo: AlgorithmConfig,
+    skip_old_log_probs: bool = False,
 ) -> list[MicroBatch]:
-    """Old/ref log-probs, KL and returns (not yet whitened) per micro-batch of this rank."""
+    """Old/ref log-probs, KL and returns (not yet whitened) per micro-batch of this rank.
+
+    `skip_old_log_probs` (only where `old_log_probs_from_update`): no old-log-prob pass;
+    the update supplies them through `MicroBatch.old_or`."""
+    if skip_old_log_probs and algo.kl_in_reward:
+        raise ValueError("the KL in the reward needs the old log-probs before the update")
     size = algo.micro_train_batch_size
     prepared: list[MicroBatch] = []
     with torch.no_grad():
@@ -160,20 +190,24 @@ def prepare_micro_batches(
                 encoder.pad_token_id,
                 encoder.image_token_id,
             )
-            old = response_log_probs(policy, batch, algo.temperature).cpu()
             mask = batch.response_mask
+            old = None
+            if not skip_old_log_probs:
+                old = response_log_probs(policy, batch, algo.temperature)
             ref = None
-            kl = torch.zeros_like(old)
+            kl = torch.zeros(mask.shape)
+            estimator = "k1" if algo.kl_in_reward else algo.kl_estimator
             if reference is not None:
                 ref = response_log_probs(reference, batch, algo.temperature).cpu()
-                estimator = "k1" if algo.kl_in_reward else algo.kl_estimator
-                kl = approx_kl(old, ref, estimator) * mask
+                if old is not None:
+                    kl = approx_kl(old.cpu(), ref, estimator) * mask
             in_reward_kl = kl if algo.kl_in_reward else torch.zeros_like(kl)
             shaped = torch.tensor([s.shaped_reward for s in chunk])
             returns = cumulative_returns(
                 token_rewards(shaped, in_reward_kl, mask, algo.kl_coef), mask
             )
-            prepared.append(MicroBatch(batch, old, ref, returns, kl))
+            old_cpu = None if old is None else old.cpu()
+            prepared.append(MicroBatch(batch, old_cpu, ref, returns, kl, estimator))
     return prepared
 
 

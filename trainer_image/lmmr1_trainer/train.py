@@ -18,6 +18,8 @@ Start: resume from the newest committed checkpoint under `checkpoint.uri`, else 
 termination message (/dev/termination-log) -> exit 0. Exit 78 on a configuration error, with
 the reason in the termination message (under `lmmr1_trainer.launch`, which runs torchrun, the
 rank reports it to the launcher, which exits 78 with it: torchrun alone would exit 1).
+Exit 1 with the reason in the termination message when a wait misses its deadline
+(`deadline.AttemptFailed`, e.g. `WeightSyncTimeout`): the operator restarts the stage.
 CPU: `trainer.gpus_per_node: 0` (DeepSpeed with DS_ACCELERATOR=cpu, gloo, ZeRO-2, fp32).
 """
 
@@ -154,6 +156,7 @@ class StageTrainer:
         from lmmr1_trainer.checkpoint import CheckpointStore
         from lmmr1_trainer.data import ImageLoader, PromptSampler, load_dataset
         from lmmr1_trainer.engine import PolicyEngine, plan_batches, setup_distributed
+        from lmmr1_trainer.experience import old_log_probs_from_update
         from lmmr1_trainer.models import ChatEncoder, load_model, resolve_model
         from lmmr1_trainer.storage import open_storage
 
@@ -165,6 +168,9 @@ class StageTrainer:
         plan_batches(self.algo, int(os.environ.get("WORLD_SIZE", "1")))  # fail before init
         self.rank, self.local_rank, self.world = setup_distributed(self.on_gpu)
         self.plan = plan_batches(self.algo, self.world)
+        self.old_log_probs_from_update = old_log_probs_from_update(
+            self.algo, self.plan.updates_per_rollout
+        )
         torch.manual_seed(self.algo.seed + self.rank)
         random.seed(self.algo.seed + self.rank)
         self.store = CheckpointStore(open_storage(self.config.checkpoint.uri, self.config.s3))
@@ -285,6 +291,7 @@ class StageTrainer:
             self.config.rollout.backend,
             self.config.rollout.tensor_parallel_size,
             self.on_gpu,
+            self.config.rollout.weight_sync_timeout_s,
         )
 
     # -- the loop -----------------------------------------------------------------------
@@ -364,7 +371,12 @@ class StageTrainer:
         losses, clips = [], []
         with timed(metrics, "update_seconds"):  # old/ref log-probs, then every optimizer update
             micro_batches = prepare_micro_batches(
-                mine, engine, self.reference, self.encoder, self.algo
+                mine,
+                engine,
+                self.reference,
+                self.encoder,
+                self.algo,
+                skip_old_log_probs=self.old_log_probs_from_update,
             )
             if self.algo.advantage_estimator != "grpo":
                 whiten_across_ranks(micro_batches)
@@ -377,7 +389,7 @@ class StageTrainer:
                     log_probs = response_log_probs(engine, mb.batch, self.algo.temperature)
                     loss, clip = policy_loss(
                         log_probs,
-                        mb.old_log_probs.to(engine.device),
+                        mb.old_or(log_probs),
                         mb.advantages.to(engine.device),
                         mask,
                         self.algo.clip_range,
@@ -518,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(int(threads))
     from lmmr1_trainer.data import DatasetError
+    from lmmr1_trainer.deadline import AttemptFailed
     from lmmr1_trainer.engine import EngineConfigError
     from lmmr1_trainer.models import ModelSourceError
 
@@ -532,6 +545,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except (ConfigError, DatasetError, EngineConfigError, ModelSourceError) as err:
         return config_error(f"stage config: {err}")
+    except AttemptFailed as err:
+        # Another attempt may succeed: exit 1 with the reason where the operator reads it.
+        # os._exit: the thread that missed its deadline may be stuck for good (in NCCL,
+        # say), and the interpreter's shutdown would wait for it or its CUDA teardown.
+        logger.error("this attempt fails: %s", err)
+        _write_termination_message(str(err))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":
