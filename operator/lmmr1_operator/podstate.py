@@ -56,13 +56,22 @@ def exited_with(pod: Obj, code: int) -> tuple[str, str] | None:
     return None
 
 
-def failed_containers(pod: Obj) -> list[tuple[str, int]]:
-    """(container, exit code) of every container that ended with a non-zero code."""
+# How much of a failed container's termination message goes into the run's Event and
+# condition (the kubelet keeps up to 4096 bytes; an Event message, 1024).
+MAX_FAILURE_MESSAGE = 300
+
+
+def failed_containers(pod: Obj) -> list[tuple[str, int, str]]:
+    """(container, exit code, termination message) of every container that ended with a
+    non-zero code; the message (why, as the container said it) is cut to a readable length."""
     out = []
     for status in _statuses(pod):
         state = (status.get("state") or {}).get("terminated") or {}
         if state.get("exitCode"):
-            out.append((str(status.get("name", "")), int(state["exitCode"])))
+            message = " ".join(str(state.get("message") or "").split())
+            if len(message) > MAX_FAILURE_MESSAGE:
+                message = message[: MAX_FAILURE_MESSAGE - 3] + "..."
+            out.append((str(status.get("name", "")), int(state["exitCode"]), message))
     return out
 
 

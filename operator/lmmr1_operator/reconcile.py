@@ -335,7 +335,10 @@ class _Decision:
             ", ".join(
                 f"{p['metadata']['name']} ("
                 + (
-                    ", ".join(f"{c} exit {code}" for c, code in podstate.failed_containers(p))
+                    ", ".join(
+                        f"{c} exit {code}" + (f": {message}" if message else "")
+                        for c, code, message in podstate.failed_containers(p)
+                    )
                     or "no exit code"
                 )
                 + ")"

@@ -506,6 +506,23 @@ def test_a_failed_pod_names_each_failed_container_and_its_exit_code() -> None:
     assert "r-fre-rollout-0 (rollout exit 137) failed" in plan.events[-1][2]
 
 
+def test_a_failed_trainer_says_why_on_the_run() -> None:
+    """The trainer's termination message (a missed deadline, say) reaches the Event and
+    the condition, cut to a readable length."""
+    run, _ = started("separate")
+    why = "WeightSyncTimeout: pushing weights v3 to 2 rollout server(s) did not finish within 600 s"
+    failed = pod("r-fre-trainer-0", phase="Failed", exit_code=1, message=why, container="trainer")
+    plan = decide(seen(run, trainer_pods=[failed]), SETTINGS)
+    assert f"r-fre-trainer-0 (trainer exit 1: {why}) failed" in plan.events[-1][2]
+    running = next(c for c in plan.status["conditions"] if c["type"] == "Running")
+    assert (running["reason"], why in running["message"]) == ("StageRestarting", True)
+    long = pod(
+        "r-fre-trainer-0", phase="Failed", exit_code=1, message="x" * 5000, container="trainer"
+    )
+    event = decide(seen(run, trainer_pods=[long]), SETTINGS).events[-1][2]
+    assert "x" * 297 + "..." in event and "x" * 298 not in event
+
+
 def refused_pod(message: str = "violates PodSecurity") -> CreateFailure:
     return CreateFailure("Pod", "r-fre-rollout-0", "Forbidden", f'pods "r-fre-rollout-0" {message}')
 

@@ -106,7 +106,8 @@ def test_nccl_weight_sync_fails_clearly_without_a_gpu() -> None:
     client = RolloutClient(["http://127.0.0.1:1"], "t")
     with pytest.raises(RuntimeError, match="CUDA"):
         NcclWeightSync(client, tensor_parallel_size=1)
-    assert isinstance(make_weight_sync(client, "vllm", 1, on_gpu=False), HttpWeightSync)
+    sync = make_weight_sync(client, "vllm", 1, on_gpu=False, timeout_s=60)
+    assert isinstance(sync, HttpWeightSync)
 
 
 def test_an_image_without_vllm_fails_at_start_saying_what_to_install(

@@ -21,6 +21,7 @@ from lmmr1_trainer.verifier.config import PromptTemplate, UnparseableLabelPolicy
 CONFIG_PATH = Path("/etc/lmmr1/stage.yaml")
 TOKEN_PATH = Path("/etc/lmmr1/token/token")
 TERMINATION_LOG = Path("/dev/termination-log")
+DEFAULT_WEIGHT_SYNC_TIMEOUT_S = 600.0
 PROGRESS_KEY = "progress.json"
 
 # Exit codes the operator acts on (besides 0). Anything else is retried from the last
@@ -124,7 +125,7 @@ class RolloutConfig(_Config):
     cpu_kv_cache_gib: int = Field(default=1, ge=1)
     # A weight update that takes longer fails the attempt (the stage restarts from its last
     # checkpoint) instead of hanging the trainer.
-    weight_sync_timeout_s: float = Field(default=600.0, gt=0)
+    weight_sync_timeout_s: float = Field(default=DEFAULT_WEIGHT_SYNC_TIMEOUT_S, gt=0)
     token_file: str = str(TOKEN_PATH)
 
     @model_validator(mode="after")

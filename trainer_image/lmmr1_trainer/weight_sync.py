@@ -6,6 +6,10 @@
   group with every vLLM worker (vLLM's `StatelessProcessGroup` + `PyNcclCommunicator`), posts
   the tensors' names/dtypes/shapes to `/receive_weights` and broadcasts each tensor.
   Its master port is $LMMR1_WEIGHT_SYNC_PORT (default 51216, as TRL's vllm-serve).
+
+Each push has a deadline (`rollout.weight_sync_timeout_s`): a server that never answers, or
+an NCCL broadcast whose peer is gone, fails the attempt (`WeightSyncTimeout`) instead of
+hanging the trainer.
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ from typing import Any, Protocol
 
 import torch
 
+from lmmr1_trainer.config import DEFAULT_WEIGHT_SYNC_TIMEOUT_S
+from lmmr1_trainer.deadline import within
 from lmmr1_trainer.rollout.client import RolloutClient
 
 logger = logging.getLogger(__name__)
 WEIGHT_SYNC_PORT_ENV = "LMMR1_WEIGHT_SYNC_PORT"
 DEFAULT_WEIGHT_SYNC_PORT = 51216
+
+
+WEIGHT_SYNC_TIMEOUT = "WeightSyncTimeout"  # the reason an overdue push fails the attempt
 
 
 class WeightSync(Protocol):
@@ -36,16 +45,30 @@ def serialise(state_dict: dict[str, torch.Tensor]) -> bytes:
 
 
 class HttpWeightSync:
-    def __init__(self, client: RolloutClient) -> None:
+    def __init__(
+        self, client: RolloutClient, timeout_s: float = DEFAULT_WEIGHT_SYNC_TIMEOUT_S
+    ) -> None:
         self.client = client
+        self.timeout_s = timeout_s
 
     def push(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        answers = self.client.update_weights(serialise(state_dict), version)
+        payload = serialise(state_dict)
+        answers = within(
+            self.timeout_s,
+            WEIGHT_SYNC_TIMEOUT,
+            f"pushing weights v{version} to {len(self.client.urls)} rollout server(s)",
+            lambda: self.client.update_weights(payload, version),
+        )
         logger.info("weights v%d pushed to %d rollout server(s)", version, len(answers))
 
 
 class NcclWeightSync:
-    def __init__(self, client: RolloutClient, tensor_parallel_size: int) -> None:
+    def __init__(
+        self,
+        client: RolloutClient,
+        tensor_parallel_size: int,
+        timeout_s: float = DEFAULT_WEIGHT_SYNC_TIMEOUT_S,
+    ) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError(
                 "NCCL weight sync needs a CUDA device on the trainer; on CPU the trainer "
@@ -60,6 +83,7 @@ class NcclWeightSync:
                 "trainer image"
             ) from err
         self.client = client
+        self.timeout_s = timeout_s
         self.errors: list[str] = []
         address = os.environ.get("POD_IP") or os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = int(os.environ.get(WEIGHT_SYNC_PORT_ENV, DEFAULT_WEIGHT_SYNC_PORT))
@@ -77,9 +101,15 @@ class NcclWeightSync:
             )
             for i, url in enumerate(client.urls)
         ]
-        group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world)
-        self.comm = PyNcclCommunicator(group, device=torch.cuda.current_device())
-        self._join(joins)
+        device = torch.cuda.current_device()
+
+        def join_group() -> Any:
+            group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world)
+            return PyNcclCommunicator(group, device=device)
+
+        what = f"joining the NCCL weight-sync group of {len(client.urls)} rollout server(s)"
+        self.comm = within(timeout_s, WEIGHT_SYNC_TIMEOUT, what, join_group)
+        within(timeout_s, WEIGHT_SYNC_TIMEOUT, what, lambda: self._join(joins))
 
     def _post(self, url: str, route: str, body: dict[str, Any]) -> threading.Thread:
         """POST in the background: the server answers only once the collective is done."""
@@ -102,6 +132,10 @@ class NcclWeightSync:
             raise RuntimeError("NCCL weight sync failed: " + "; ".join(self.errors))
 
     def push(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        what = f"broadcasting weights v{version} to {len(self.client.urls)} rollout server(s)"
+        within(self.timeout_s, WEIGHT_SYNC_TIMEOUT, what, lambda: self._push(state_dict, version))
+
+    def _push(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         names = list(state_dict)
         body = {
             "names": names,
@@ -118,8 +152,8 @@ class NcclWeightSync:
 
 
 def make_weight_sync(
-    client: RolloutClient, backend: str, tensor_parallel_size: int, on_gpu: bool
+    client: RolloutClient, backend: str, tensor_parallel_size: int, on_gpu: bool, timeout_s: float
 ) -> WeightSync:
     if backend == "vllm" and on_gpu:
-        return NcclWeightSync(client, tensor_parallel_size)
-    return HttpWeightSync(client)
+        return NcclWeightSync(client, tensor_parallel_size, timeout_s)
+    return HttpWeightSync(client, timeout_s)
