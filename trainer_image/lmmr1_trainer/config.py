@@ -22,6 +22,13 @@ CONFIG_PATH = Path("/etc/lmmr1/stage.yaml")
 TOKEN_PATH = Path("/etc/lmmr1/token/token")
 TERMINATION_LOG = Path("/dev/termination-log")
 DEFAULT_WEIGHT_SYNC_TIMEOUT_S = 600.0
+# A collective waits this long for its slowest rank, and some phases keep every rank but
+# one (or one per node) waiting: rank 0's rollout and scoring of a step and its dataset
+# load; a node's local rank 0 uploading a checkpoint (a 3B policy's weights and its fp32
+# optimizer state, ~50 GB from one node) or downloading one to resume. At a slow 100 MB/s
+# that upload alone takes ~9 minutes, past DeepSpeed's default of 10 with rollout on top.
+# An hour covers them with room; a rank that is truly gone still fails the attempt.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 3600.0
 PROGRESS_KEY = "progress.json"
 
 # Exit codes the operator acts on (besides 0). Anything else is retried from the last
@@ -140,6 +147,9 @@ class RolloutConfig(_Config):
 class TrainerTopology(_Config):
     nodes: int = 1
     gpus_per_node: int = 8  # 0: CPU (DeepSpeed with DS_ACCELERATOR=cpu, gloo)
+    # Every collective between the trainer's ranks fails after this many seconds (the
+    # process group's timeout) instead of hanging when a rank is gone.
+    collective_timeout_s: float = Field(default=DEFAULT_COLLECTIVE_TIMEOUT_S, gt=0)
 
 
 class CheckpointConfig(_Config):

@@ -8,6 +8,7 @@ is torch's AdamW handed to DeepSpeed (its fused CUDA/CPU Adam ops need building)
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from lmmr1_trainer.algorithms import cosine_lr_multiplier
-from lmmr1_trainer.config import AlgorithmConfig
+from lmmr1_trainer.config import DEFAULT_COLLECTIVE_TIMEOUT_S, AlgorithmConfig
 
 logger = logging.getLogger(__name__)
 DS_TAG = "deepspeed"
@@ -83,8 +84,15 @@ def deepspeed_config(algo: AlgorithmConfig, world_size: int, on_gpu: bool) -> di
     }
 
 
-def setup_distributed(on_gpu: bool) -> tuple[int, int, int]:
-    """(rank, local rank, world size). Without torchrun's env, a world of one on a free port."""
+def setup_distributed(
+    on_gpu: bool, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+) -> tuple[int, int, int]:
+    """(rank, local rank, world size). Without torchrun's env, a world of one on a free port.
+
+    Every collective of the default process group fails after `collective_timeout_s`
+    (`trainer.collective_timeout_s`) instead of DeepSpeed's 10 minutes. On GPU the rank's
+    local GPU is the current CUDA device before the group exists: NCCL's object
+    collectives and barriers use it (see `lmmr1_trainer.collectives`)."""
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
@@ -103,10 +111,13 @@ def setup_distributed(on_gpu: bool) -> tuple[int, int, int]:
         )
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if on_gpu:
         torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if on_gpu else "gloo",
+        timeout=datetime.timedelta(seconds=collective_timeout_s),
+    )
     return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
 
 

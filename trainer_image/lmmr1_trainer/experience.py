@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lmmr1_trainer.algorithms import (
@@ -30,6 +29,7 @@ from lmmr1_trainer.algorithms import (
     masked_mean,
     token_rewards,
 )
+from lmmr1_trainer.collectives import all_reduce_sum
 from lmmr1_trainer.config import AlgorithmConfig, RewardConfig
 from lmmr1_trainer.data import ImageLoader, PromptRow, decode_images
 from lmmr1_trainer.models import (
@@ -211,22 +211,24 @@ def prepare_micro_batches(
     return prepared
 
 
-def whiten_across_ranks(micro_batches: list[MicroBatch], eps: float = 1e-8) -> None:
-    """Mean 0, variance 1 over every real response token of the rollout batch (all ranks)."""
-    totals = torch.zeros(3, dtype=torch.float64)
+def whiten_across_ranks(
+    micro_batches: list[MicroBatch], device: torch.device | str = "cpu", eps: float = 1e-8
+) -> None:
+    """Mean 0, variance 1 over every real response token of the rollout batch (all ranks).
+    `device`: where the sums are reduced across ranks, the engine's (NCCL reduces CUDA
+    tensors only); the advantages stay where they are."""
+    totals = torch.zeros(2, dtype=torch.float64)
     for mb in micro_batches:
         mask = mb.batch.response_mask.double()
         totals[0] += (mb.advantages.double() * mask).sum()
         totals[1] += mask.sum()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = all_reduce_sum(totals, device)
     mean = totals[0] / totals[1].clamp(min=1)
     variance = torch.zeros(1, dtype=torch.float64)
     for mb in micro_batches:
         mask = mb.batch.response_mask.double()
         variance += (((mb.advantages.double() - mean) ** 2) * mask).sum()
-    if dist.is_initialized():
-        dist.all_reduce(variance)
+    variance = all_reduce_sum(variance, device)
     rstd = (variance / totals[1].clamp(min=1)).clamp(min=eps).rsqrt()
     for mb in micro_batches:
         mask = mb.batch.response_mask.float()

@@ -103,28 +103,6 @@ def total_steps(config: StageConfig, dataset_rows: int) -> int:
     return steps
 
 
-def _broadcast(value: Any, rank: int) -> Any:
-    import torch.distributed as dist
-
-    box = [value if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _scatter(items: list[Any] | None, rank: int, world: int) -> list[Any]:
-    import torch.distributed as dist
-
-    if world == 1:
-        return items or []
-    shards: list[Any] | None = None
-    if rank == 0 and items is not None:
-        size = len(items) // world
-        shards = [items[r * size : (r + 1) * size] for r in range(world)]
-    out: list[Any] = [None]
-    dist.scatter_object_list(out, shards, src=0)
-    return list(out[0])
-
-
 def node_workdir(config: StageConfig) -> Path:
     """Scratch space shared by the ranks of one node (checkpoint staging, resume download):
     DeepSpeed writes every rank's shard into one folder, uploaded by the node's local rank 0."""
@@ -154,6 +132,7 @@ class StageTrainer:
         import torch
 
         from lmmr1_trainer.checkpoint import CheckpointStore
+        from lmmr1_trainer.collectives import broadcast_object
         from lmmr1_trainer.data import ImageLoader, PromptSampler, load_dataset
         from lmmr1_trainer.engine import PolicyEngine, plan_batches, setup_distributed
         from lmmr1_trainer.experience import old_log_probs_from_update
@@ -166,7 +145,9 @@ class StageTrainer:
                 "but no CUDA device is visible (use 0 for CPU)"
             )
         plan_batches(self.algo, int(os.environ.get("WORLD_SIZE", "1")))  # fail before init
-        self.rank, self.local_rank, self.world = setup_distributed(self.on_gpu)
+        self.rank, self.local_rank, self.world = setup_distributed(
+            self.on_gpu, self.config.trainer.collective_timeout_s
+        )
         self.plan = plan_batches(self.algo, self.world)
         self.old_log_probs_from_update = old_log_probs_from_update(
             self.algo, self.plan.updates_per_rollout
@@ -174,7 +155,7 @@ class StageTrainer:
         torch.manual_seed(self.algo.seed + self.rank)
         random.seed(self.algo.seed + self.rank)
         self.store = CheckpointStore(open_storage(self.config.checkpoint.uri, self.config.s3))
-        self.resume_step: int | None = _broadcast(
+        self.resume_step: int | None = broadcast_object(
             self.store.latest() if self.rank == 0 else None, self.rank
         )
         self.workdir = node_workdir(self.config)
@@ -198,7 +179,7 @@ class StageTrainer:
             dtype = torch.bfloat16 if self.on_gpu and self.algo.bf16 else torch.float32
             self.reference = load_model(init_dir, dtype).to(device).eval().requires_grad_(False)
         self.rows = load_dataset(self.config.dataset, self.config.s3) if self.rank == 0 else []
-        self.total_steps: int = _broadcast(
+        self.total_steps: int = broadcast_object(
             total_steps(self.config, len(self.rows)) if self.rank == 0 else None, self.rank
         )
         self.sampler = PromptSampler(len(self.rows), self.algo.seed) if self.rank == 0 else None
@@ -217,10 +198,9 @@ class StageTrainer:
             self._restore(policy_dir)
 
     def _barrier(self) -> None:
-        import torch.distributed as dist
+        from lmmr1_trainer.collectives import barrier
 
-        if dist.is_initialized() and self.world > 1:
-            dist.barrier()
+        barrier()
 
     def _restore(self, directory: Path) -> None:
         import torch
@@ -336,6 +316,7 @@ class StageTrainer:
         import torch
 
         from lmmr1_trainer.algorithms import kl_loss, policy_loss
+        from lmmr1_trainer.collectives import all_reduce_sum, scatter_objects
         from lmmr1_trainer.experience import (
             collect_rollout,
             mean_kl,
@@ -365,7 +346,7 @@ class StageTrainer:
             self.colocated.follow_step()
         if self.colocated is not None:
             self.colocated.sleep()  # the GPU is the policy's until the next generation
-        mine = _scatter(samples, self.rank, self.world)
+        mine = scatter_objects(samples, self.rank)
         engine = self.policy.engine
         metrics: dict[str, Any] = {"step": self.step + 1, "total_steps": self.total_steps}
         losses, clips = [], []
@@ -379,7 +360,7 @@ class StageTrainer:
                 skip_old_log_probs=self.old_log_probs_from_update,
             )
             if self.algo.advantage_estimator != "grpo":
-                whiten_across_ranks(micro_batches)
+                whiten_across_ranks(micro_batches, engine.device)
             order = torch.Generator().manual_seed(self.algo.seed + self.step)
             engine.train()
             for _ in range(self.algo.epochs_per_rollout):
@@ -416,16 +397,12 @@ class StageTrainer:
             )
         # The whole rollout batch's means, not rank 0's share: every rank's micro-batches.
         kls = [mean_kl([mb]) for mb in micro_batches]
-        totals = torch.tensor(  # on the engine device: NCCL reduces CUDA tensors only
-            [sum(losses), len(losses), sum(clips), sum(kls), len(kls)],
-            dtype=torch.float64,
-            device=engine.device,
+        totals = torch.tensor(
+            [sum(losses), len(losses), sum(clips), sum(kls), len(kls)], dtype=torch.float64
         )
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(totals)
-        loss_sum, updates, clip_sum, kl_sum, batches = totals.tolist()
+        loss_sum, updates, clip_sum, kl_sum, batches = all_reduce_sum(
+            totals, engine.device
+        ).tolist()
         metrics.update(
             policy_loss=loss_sum / max(1.0, updates),
             clip_fraction=clip_sum / max(1.0, updates),
@@ -474,9 +451,9 @@ class StageTrainer:
 
     def _save(self, final: bool) -> str:
         import torch
-        import torch.distributed as dist
 
         from lmmr1_trainer.checkpoint import TRAINER_STATE_DIR, FileEntry
+        from lmmr1_trainer.collectives import all_gather_objects
 
         local = self.workdir / f"save-{self.step}"
         state_dir = local / TRAINER_STATE_DIR
@@ -486,8 +463,7 @@ class StageTrainer:
             owner = self.encoder.processor or self.encoder.tokenizer
             owner.save_pretrained(local)
         self.policy.save_state(state_dir)
-        rngs: list[Any] = [None] * self.world
-        dist.all_gather_object(rngs, torch.get_rng_state())
+        rngs = all_gather_objects(torch.get_rng_state())
         if self.rank == 0:
             state = {
                 "step": self.step,
@@ -501,8 +477,7 @@ class StageTrainer:
         entries: list[FileEntry] = []
         if self.local_rank == 0:
             entries = self.store.upload(self.step, local)
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, entries)
+        gathered = all_gather_objects(entries)
         uri = self.store.uri(self.step)
         if self.rank == 0:
             unique = {e.path: e for part in gathered for e in part}

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from lmmr1_trainer.collectives import broadcast_object, gather_objects
 from lmmr1_trainer.rollout.protocol import GenerateRequest, PromptResult, SamplingParams
 from lmmr1_trainer.rollout.vllm_backend import VllmEngine
 
@@ -53,11 +53,9 @@ class ColocatedRollout:
         """Rank 0: every rank's share, in prompt order, and the weight version that drew it."""
         if self.world == 1:
             return self._generate_share(prompts, sampling), self.weight_version
-        box: list[Any] = [(prompts, sampling.model_dump())]
-        dist.broadcast_object_list(box, src=0)
+        broadcast_object((prompts, sampling.model_dump()), self.rank)
         mine = self._generate_share(prompts, sampling)
-        gathered: list[Any] = [None] * self.world
-        dist.gather_object(mine, gathered, dst=0)
+        gathered = gather_objects(mine, self.rank) or []
         results = [result for share in gathered for result in share]
         if len(results) != len(prompts):
             raise RuntimeError(f"asked for {len(prompts)} prompts, got {len(results)} results")
@@ -65,11 +63,10 @@ class ColocatedRollout:
 
     def follow_step(self) -> None:
         """Ranks > 0: generate this rank's share of the prompts rank 0 broadcasts."""
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        prompts, sampling = box[0]
+        step: tuple[list[list[dict[str, Any]]], dict[str, Any]] = broadcast_object(None, self.rank)
+        prompts, sampling = step
         mine = self._generate_share(prompts, SamplingParams.model_validate(sampling))
-        dist.gather_object(mine, None, dst=0)
+        gather_objects(mine, self.rank)
 
     def sleep(self) -> None:
         self.engine.sleep()
