@@ -245,6 +245,18 @@ INVALID: list[Invalid] = [
         "greater than or equal to 0",
     ),
     Invalid(
+        "negative-stall-timeout",
+        _set("spec.stallTimeoutSeconds", -1),
+        "spec.stallTimeoutSeconds",
+        "greater than or equal to 0",
+    ),
+    Invalid(
+        "stage-stall-timeout-over-a-day",
+        _set("spec.stages[1].stallTimeoutSeconds", 86_401),
+        "spec.stages[1].stallTimeoutSeconds",
+        "less than or equal to 86400",
+    ),
+    Invalid(
         "unknown-prompt-template",
         _set("spec.stages[0].reward.promptTemplate", "jinja"),
         "spec.stages[0].reward.promptTemplate",

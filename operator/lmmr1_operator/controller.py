@@ -21,7 +21,7 @@ from lmmr1_operator import checkpoints, naming, podstate
 from lmmr1_operator.api.spec import LMMR1RunSpec
 from lmmr1_operator.kube import CreateRefused, Kube
 from lmmr1_operator.metrics import Metrics
-from lmmr1_operator.reconcile import CreateFailure, Observed, Plan, decide
+from lmmr1_operator.reconcile import RESTART_REASONS, CreateFailure, Observed, Plan, decide
 from lmmr1_operator.settings import OperatorSettings
 from lmmr1_trainer.config import PROGRESS_KEY, Progress
 
@@ -217,7 +217,7 @@ class Controller:
                 return
         for kind, reason, message in plan.events:
             self.post_event(run, kind, reason, message)
-            if reason == "StageRestarting":
+            if reason in RESTART_REASONS:
                 self.metrics.restarts.inc()
         for kind, child in stale:
             self.kube.delete(kind, namespace, child)

@@ -3,7 +3,8 @@ reconcile it; all decisions live in `reconcile.decide` (pure).
 
 Only watch-event handlers are used: kopf never writes to a run (no finalizer, no
 bookkeeping annotations), so deleting a run never waits for the operator. Time-driven
-work (restart back-off, deadlines, TTL, missed events) is a resync loop over every run.
+work (restart back-off, deadlines, the stall watchdog, TTL, missed events) is a resync loop
+over every run: no kopf timer is needed for a timeout to fire without a cluster event.
 Both run only on the replica that holds the leader Lease.
 """
 

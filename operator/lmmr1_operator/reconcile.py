@@ -14,7 +14,7 @@ from typing import Any
 
 from lmmr1_operator import conditions as cond
 from lmmr1_operator import podstate
-from lmmr1_operator.api.spec import LMMR1RunSpec, resolved_rollout_mode
+from lmmr1_operator.api.spec import LMMR1RunSpec, resolved_rollout_mode, stall_timeout
 from lmmr1_operator.api.status import LMMR1RunStatus, StageStatus
 from lmmr1_operator.children import access, rollout, stage_config, trainer
 from lmmr1_operator.children.context import StageContext, init_weights
@@ -25,6 +25,10 @@ from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
 Obj = dict[str, Any]
 MAX_BACKOFF_S = 300.0
 MAX_REFUSAL_CHARS = 1000
+# Event reasons of a stage restart: a failed pod or Job, or the stall watchdog.
+RESTARTING = "StageRestarting"
+STALLED = "Stalled"
+RESTART_REASONS = (RESTARTING, STALLED)
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,7 @@ class _Decision:
                 "resumes from its last checkpoint when unsuspended",
             )
         self.status.phase = "Suspended"
+        self.status.last_progress_time = None  # the pods are gone; the clock restarts with them
         self.condition(cond.SUSPENDED, True, "Suspended", "spec.suspend is true")
         self.condition(cond.RUNNING, False, "Suspended")
         self.plan.delete_stage = self.seen.stage_children_exist
@@ -234,7 +239,7 @@ class _Decision:
                 rollout.service(ctx),
                 *(rollout.pod(ctx, r) for r in range(ctx.stage.resources.rollout.replicas)),
             ]
-        if self.failed(ctx):
+        if self.failed(ctx) or self.stalled(ctx):
             return
         # Colocated engines live in the trainer's ranks: nothing to wait for.
         urls = self.rollout_urls(ctx) if separate else []
@@ -295,6 +300,11 @@ class _Decision:
         progress, status = self.seen.progress, self.status
         if progress is None or progress.stage != record.name:
             return
+        # A report of this stage that the status has not seen yet is progress. The last
+        # attempt's report stays in the ConfigMap after a restart: it is no news.
+        if (progress.step, progress.updated_at) != (status.step, status.last_report_time):
+            status.last_progress_time = self.now
+        status.last_report_time = progress.updated_at
         status.step, status.total_steps = progress.step, progress.total_steps
         status.progress = (
             f"{100 * progress.step // progress.total_steps}%" if progress.total_steps else None
@@ -306,6 +316,42 @@ class _Decision:
         record.reward, record.accuracy = progress.reward, progress.accuracy
         record.initial_reward = progress.initial_reward
         record.rollout_engine = progress.rollout_engine or record.rollout_engine
+
+    def stalled(self, ctx: StageContext) -> bool:
+        """The stall watchdog: restart the stage (reason Stalled) when its trainer runs but
+        has made no progress for its stall timeout. True when it did.
+
+        The clock (status.lastProgressTime) starts once every trainer pod of the attempt is
+        Running: pods waiting for a node or pulling an image are not stalled (that shows as
+        Blocked). The resync loop decides again every few seconds, so the timeout fires
+        with no event from the cluster."""
+        status = self.status
+        nodes = ctx.stage.resources.trainer.nodes
+        running = [p for p in self.seen.trainer_pods if podstate.phase(p) == "Running"]
+        if len(running) < nodes:
+            return False
+        last = _parse(status.last_progress_time)
+        if last is None:
+            status.last_progress_time = self.now
+            return False
+        timeout = stall_timeout(self.spec, self.index)
+        quiet = (self.seen.now - last).total_seconds()
+        if not timeout or quiet <= timeout:
+            return False
+        progress = self.seen.progress
+        reported = progress is not None and progress.stage == ctx.stage.name
+        checkpoint = status.last_checkpoint or ""
+        if not checkpoint.startswith(f"{ctx.checkpoint_uri}/"):
+            checkpoint = ""  # the previous stage's: this one has committed none yet
+        self.restart(
+            ctx,
+            f"trainer stalled: no progress for {quiet:.0f}s (stallTimeoutSeconds={timeout}) "
+            f"since {status.last_progress_time}, "
+            + (f"last at step {status.step}" if reported else "before its first step")
+            + (f"; last checkpoint {checkpoint}" if checkpoint else ""),
+            reason=STALLED,
+        )
+        return True
 
     def failed(self, ctx: StageContext) -> bool:
         """Handle a failed rollout or trainer pod. True when the stage is not running."""
@@ -349,7 +395,7 @@ class _Decision:
         self.restart(ctx, f"{what} failed")
         return True
 
-    def restart(self, ctx: StageContext, why: str) -> None:
+    def restart(self, ctx: StageContext, why: str, reason: str = RESTARTING) -> None:
         status, record = self.status, self.record()
         restarts = status.restarts or 0
         if restarts >= self.spec.backoff_limit:
@@ -365,10 +411,11 @@ class _Decision:
         record.restarts += 1
         delay = min(MAX_BACKOFF_S, self.settings.restart_backoff_seconds * 2**restarts)
         status.retry_after = _iso(self.seen.now + dt.timedelta(seconds=delay))
+        status.last_progress_time = None  # the next attempt's clock starts when it runs
         self.plan.delete_stage = True
-        self.condition(cond.RUNNING, False, "StageRestarting", why)
+        self.condition(cond.RUNNING, False, reason, why)
         self.event(
-            "StageRestarting",
+            reason,
             f"stage {ctx.stage.name}: {why}; restart "
             f"{status.restarts}/{self.spec.backoff_limit} in "
             f"{delay:.0f}s from the last checkpoint",
@@ -413,6 +460,7 @@ class _Decision:
         self.status.stage_index = self.index + 1
         self.status.stage = self.spec.stages[self.index].name
         self.status.step = self.status.total_steps = None
+        self.status.last_progress_time = None
         self.status.progress = self.status.reward = self.status.accuracy = None
         self.record()
 

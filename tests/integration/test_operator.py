@@ -7,9 +7,13 @@ ends pods with an exit code."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -159,6 +163,51 @@ class Bed:
                 timeout,
             )
         )
+
+    @contextmanager
+    def condition_reasons(self, run: str, kind: str) -> Iterator[list[str]]:
+        """Every reason the run's `kind` condition takes while the block runs (as
+        "reason: message" lines): a watch sees each status write, also one that the
+        next pass overwrites within a second."""
+        path = (
+            f'{{range .status.conditions[?(@.type=="{kind}")]}}'
+            '{.reason}: {.message}{"\\n"}{end}'
+        )
+        watch = subprocess.Popen(
+            [
+                self.testbed.binary("kubectl"),
+                "--namespace",
+                self.ns,
+                "get",
+                "lmr",
+                run,
+                "--watch",
+                "-o",
+                f"jsonpath={path}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **self.testbed.client_env()},
+        )
+        seen: list[str] = []
+        try:
+            yield seen
+        finally:
+            time.sleep(1)  # let the watch catch up with the last write
+            watch.terminate()
+            out, _ = watch.communicate(timeout=10)
+            seen += [line for line in out.splitlines() if line]
+
+    def event_messages(self, run: str, reason: str) -> list[str]:
+        out = self.kubectl(
+            "get",
+            "events",
+            "--field-selector",
+            f"involvedObject.name={run},involvedObject.kind=LMMR1Run,reason={reason}",
+            "-o",
+            "json",
+        ).stdout
+        return [str(e["message"]) for e in json.loads(out)["items"]]
 
     def events(self, run: str) -> list[str]:
         out = self.kubectl(
@@ -499,3 +548,48 @@ def test_an_image_the_node_cannot_pull_blocks_the_run_with_its_reason(bed: Bed) 
     assert "ImagePullError" in bed.events("nopull")
     key = committed.removeprefix(f"s3://{bed.bucket}/") + "/manifest.json"
     assert bed.s3.get_object(Bucket=bed.bucket, Key=key)["Body"].read() == b"{}"
+
+
+def test_a_trainer_that_stops_reporting_is_stalled_and_resumes_from_its_checkpoint(
+    bed: Bed,
+) -> None:
+    """The trainer reports a step and commits a checkpoint, then freezes (its pod keeps
+    running, nothing more arrives): past stallTimeoutSeconds the run says Stalled (condition
+    and Warning Event, with the time and the last step), its trainer pod is replaced, and
+    the committed checkpoint stays in S3 and in status.lastCheckpoint."""
+    timeout = 6
+    bed.apply_run("frozen", stages=1, stallTimeoutSeconds=timeout)
+    first = bed.running_trainer("frozen", "fre")
+    bed.wait("the stall clock", lambda: bed.status("frozen").get("lastProgressTime"), 10)
+    time.sleep(timeout / 2)  # a report half-way resets the clock: no stall at `timeout`
+    checkpoint = bed.commit("frozen", "fre", 2)
+    with bed.condition_reasons("frozen", "Running") as reasons:
+        reported = time.monotonic()
+        bed.report(
+            "frozen", stage="fre", step=3, total_steps=8, reward=0.3, last_checkpoint=checkpoint
+        )
+        bed.wait("Stalled", lambda: "Stalled" in bed.events("frozen"), 30)
+        stalled_after = time.monotonic() - reported
+        # Keep the next attempt running for the checks below (the field is mutable).
+        bed.kubectl(
+            "patch", "lmr", "frozen", "--type=merge", "-p", '{"spec":{"stallTimeoutSeconds":600}}'
+        )
+    assert stalled_after >= timeout, stalled_after
+    (message,) = bed.event_messages("frozen", "Stalled")
+    assert f"(stallTimeoutSeconds={timeout}) since 20" in message
+    assert f"last at step 3; last checkpoint {checkpoint}" in message
+    assert "restart 1/2" in message
+    stalled = [r for r in reasons if r.startswith("Stalled: ")]
+    assert stalled and "last at step 3" in stalled[0], reasons
+
+    second = bed.running_trainer("frozen", "fre")
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    assert second["metadata"]["labels"]["lmmr1.io/attempt"] == "1"
+    status = bed.status("frozen")
+    assert status["restarts"] == 1 and status["lastCheckpoint"] == checkpoint
+    key = checkpoint.removeprefix(f"s3://{bed.bucket}/") + "/manifest.json"
+    assert bed.s3.get_object(Bucket=bed.bucket, Key=key)["Body"].read() == b"{}"
+    config = bed.kubectl(
+        "get", "configmap", "frozen-fre-config", "-o", "jsonpath={.data.stage\\.yaml}"
+    ).stdout
+    assert f"uri: {checkpoint.rsplit('/', 1)[0]}\n" in config  # resumes from its newest step

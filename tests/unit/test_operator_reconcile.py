@@ -610,3 +610,141 @@ def test_a_refusal_keeps_the_api_servers_message_and_ignores_what_retrying_fixes
     assert refusal(obj, error(422, "not json")).message == "not json"  # type: ignore[union-attr]
     for status in (409, 429, 500, 503):
         assert refusal(obj, error(status, {"message": "later"})) is None
+
+
+# -- the stall watchdog (issue 13) --------------------------------------------------------
+
+CHECKPOINT = "s3://bucket/ckpt/ns/r/fre/step-20"
+
+
+def trainer_pods(*phases: str) -> list[dict[str, Any]]:
+    return [
+        pod(f"r-fre-trainer-{i}", phase=phase, ready=phase == "Running", container="trainer")
+        for i, phase in enumerate(phases)
+    ]
+
+
+def report(step: int, at: str, checkpoint: str | None = None) -> Progress:
+    return Progress(
+        stage="fre", step=step, total_steps=100, last_checkpoint=checkpoint, updated_at=at
+    )
+
+
+def at(seconds: float) -> dt.datetime:
+    return NOW + dt.timedelta(seconds=seconds)
+
+
+def running_stage(**spec: Any) -> dict[str, Any]:
+    """A run whose trainer pod was first seen Running at NOW: the stall clock started."""
+    run = with_status(new_run(**spec), decide(seen(new_run(**spec)), SETTINGS))
+    plan = decide(seen(run, job=job(), trainer_pods=trainer_pods("Running")), SETTINGS)
+    assert plan.status["lastProgressTime"] == "2026-01-01T12:00:00Z"
+    return with_status(run, plan)
+
+
+def test_a_trainer_that_reports_nothing_stalls_just_past_its_timeout_not_before() -> None:
+    run = running_stage(stallTimeoutSeconds=600)
+    world = seen(run, job=job(), trainer_pods=trainer_pods("Running"))
+    quiet = decide(replace(world, now=at(600)), SETTINGS)
+    assert not quiet.delete_stage and quiet.status.get("restarts") == 0
+    assert quiet.status["lastProgressTime"] == "2026-01-01T12:00:00Z"  # not moved by a pass
+    stalled = decide(replace(world, now=at(601)), SETTINGS)
+    assert stalled.delete_stage and stalled.status["restarts"] == 1
+    assert stalled.status["retryAfter"] == "2026-01-01T12:10:11Z"  # the failed pod's back-off
+    assert stalled.status["lastProgressTime"] is None  # the next attempt's clock is its own
+    (event,) = stalled.events
+    assert event[:2] == ("Warning", "Stalled")
+    assert "no progress for 601s (stallTimeoutSeconds=600)" in event[2]
+    assert "since 2026-01-01T12:00:00Z, before its first step" in event[2]
+    assert "restart 1/3" in event[2]
+    running = next(c for c in stalled.status["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "Stalled")
+    assert "stallTimeoutSeconds=600" in running["message"]
+
+
+def test_each_new_progress_report_restarts_the_stall_clock() -> None:
+    run = running_stage(stallTimeoutSeconds=600)
+    pods = trainer_pods("Running")
+    first = report(1, "2026-01-01T12:08:00Z")
+    plan = decide(seen(run, now=at(500), job=job(), trainer_pods=pods, progress=first), SETTINGS)
+    assert plan.status["lastProgressTime"] == "2026-01-01T12:08:20Z"
+    assert plan.status["lastReportTime"] == "2026-01-01T12:08:00Z"
+    run = with_status(run, plan)
+    # The same report read again is no news: the clock runs from its first sighting.
+    same = seen(run, now=at(1100), job=job(), trainer_pods=pods, progress=first)
+    assert not decide(same, SETTINGS).delete_stage
+    stalled = decide(replace(same, now=at(1101)), SETTINGS)
+    assert stalled.events[0][1] == "Stalled" and "last at step 1" in stalled.events[0][2]
+    # A report of the same step with a new time (a heartbeat) is progress too.
+    beat = report(1, "2026-01-01T12:18:00Z")
+    plan = decide(replace(same, now=at(1100), progress=beat), SETTINGS)
+    assert plan.status["lastProgressTime"] == "2026-01-01T12:18:20Z"
+    later = replace(same, run=with_status(run, plan), now=at(1700), progress=beat)
+    assert not decide(later, SETTINGS).events
+
+
+def test_pods_that_wait_for_a_node_or_an_image_are_not_stalled() -> None:
+    run = with_status(new_run(), decide(seen(new_run()), SETTINGS))
+    pulling = [pod("r-fre-trainer-0", phase="Pending", ready=False, waiting="ContainerCreating")]
+    plan = decide(seen(run, now=at(86_400), job=job(), trainer_pods=pulling), SETTINGS)
+    assert plan.status.get("lastProgressTime") is None and not plan.delete_stage
+    # Two trainer nodes: the clock starts once both run, not when the first one does.
+    two = new_run()
+    two["spec"]["stages"][0]["resources"] = {"trainer": {"nodes": 2}}
+    run = with_status(two, decide(seen(two), SETTINGS))
+    half = seen(run, now=at(86_400), job=job(), trainer_pods=trainer_pods("Running", "Pending"))
+    plan = decide(half, SETTINGS)
+    assert plan.status.get("lastProgressTime") is None and not plan.delete_stage
+    both = decide(replace(half, trainer_pods=trainer_pods("Running", "Running")), SETTINGS)
+    assert both.status["lastProgressTime"] == "2026-01-02T12:00:00Z"
+
+
+def test_stalls_count_against_the_backoff_limit() -> None:
+    run = running_stage(stallTimeoutSeconds=60, backoffLimit=1)
+    run["status"]["restarts"] = 1
+    run["status"]["stages"][0]["restarts"] = 1
+    plan = decide(seen(run, now=at(61), job=job(), trainer_pods=trainer_pods("Running")), SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.delete_stage
+    failed = _failed_condition(plan)
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "trainer stalled: no progress for 61s" in failed["message"]
+
+
+def test_a_stalled_stage_keeps_its_last_checkpoint_and_its_next_attempt_resumes_from_it() -> None:
+    run = running_stage(stallTimeoutSeconds=600)
+    pods = trainer_pods("Running")
+    last = report(23, "2026-01-01T12:05:00Z", checkpoint=CHECKPOINT)
+    plan = decide(seen(run, now=at(300), job=job(), trainer_pods=pods, progress=last), SETTINGS)
+    run = with_status(run, plan)
+    stalled = decide(seen(run, now=at(901), job=job(), trainer_pods=pods, progress=last), SETTINGS)
+    assert stalled.status["lastCheckpoint"] == CHECKPOINT
+    assert f"last at step 23; last checkpoint {CHECKPOINT}" in stalled.events[0][2]
+    run = with_status(run, stalled)
+    # After the back-off: the same stage config, whose checkpoint prefix holds the committed
+    # step-20 (the trainer resumes from the newest manifest there), under attempt 1.
+    back = decide(seen(run, now=at(920), progress=last), SETTINGS)
+    config = stage_yaml(back)
+    assert CHECKPOINT.startswith(config["checkpoint"]["uri"] + "/")
+    assert back.status["lastCheckpoint"] == CHECKPOINT
+    job_labels = next(o for o in back.ensure if o["kind"] == "Job")["metadata"]["labels"]
+    assert job_labels["lmmr1.io/attempt"] == "1"
+    # The last attempt's report, still in the ConfigMap, does not start the new clock: the
+    # new trainer running does.
+    run = with_status(run, back)
+    new_pod = seen(run, now=at(1000), job=job(), trainer_pods=pods, progress=last)
+    assert decide(new_pod, SETTINGS).status["lastProgressTime"] == "2026-01-01T12:16:40Z"
+
+
+def test_a_stage_may_set_its_own_stall_timeout_and_zero_turns_the_watchdog_off() -> None:
+    def stalls(run_timeout: int | None, stage_timeout: int | None, quiet: float) -> bool:
+        spec = {} if run_timeout is None else {"stallTimeoutSeconds": run_timeout}
+        run = running_stage(**spec)
+        if stage_timeout is not None:
+            run["spec"]["stages"][0]["stallTimeoutSeconds"] = stage_timeout
+        world = seen(run, now=at(quiet), job=job(), trainer_pods=trainer_pods("Running"))
+        return decide(world, SETTINGS).delete_stage
+
+    assert not stalls(None, None, 1800) and stalls(None, None, 1801)  # the default: 30 min
+    assert stalls(600, 60, 61) and not stalls(60, 600, 61)  # the stage's own wins
+    assert not stalls(0, None, 86_400 * 7) and not stalls(60, 0, 86_400 * 7)
+    assert stalls(0, 60, 61)

@@ -19,6 +19,13 @@ from lmmr1_trainer.verifier.config import PromptTemplate, UnparseableLabelPolicy
 MAX_URI = 1024
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eE][+]?[0-9]+|[kMGTPE]i?|m)?$"
+# The stall watchdog's default: the first report of a stage comes only after the model's
+# download, DeepSpeed's and vLLM's start and a whole first step (for the paper's 3B model on
+# 8 GPUs: minutes each, and tens of minutes for a slow hub download or a step that writes a
+# checkpoint), and every later one after a step plus, every checkpoint.everySteps steps,
+# the upload of the model and optimizer state (tens of GiB).
+DEFAULT_STALL_TIMEOUT_S = 1800
+MAX_STALL_TIMEOUT_S = 86_400
 
 
 def _uri_pattern(schemes: tuple[str, ...]) -> str:
@@ -392,6 +399,13 @@ class Stage(ApiModel):
         description="Weights to start from. Default: the model (first stage) or the previous "
         "stage's final checkpoint.",
     )
+    stall_timeout_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_STALL_TIMEOUT_S,
+        description="This stage's stall timeout, instead of spec.stallTimeoutSeconds (e.g. "
+        "longer for a stage with long generations); 0 turns the watchdog off for it.",
+    )
 
 
 class Images(ApiModel):
@@ -482,6 +496,16 @@ class LMMR1RunSpec(ApiModel):
     active_deadline_seconds: int | None = Field(
         default=None, ge=1, le=31_536_000, description="Fail the run after this long."
     )
+    stall_timeout_seconds: int = Field(
+        default=DEFAULT_STALL_TIMEOUT_S,
+        ge=0,
+        le=MAX_STALL_TIMEOUT_S,
+        description="A stage whose trainer runs (every trainer pod Running) but reports no "
+        "progress for this long fails its attempt with reason Stalled and restarts from its "
+        "last committed checkpoint (counted against backoffLimit). The default covers the "
+        "model's download, vLLM's start and a first step of a 3B model on 8 GPUs; 0 turns "
+        "the watchdog off. A stage's own stallTimeoutSeconds overrides it.",
+    )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,
@@ -501,3 +525,9 @@ class LMMR1RunSpec(ApiModel):
     )
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+
+
+def stall_timeout(spec: LMMR1RunSpec, index: int) -> int:
+    """Seconds without progress before stage `index` is Stalled (0: never)."""
+    own = spec.stages[index].stall_timeout_seconds
+    return spec.stall_timeout_seconds if own is None else own

@@ -66,6 +66,19 @@ class LMMR1RunStatus(ApiModel):
     restarts: int | None = Field(default=None, ge=0)
     start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    last_progress_time: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="When the operator last saw the current attempt's trainer make progress: "
+        "a new progress report, or every trainer pod Running (the clock starts then, not "
+        "while pods wait for a node or an image). The stall watchdog counts from here.",
+    )
+    last_report_time: str | None = Field(
+        default=None,
+        max_length=64,
+        description="updatedAt of the trainer's last progress report (the trainer's clock); "
+        "a report whose step or updatedAt differs is progress.",
+    )
     retry_after: str | None = Field(
         default=None,
         json_schema_extra={"format": "date-time"},
