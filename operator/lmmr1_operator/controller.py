@@ -36,6 +36,7 @@ _STAGE_CHILDREN = (
     ("Service", "rollout"),
     ("Service", "trainer"),
     ("NetworkPolicy", "rollout"),
+    ("NetworkPolicy", "trainer"),
     ("ConfigMap", "config"),
 )
 

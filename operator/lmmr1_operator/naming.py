@@ -49,6 +49,10 @@ def rollout_policy(run: str, stage: str) -> str:
     return f"{run}-{stage}-rollout"
 
 
+def trainer_policy(run: str, stage: str) -> str:
+    return f"{run}-{stage}-trainer"
+
+
 def progress_configmap(run: str) -> str:
     return f"{run}-progress"
 

@@ -232,6 +232,8 @@ class _Decision:
             access.progress_configmap(seen.run),
             access.progress_role(seen.run),
             access.progress_binding(seen.run, seen.service_account),
+            # Before any pod, so none accepts traffic its policy would refuse.
+            access.trainer_network_policy(ctx),
         ]
         if separate:
             self.plan.ensure += [

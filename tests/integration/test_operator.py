@@ -329,6 +329,9 @@ def test_a_one_node_trainer_generates_itself_without_rollout_servers(bed: Bed) -
     assert not bed.pods(selector)
     listed = bed.kubectl("get", "services,networkpolicies", "-l", selector, "-o", "name")
     assert not listed.stdout.strip(), listed.stdout
+    # The trainer's own ranks are the only peers its NetworkPolicy admits.
+    policies = bed.kubectl("get", "networkpolicies", "-l", "lmmr1.io/run=colocated", "-o", "name")
+    assert policies.stdout.split() == ["networkpolicy.networking.k8s.io/colocated-fre-trainer"]
     config = bed.kubectl("get", "configmap", "colocated-fre-config", "-o", "json").stdout
     data = json.loads(config)["data"]
     assert set(data) == {"stage.yaml"}
@@ -593,3 +596,53 @@ def test_a_trainer_that_stops_reporting_is_stalled_and_resumes_from_its_checkpoi
         "get", "configmap", "frozen-fre-config", "-o", "jsonpath={.data.stage\\.yaml}"
     ).stdout
     assert f"uri: {checkpoint.rsplit('/', 1)[0]}\n" in config  # resumes from its newest step
+
+
+def test_each_stage_gets_ingress_policies_owned_by_its_run(bed: Bed) -> None:
+    """Separate mode: the trainer's policy admits the stage's trainer and rollout pods, the
+    rollout servers' the same two; both owned by the run and gone with the stage. (The test
+    bed enforces no NetworkPolicy: this checks what is created, not what it blocks.)"""
+    bed.apply_run("fenced", stages=1, rollout_mode="separate")
+    trainer_pod = bed.running_trainer("fenced", "fre")
+    run = bed.run("fenced")
+    listed = json.loads(
+        bed.kubectl("get", "networkpolicies", "-l", "lmmr1.io/run=fenced", "-o", "json").stdout
+    )
+    policies = {p["metadata"]["name"]: p for p in listed["items"]}
+    assert set(policies) == {"fenced-fre-trainer", "fenced-fre-rollout"}
+
+    def selector(match: dict[str, str]) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(match.items()))
+
+    def selected(peer: dict[str, Any]) -> set[str]:
+        return {
+            p["metadata"]["name"] for p in bed.pods(selector(peer["podSelector"]["matchLabels"]))
+        }
+
+    rollouts = {
+        p["metadata"]["name"] for p in bed.pods("lmmr1.io/run=fenced,lmmr1.io/role=rollout")
+    }
+    trainers = {trainer_pod["metadata"]["name"]}
+    for name, members in (("fenced-fre-trainer", trainers), ("fenced-fre-rollout", rollouts)):
+        policy = policies[name]
+        (owner,) = policy["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["uid"], owner["controller"]) == (
+            "LMMR1Run",
+            run["metadata"]["uid"],
+            True,
+        )
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert selected(policy["spec"]) == members
+        (rule,) = policy["spec"]["ingress"]
+        assert [selected(peer) for peer in rule["from"]] == [trainers, rollouts]
+    bed.finish_stage("fenced", "fre")
+    bed.phase("fenced", "Succeeded")
+    bed.wait(
+        "policies removed with the stage",
+        lambda: (
+            not bed.kubectl(
+                "get", "networkpolicies", "-l", "lmmr1.io/run=fenced", "-o", "name"
+            ).stdout.strip()
+        ),
+        30,
+    )

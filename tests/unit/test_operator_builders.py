@@ -209,3 +209,63 @@ def test_child_names_fit_dns_labels_at_the_longest_names() -> None:
         stage_config.configmap(ctx, None)["metadata"]["name"],
     ):
         assert len(name) <= 63, name
+
+
+def _labels(stage: str, role: str) -> dict[str, str]:
+    return {
+        "lmmr1.io/run": "r",
+        "app.kubernetes.io/managed-by": "lmmr1-operator",
+        "lmmr1.io/stage": stage,
+        "lmmr1.io/role": role,
+    }
+
+
+def _peers(policy: dict[str, Any]) -> list[dict[str, Any]]:
+    (rule,) = policy["spec"]["ingress"]
+    assert set(rule) == {"from"}  # no `ports`: NCCL picks its own
+    return list(rule["from"])
+
+
+def test_network_policies_admit_exactly_the_stages_own_nccl_and_rollout_traffic() -> None:
+    """Trainer pods accept the stage's trainer pods (ranks, rendezvous) and rollout servers
+    (NCCL weight sync into rank 0); rollout servers accept the stage's trainer pods and each
+    other (the weight-sync group's NCCL ring). Ingress only: egress (S3, DNS, the hub) stays
+    open. Pod selectors alone: nothing from another namespace, run or stage."""
+    run = run_obj()
+    run["spec"]["stages"][0]["resources"] = {"rollout": {"mode": "separate"}}
+    ctx = context(run)
+    trainer_policy = access.trainer_network_policy(ctx)
+    rollout_policy = access.rollout_network_policy(ctx)
+    for policy, role in ((trainer_policy, "trainer"), (rollout_policy, "rollout")):
+        assert policy["metadata"]["name"] == f"r-fre-{role}"
+        assert policy["metadata"]["namespace"] == "ns"
+        assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert policy["spec"]["podSelector"] == {"matchLabels": _labels("fre", role)}
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert "egress" not in policy["spec"]
+    trainer_peers = [{"podSelector": {"matchLabels": _labels("fre", "trainer")}}]
+    rollout_peers = [{"podSelector": {"matchLabels": _labels("fre", "rollout")}}]
+    assert _peers(trainer_policy) == trainer_peers + rollout_peers
+    assert _peers(rollout_policy) == trainer_peers + rollout_peers
+    # The selectors match the pods the builders make, whatever the attempt or queue.
+    run["spec"]["queueName"] = "q"
+    pod_labels = rollout.pod(context(run), 0)["metadata"]["labels"]
+    assert _labels("fre", "rollout").items() <= pod_labels.items()
+    trainer_labels = trainer.job(context(run))["spec"]["template"]["metadata"]["labels"]
+    assert _labels("fre", "trainer").items() <= trainer_labels.items()
+
+
+def test_a_colocated_stages_trainer_accepts_only_its_own_ranks() -> None:
+    """No rollout pods in colocate mode: the trainer's policy admits its own ranks alone,
+    and a multi-node colocated trainer's ranks reach each other."""
+    run = run_obj()
+    run["spec"]["stages"][1]["resources"] = {
+        "trainer": {"nodes": 2},
+        "rollout": {"mode": "colocate"},
+    }
+    for index in (0, 1):
+        ctx = context(run, index=index, finals=["s3://b/fre/step-4"])
+        policy = access.trainer_network_policy(ctx)
+        stage = ctx.stage.name
+        assert policy["spec"]["podSelector"] == {"matchLabels": _labels(stage, "trainer")}
+        assert _peers(policy) == [{"podSelector": {"matchLabels": _labels(stage, "trainer")}}]

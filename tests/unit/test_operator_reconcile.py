@@ -115,6 +115,10 @@ def test_a_colocated_stage_starts_its_trainer_at_once_with_no_rollout_servers() 
     created = kinds(plan.ensure)
     assert not [k for k in created if "rollout" in k and k != "Secret/r-rollout-token"], created
     assert "Job/r-fre-trainer" in created and "Service/r-fre-trainer" in created
+    # One NetworkPolicy (the trainer's), created before the Job's pods can exist.
+    policies = [k for k in created if k.startswith("NetworkPolicy/")]
+    assert policies == ["NetworkPolicy/r-fre-trainer"]
+    assert created.index(policies[0]) < created.index("Job/r-fre-trainer")
     assert kinds(plan.replace) == ["ConfigMap/r-fre-config"]
     assert set(plan.replace[0]["data"]) == {"stage.yaml"}
     rollout = stage_yaml(plan)["rollout"]
@@ -147,7 +151,9 @@ def test_a_new_run_in_separate_mode_starts_its_rollout_servers_first() -> None:
     assert "Secret/r-rollout-token" in kinds(plan.ensure)
     assert "Role/r-progress" in kinds(plan.ensure)
     assert not any(o["kind"] == "Job" for o in plan.ensure)  # rollouts are not ready yet
-    assert "NetworkPolicy/r-fre-rollout" in kinds(plan.ensure)
+    created = kinds(plan.ensure)
+    assert created.index("NetworkPolicy/r-fre-rollout") < created.index("Pod/r-fre-rollout-0")
+    assert "NetworkPolicy/r-fre-trainer" in created
     assert kinds(plan.replace) == ["ConfigMap/r-fre-config"]
     assert set(plan.replace[0]["data"]) == {"rollout.yaml"}
     assert plan.status["stages"][0]["rolloutMode"] == "separate"

@@ -1,6 +1,7 @@
 """Per-run objects that wire pods to each other and to the operator: the rollout token,
 the progress ConfigMap with the Role that lets the pods write it (and nothing else), and the
-NetworkPolicy that keeps rollout servers private to their trainer."""
+per-stage NetworkPolicies that admit exactly the stage's own traffic (NCCL, rendezvous,
+rollouts) into its trainer and rollout pods."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 from typing import Any
 
 from lmmr1_operator import naming
+from lmmr1_operator.api.spec import resolved_rollout_mode
 from lmmr1_operator.children.context import StageContext
 from lmmr1_trainer.config import PROGRESS_KEY
 
@@ -79,34 +81,57 @@ def progress_binding(run: dict[str, Any], service_account: str) -> dict[str, Any
     }
 
 
-def rollout_network_policy(ctx: StageContext) -> dict[str, Any]:
-    """Rollout servers accept connections only from their own stage's trainer pods (the
-    weight-update endpoints are guarded by the token as well)."""
+def _ingress_policy(ctx: StageContext, name: str, role: str, peers: list[str]) -> dict[str, Any]:
+    """A NetworkPolicy isolating the stage's `role` pods for ingress: they accept
+    connections, on any port, only from the stage's pods of the `peers` roles. Pod selectors
+    without a namespace selector match in the run's namespace alone, and the run and stage
+    labels keep other runs and stages out. Egress stays open (S3, DNS, the model hub, the
+    API server). The kubelet's probes come from the node, which NetworkPolicy always admits."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": naming.child_metadata(
-            ctx.run,
-            naming.rollout_policy(ctx.name, ctx.stage.name),
-            naming.stage_labels(ctx.name, ctx.stage.name, "rollout"),
+            ctx.run, name, naming.stage_labels(ctx.name, ctx.stage.name, role)
         ),
         "spec": {
-            "podSelector": {
-                "matchLabels": naming.stage_labels(ctx.name, ctx.stage.name, "rollout")
-            },
+            "podSelector": {"matchLabels": naming.stage_labels(ctx.name, ctx.stage.name, role)},
             "policyTypes": ["Ingress"],
+            # No `ports`: NCCL and torch.distributed listen on ports they pick at start.
             "ingress": [
                 {
                     "from": [
                         {
                             "podSelector": {
-                                "matchLabels": naming.stage_labels(
-                                    ctx.name, ctx.stage.name, "trainer"
-                                )
+                                "matchLabels": naming.stage_labels(ctx.name, ctx.stage.name, peer)
                             }
                         }
+                        for peer in peers
                     ]
                 }
             ],
         },
     }
+
+
+def trainer_network_policy(ctx: StageContext) -> dict[str, Any]:
+    """Trainer pods accept the stage's trainer pods (torchrun's rendezvous and NCCL between
+    ranks on several nodes) and, in separate mode, its rollout servers: they join rank 0's
+    NCCL weight-sync group (its TCP store on $LMMR1_WEIGHT_SYNC_PORT, then NCCL's own
+    connections). Nothing else connects to a trainer pod: its verifier is a sidecar that the
+    trainer calls on its own pod IP (admitted either way: the pod is one of the stage's
+    trainer pods), progress goes out to the API server, and the operator reads S3 and the
+    API, never the pods. In colocate mode this is the stage's only policy."""
+    peers = ["trainer"]
+    if resolved_rollout_mode(ctx.stage.resources) == "separate":
+        peers.append("rollout")
+    return _ingress_policy(ctx, naming.trainer_policy(ctx.name, ctx.stage.name), "trainer", peers)
+
+
+def rollout_network_policy(ctx: StageContext) -> dict[str, Any]:
+    """Rollout servers (separate mode) accept the stage's trainer pods (generation and
+    weight updates over HTTP, guarded by the token too; NCCL weight sync) and each other:
+    the weight-sync group spans trainer rank 0 and every rollout worker, and NCCL connects
+    its members to one another, rollout pod to rollout pod included."""
+    return _ingress_policy(
+        ctx, naming.rollout_policy(ctx.name, ctx.stage.name), "rollout", ["trainer", "rollout"]
+    )
