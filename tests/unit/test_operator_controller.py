@@ -156,3 +156,35 @@ def test_metrics_serve_twice_on_one_port_is_harmless() -> None:
     metrics = Metrics()
     metrics.serve("127.0.0.1", port)
     metrics.serve("127.0.0.1", port)
+
+
+def test_a_stalled_trainer_is_torn_down_with_its_network_policy_and_counted() -> None:
+    """A pass with no cluster event (the resync loop's) past the stall timeout: the stage's
+    children go, its NetworkPolicy included, the Warning Event says Stalled, and the restart
+    counts in lmmr1_stage_restarts_total."""
+    run = new_run()
+    run["spec"]["stallTimeoutSeconds"] = 60
+    ctl, kube, posted = controller(run)
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    ctl.reconcile("ns", "r")
+    job = kube.objects[("Job", "r-fre-trainer")]
+    assert ("NetworkPolicy", "r-fre-trainer") in kube.objects
+    kube.objects[("Pod", "r-fre-trainer-0")] = {
+        "kind": "Pod",
+        "metadata": {
+            "name": "r-fre-trainer-0",
+            "labels": {**job["metadata"]["labels"], "job-name": "r-fre-trainer"},
+            "ownerReferences": [{"uid": job["metadata"]["uid"]}],
+        },
+        "status": {"phase": "Running"},
+    }
+    ctl.reconcile("ns", "r")
+    status = kube.objects[("LMMR1Run", "r")]["status"]
+    assert status["lastProgressTime"]  # the trainer runs: the clock started
+    status["lastProgressTime"] = "2026-01-01T00:00:00Z"  # long ago
+    ctl.reconcile("ns", "r")
+    assert [reason for _, reason, _ in posted][-1] == "Stalled"
+    assert kube.objects[("LMMR1Run", "r")]["status"]["restarts"] == 1
+    for child in (("Job", "r-fre-trainer"), ("NetworkPolicy", "r-fre-trainer")):
+        assert child not in kube.objects, child
+    assert ctl.metrics.registry.get_sample_value("lmmr1_stage_restarts_total") == 1
