@@ -18,7 +18,13 @@ from tests.scripted_rollout import (
 )
 
 from lmmr1_trainer.rollout.client import RolloutClient, RolloutError
-from lmmr1_trainer.rollout.protocol import PromptResult, Sample, SamplingParams, sample_seed
+from lmmr1_trainer.rollout.protocol import (
+    PromptResult,
+    Sample,
+    SamplingParams,
+    prompt_seed,
+    sample_seed,
+)
 
 SEED = 1000
 N = 3
@@ -58,6 +64,15 @@ def assert_paired(chats: list[Chat], results: list[PromptResult]) -> None:
 
 def served(backend: ScriptedBackend) -> list[list[str]]:
     return [[user_text(chat) for chat in request.prompts] for request in backend.requests]
+
+
+def test_sample_seeds_are_the_prompts_seed_plus_the_sample_index() -> None:
+    """What vLLM does with one request of n samples seeded s (sample j gets s + j), so an
+    engine draws a prompt's samples in one request; seeds stay distinct and in 63 bits."""
+    seeds = {sample_seed(SEED, i, k) for i in range(200) for k in range(16)}
+    assert len(seeds) == 200 * 16 and max(seeds) < 2**63
+    assert all(sample_seed(SEED, 7, k) == prompt_seed(SEED, 7) + k for k in range(16))
+    assert prompt_seed(SEED, 7) != prompt_seed(SEED + 1, 7) != prompt_seed(SEED, 8)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 7, 10])

@@ -37,11 +37,18 @@ class GenerateRequest(_Message):
     first_index: int = Field(default=0, ge=0)
 
 
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The seed of one prompt's samples: distinct per (step seed, prompt), the same in every
+    process (no Python hash randomisation); 62 bits, so `+ sample_index` stays in 63."""
+    raw = hashlib.blake2b(f"{seed}:{prompt_index}".encode(), digest_size=8)
+    return int.from_bytes(raw.digest(), "big") >> 2
+
+
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """The seed of one sample: distinct per (step seed, prompt, sample), 63 bits, the same
-    in every process (no Python hash randomisation)."""
-    raw = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8)
-    return int.from_bytes(raw.digest(), "big") >> 1
+    """The seed of one sample: the prompt's seed plus the sample's index, as vLLM seeds the
+    samples of one request with `n` of them (so an engine can draw a prompt's samples in
+    one request: its image and prompt are processed once, not `n` times)."""
+    return prompt_seed(seed, prompt_index) + sample_index
 
 
 class Sample(_Message):

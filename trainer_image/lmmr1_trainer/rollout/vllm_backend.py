@@ -44,7 +44,7 @@ from lmmr1_trainer.rollout.protocol import (
     NcclUpdateRequest,
     PromptResult,
     Sample,
-    sample_seed,
+    prompt_seed,
 )
 
 logger = logging.getLogger(__name__)
@@ -241,9 +241,11 @@ class VllmEngine:
     # -- generation ---------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> list[PromptResult]:
-        """Every prompt's `n` samples in one batch. Sample j of prompt i has its own seed,
-        derived from the request's seed and the prompt's index in the whole step
-        (`first_index + i`): the samples do not depend on how the step was split."""
+        """Every prompt's `n` samples in one batch: one vLLM request per prompt with `n`
+        samples (its image is processed once). vLLM seeds sample j of a request seeded s
+        with s + j, which is `sample_seed`: the prompt's seed comes from the request's seed
+        and the prompt's index in the whole step (`first_index + i`), so the samples do not
+        depend on how the step was split."""
         from vllm import SamplingParams
 
         self._wake("weights", "kv_cache")
@@ -258,35 +260,36 @@ class VllmEngine:
             item: dict[str, Any] = {"prompt": self.encoder.prompt_text(chat)}
             if images:
                 item["multi_modal_data"] = {"image": images}
-            for j in range(sampling.n):
-                seed = (
-                    None
-                    if sampling.seed is None
-                    else sample_seed(sampling.seed, request.first_index + i, j)
+            seed = (
+                None
+                if sampling.seed is None
+                else prompt_seed(sampling.seed, request.first_index + i)
+            )
+            inputs.append(item)
+            params.append(
+                SamplingParams(
+                    n=sampling.n,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_tokens,
+                    seed=seed,
+                    logprobs=0,
+                    skip_special_tokens=False,
+                    stop_token_ids=self.encoder.eos_token_ids,
+                    bad_words=banned,
                 )
-                inputs.append(item)
-                params.append(
-                    SamplingParams(
-                        n=1,
-                        temperature=sampling.temperature,
-                        top_p=sampling.top_p,
-                        max_tokens=sampling.max_tokens,
-                        seed=seed,
-                        logprobs=0,
-                        skip_special_tokens=False,
-                        stop_token_ids=self.encoder.eos_token_ids,
-                        bad_words=banned,
-                    )
-                )
+            )
         # Plain dicts in vLLM's TextPrompt shape (vLLM is imported lazily).
         outputs = self.llm.generate(cast(Any, inputs), params, use_tqdm=False)
         results = []
-        for i in range(len(request.prompts)):
-            group = outputs[i * sampling.n : (i + 1) * sampling.n]
-            samples = [self._sample(output.outputs[0]) for output in group]
+        for output in outputs:
+            completions = sorted(output.outputs, key=lambda completion: completion.index)
+            if len(completions) != sampling.n:
+                raise RuntimeError(f"vLLM returned {len(completions)} of {sampling.n} samples")
             results.append(
                 PromptResult(
-                    prompt_token_ids=list(group[0].prompt_token_ids or []), samples=samples
+                    prompt_token_ids=list(output.prompt_token_ids or []),
+                    samples=[self._sample(completion) for completion in completions],
                 )
             )
         return results
