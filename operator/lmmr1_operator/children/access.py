@@ -118,9 +118,9 @@ def trainer_network_policy(ctx: StageContext) -> dict[str, Any]:
     ranks on several nodes) and, in separate mode, its rollout servers: they join rank 0's
     NCCL weight-sync group (its TCP store on $LMMR1_WEIGHT_SYNC_PORT, then NCCL's own
     connections). Nothing else connects to a trainer pod: its verifier is a sidecar that the
-    trainer calls on its own pod IP (admitted either way: the pod is one of the stage's
-    trainer pods), progress goes out to the API server, and the operator reads S3 and the
-    API, never the pods. In colocate mode this is the stage's only policy."""
+    trainer calls on its own pod IP (a pod cannot block access to itself, and it is one of
+    the stage's trainer pods anyway), progress goes out to the API server, and the operator
+    reads S3 and the API, never the pods. In colocate mode this is the stage's only policy."""
     peers = ["trainer"]
     if resolved_rollout_mode(ctx.stage.resources) == "separate":
         peers.append("rollout")
