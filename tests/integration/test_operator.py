@@ -166,25 +166,13 @@ class Bed:
 
     @contextmanager
     def condition_reasons(self, run: str, kind: str) -> Iterator[list[str]]:
-        """Every reason the run's `kind` condition takes while the block runs (as
-        "reason: message" lines): a watch sees each status write, also one that the
-        next pass overwrites within a second."""
-        path = (
-            f'{{range .status.conditions[?(@.type=="{kind}")]}}'
-            '{.reason}: {.message}{"\\n"}{end}'
-        )
+        """Every state the run's `kind` condition takes while the block runs (as
+        "reason: message"): a watch sees each status write, also one that the next pass
+        overwrites within a second. (`-o json`: kubectl applies a jsonpath to the
+        watch's later events as server-printed tables, which hold no status.)"""
+        argv = [self.testbed.binary("kubectl"), "--namespace", self.ns, "get", "lmr", run]
         watch = subprocess.Popen(
-            [
-                self.testbed.binary("kubectl"),
-                "--namespace",
-                self.ns,
-                "get",
-                "lmr",
-                run,
-                "--watch",
-                "-o",
-                f"jsonpath={path}",
-            ],
+            [*argv, "--watch", "-o", "json"],
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, **self.testbed.client_env()},
@@ -196,7 +184,15 @@ class Bed:
             time.sleep(1)  # let the watch catch up with the last write
             watch.terminate()
             out, _ = watch.communicate(timeout=10)
-            seen += [line for line in out.splitlines() if line]
+            text, decoder = out.strip(), json.JSONDecoder()
+            while text:  # one JSON object per watch event
+                obj, end = decoder.raw_decode(text)
+                text = text[end:].lstrip()
+                seen += [
+                    f"{c['reason']}: {c.get('message', '')}"
+                    for c in (obj.get("status") or {}).get("conditions") or []
+                    if c["type"] == kind
+                ]
 
     def event_messages(self, run: str, reason: str) -> list[str]:
         out = self.kubectl(
