@@ -111,3 +111,81 @@ def test_the_field_reference_lists_every_field_with_its_default_and_rules() -> N
     assert "| `spec.stages[].algorithm.learningRate` | number | `4e-07` | >= 0; <= 1.0 |" in text
     assert "| `spec.stages[].name` | string | required |" in text
     assert "stage names must be unique" in text and "must divide trainBatchSize" in text
+
+
+# Every flag of the published FRE-Text script (TideDra/lmm-r1,
+# examples/scripts/lmm_r1/train_fre_text.sh), as the mapping must cover it.
+FRE_TEXT_FLAGS = [
+    "--actor_learning_rate",
+    "--actor_num_gpus_per_node",
+    "--actor_num_nodes",
+    "--advantage_estimator",
+    "--bf16",
+    "--ckpt_path",
+    "--colocate_all_models",
+    "--critic_num_gpus_per_node",
+    "--critic_num_nodes",
+    "--enable_prefix_caching",
+    "--flash_attn",
+    "--gamma",
+    "--generate_max_len",
+    "--gradient_checkpointing",
+    "--init_kl_coef",
+    "--input_key",
+    "--label_key",
+    "--lambd",
+    "--load_checkpoint",
+    "--max_epochs",
+    "--max_samples",
+    "--micro_rollout_batch_size",
+    "--micro_train_batch_size",
+    "--n_samples_per_prompt",
+    "--normalize_reward",
+    "--num_episodes",
+    "--pretrain",
+    "--prompt_data",
+    "--prompt_max_len",
+    "--ref_num_gpus_per_node",
+    "--ref_num_nodes",
+    "--remote_rm_url",
+    "--rollout_batch_size",
+    "--save_path",
+    "--save_steps",
+    "--temperature",
+    "--train_batch_size",
+    "--use_tensorboard",
+    "--use_wandb",
+    "--wandb_group",
+    "--wandb_run_name",
+    "--save_hf_ckpt",
+    "--vllm_enable_sleep",
+    "--vllm_gpu_memory_utilization",
+    "--vllm_num_engines",
+    "--vllm_sync_backend",
+    "--vllm_tensor_parallel_size",
+    "--zero_stage",
+]
+
+
+def test_the_script_flag_map_covers_the_scripts_and_names_real_fields() -> None:
+    from lmmr1_operator.api.crd import crd as build_crd
+    from lmmr1_operator.api.reference import _walk
+    from lmmr1_operator.api.script_flags import SCRIPT_FLAGS
+
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    paths = {path for path, _, _ in _walk(schema["properties"]["spec"], "spec", True)}
+    mapped = {flag for entry in SCRIPT_FLAGS for flag in entry.flag.split(", ")}
+    assert sorted(set(FRE_TEXT_FLAGS) - mapped) == []
+    assert [e.field for e in SCRIPT_FLAGS if e.field and e.field not in paths] == []
+
+
+def test_the_defaults_are_the_fre_scripts() -> None:
+    """train_fre_text.sh: 2 episodes, micro-batches of 2, vLLM at 0.5 of the GPU."""
+    algorithm = Algorithm()
+    assert (algorithm.episodes, algorithm.micro_train_batch_size) == (2, 2)
+    assert (algorithm.samples_per_prompt, algorithm.rollout_batch_size) == (16, 256)
+    assert (algorithm.train_batch_size, algorithm.learning_rate) == (256, 4e-7)
+    assert (algorithm.max_prompt_length, algorithm.max_generation_length) == (4096, 4096)
+    from lmmr1_operator.api.spec import RolloutResources
+
+    assert RolloutResources().gpu_memory_utilization == 0.5

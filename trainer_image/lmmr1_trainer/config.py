@@ -72,9 +72,9 @@ class AlgorithmConfig(_Config):
     samples_per_prompt: int = 16
     rollout_batch_size: int = 256
     train_batch_size: int = 256
-    micro_train_batch_size: int = 4
+    micro_train_batch_size: int = 2
     epochs_per_rollout: int = 1
-    episodes: int = 1
+    episodes: int = 2
     max_steps: int | None = None
     learning_rate: float = 4e-7
     warmup_ratio: float = 0.03
@@ -126,7 +126,7 @@ class RolloutConfig(_Config):
     urls: list[str] = Field(default_factory=list)
     backend: Literal["vllm", "transformers"] = "vllm"
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.6
+    gpu_memory_utilization: float = 0.5
     # vLLM's CPU back end reserves this much memory for its KV cache (VLLM_CPU_KVCACHE_SPACE);
     # ignored on GPU, where gpu_memory_utilization sizes it.
     cpu_kv_cache_gib: int = Field(default=1, ge=1)

@@ -9,6 +9,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from lmmr1_operator.api.script_flags import render_script_flags
+
 Schema = dict[str, Any]
 
 INTRO = """\
@@ -109,4 +111,5 @@ def render_reference(crd: Schema) -> str:
             rules.append((f"{path}: {rule['rule']}", rule.get("message", "")))
     out += ["", "## Rules across fields", "", "| where: rule | message |", "|---|---|"]
     out += [f"| `{_cell(rule)}` | {_cell(message)} |" for rule, message in rules]
+    out += render_script_flags()
     return "\n".join(out) + "\n"

@@ -212,19 +212,29 @@ class Algorithm(ApiModel):
         description="Samples per optimizer step [train_batch_size].",
     )
     micro_train_batch_size: int = Field(
-        default=4, ge=1, le=1024, description="Samples per forward/backward per GPU."
+        default=2,
+        ge=1,
+        le=1024,
+        description="Samples per forward/backward per GPU [micro_train_batch_size] (the "
+        "scripts: 2, and 1 with 8k-token generation).",
     )
     epochs_per_rollout: int = Field(
         default=1, ge=1, le=16, description="Passes over each rollout batch [max_epochs]."
     )
     episodes: int = Field(
-        default=1, ge=1, le=1000, description="Passes over the dataset [num_episodes]."
+        default=2,
+        ge=1,
+        le=1000,
+        description="Passes over the dataset [num_episodes] (every LMM-R1 script: 2).",
     )
     max_steps: int | None = Field(
         default=None,
         ge=1,
         le=10_000_000,
-        description="Stop the stage after this many optimizer steps.",
+        description="Stop the stage after this many steps. A step is one rollout batch "
+        "(rolloutBatchSize prompts, then rolloutBatchSize x samplesPerPrompt x epochsPerRollout"
+        " / trainBatchSize optimizer updates): what status.step counts, checkpoint.everySteps "
+        "and OpenRLHF's --save_steps count.",
     )
     learning_rate: float = Field(
         default=4e-7, gt=0, le=1.0, description="Peak learning rate (paper: 4e-7 FRE, 1e-6 MGT)."
@@ -328,10 +338,11 @@ class RolloutResources(ApiModel):
         default=1, ge=1, le=16, description="GPUs per vLLM engine; 1 in colocate mode."
     )
     gpu_memory_utilization: float = Field(
-        default=0.6,
+        default=0.5,
         ge=0.05,
         le=0.98,
-        description="Share of each GPU's memory for vLLM (in colocate mode: of the trainer's).",
+        description="Share of each GPU's memory for vLLM [vllm_gpu_memory_utilization] (in "
+        "colocate mode: of the trainer's GPU; the scripts' 0.5).",
     )
     cpu: Quantity | None = Field(default=None, description=f"Per rollout pod; {_COLOCATE_ONLY}.")
     memory: Quantity | None = Field(default=None, description=f"Per rollout pod; {_COLOCATE_ONLY}.")

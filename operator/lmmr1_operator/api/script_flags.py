@@ -1,0 +1,161 @@
+"""How the LMM-R1 scripts' flags (TideDra/lmm-r1, examples/scripts/lmm_r1/*.sh: OpenRLHF's
+`train_ppo_ray` command line) map onto an LMMR1Run, for `docs/api.md`. Each entry names the
+flag, the CR field that carries it (a path of the generated schema, checked by the tests;
+empty where no field does) and how the operator treats it."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class ScriptFlag(NamedTuple):
+    flag: str
+    field: str  # a path under spec (stages[] for per-stage fields); "" when none
+    note: str
+
+
+STAGE = "spec.stages[]"
+SCRIPT_FLAGS: tuple[ScriptFlag, ...] = (
+    ScriptFlag(
+        "--pretrain",
+        "spec.model.uri",
+        f"later stages start from the previous stage's final checkpoint, or `{STAGE}.initFrom`",
+    ),
+    ScriptFlag("--prompt_data", f"{STAGE}.dataset.uri", ""),
+    ScriptFlag("--input_key", f"{STAGE}.dataset.promptKey", "the scripts: message"),
+    ScriptFlag("--label_key", f"{STAGE}.dataset.labelKey", "the scripts: answer"),
+    ScriptFlag("--max_samples", f"{STAGE}.dataset.maxSamples", "the scripts: 100000"),
+    ScriptFlag("--advantage_estimator", f"{STAGE}.algorithm.advantageEstimator", ""),
+    ScriptFlag("--n_samples_per_prompt", f"{STAGE}.algorithm.samplesPerPrompt", "16"),
+    ScriptFlag("--rollout_batch_size", f"{STAGE}.algorithm.rolloutBatchSize", "256 (Sokoban 128)"),
+    ScriptFlag("--train_batch_size", f"{STAGE}.algorithm.trainBatchSize", "256 (Sokoban 128)"),
+    ScriptFlag(
+        "--micro_train_batch_size",
+        f"{STAGE}.algorithm.microTrainBatchSize",
+        "2; 1 with 8k-token generation (MGT-PerceReason, Sokoban)",
+    ),
+    ScriptFlag(
+        "--micro_rollout_batch_size",
+        "",
+        "none: the log-prob passes use "
+        "microTrainBatchSize, and vLLM batches a step's prompts itself",
+    ),
+    ScriptFlag("--max_epochs", f"{STAGE}.algorithm.epochsPerRollout", "1"),
+    ScriptFlag("--num_episodes", f"{STAGE}.algorithm.episodes", "2 (Sokoban 4)"),
+    ScriptFlag("--prompt_max_len", f"{STAGE}.algorithm.maxPromptLength", "4096"),
+    ScriptFlag(
+        "--generate_max_len",
+        f"{STAGE}.algorithm.maxGenerationLength",
+        "4096; 8192 for MGT-PerceReason and Sokoban",
+    ),
+    ScriptFlag("--temperature", f"{STAGE}.algorithm.temperature", "1.0"),
+    ScriptFlag(
+        "--actor_learning_rate",
+        f"{STAGE}.algorithm.learningRate",
+        "4e-7 FRE-Text and MGT-PerceReason, 1e-6 the others",
+    ),
+    ScriptFlag("--init_kl_coef", f"{STAGE}.algorithm.klCoef", "0.001 (Sokoban 0)"),
+    ScriptFlag(
+        "--use_kl_loss",
+        f"{STAGE}.algorithm.klInReward",
+        "absent from the scripts: KL in the reward, klInReward true",
+    ),
+    ScriptFlag("--kl_estimator", f"{STAGE}.algorithm.klEstimator", "OpenRLHF's default k1"),
+    ScriptFlag("--zero_stage", f"{STAGE}.algorithm.zeroStage", "3"),
+    ScriptFlag("--bf16", f"{STAGE}.algorithm.bf16", ""),
+    ScriptFlag("--gradient_checkpointing", f"{STAGE}.algorithm.gradientCheckpointing", ""),
+    ScriptFlag("--seed", f"{STAGE}.algorithm.seed", "OpenRLHF's default 42"),
+    ScriptFlag(
+        "--save_steps",
+        f"{STAGE}.checkpoint.everySteps",
+        "20 (Sokoban 5); steps are rollout batches in both",
+    ),
+    ScriptFlag(
+        "--ckpt_path, --save_path",
+        "spec.storage.uri",
+        "checkpoints go to S3 under <uri>/<namespace>/<run>/<stage>/step-N",
+    ),
+    ScriptFlag(
+        "--save_hf_ckpt",
+        "",
+        "always: every checkpoint holds the policy as a Hugging Face model directory",
+    ),
+    ScriptFlag(
+        "--load_checkpoint",
+        "",
+        "always: a restarted stage resumes from its newest committed checkpoint",
+    ),
+    ScriptFlag(
+        "--remote_rm_url",
+        f"{STAGE}.reward.verifier",
+        "the rule-based verifier runs as a sidecar of each trainer pod; format 0.5 + accuracy 1.0",
+    ),
+    ScriptFlag("--actor_num_nodes", f"{STAGE}.resources.trainer.nodes", "1"),
+    ScriptFlag("--actor_num_gpus_per_node", f"{STAGE}.resources.trainer.gpusPerNode", "8"),
+    ScriptFlag(
+        "--ref_num_nodes, --ref_num_gpus_per_node",
+        "",
+        "the reference model lives in the trainer's ranks",
+    ),
+    ScriptFlag(
+        "--colocate_all_models",
+        f"{STAGE}.resources.rollout.mode",
+        "colocate (the default for a one-node trainer)",
+    ),
+    ScriptFlag(
+        "--vllm_num_engines",
+        f"{STAGE}.resources.rollout.replicas",
+        "colocate: one engine per trainer rank; separate: rollout server pods",
+    ),
+    ScriptFlag("--vllm_tensor_parallel_size", f"{STAGE}.resources.rollout.tensorParallelSize", "1"),
+    ScriptFlag(
+        "--vllm_gpu_memory_utilization", f"{STAGE}.resources.rollout.gpuMemoryUtilization", "0.5"
+    ),
+    ScriptFlag(
+        "--vllm_enable_sleep",
+        "",
+        "always in colocate mode on GPU: the engine sleeps during the update",
+    ),
+    ScriptFlag(
+        "--vllm_sync_backend", "", "colocate: weights load in process; separate: NCCL on GPU"
+    ),
+    ScriptFlag("--enable_prefix_caching", "", "vLLM's default on GPU"),
+    ScriptFlag("--flash_attn", "", "the attention kernels are vLLM's and transformers' defaults"),
+    ScriptFlag(
+        "--critic_num_nodes, --critic_num_gpus_per_node, --critic_learning_rate, --lambd, --gamma",
+        "",
+        "PPO with a critic (advantageEstimator gae: MGT-Geo, "
+        "Direct-RL, Sokoban) is not trained yet: the critic and its settings are open",
+    ),
+    ScriptFlag(
+        "--normalize_reward",
+        "",
+        "not applied: rewards are the verifier's, with the "
+        "group baseline and batch whitening of the estimator",
+    ),
+    ScriptFlag("--freeze_prefix", "", "not supported yet (Sokoban freezes `visual`)"),
+    ScriptFlag(
+        "--use_wandb, --use_tensorboard, --wandb_group, --wandb_run_name",
+        "",
+        "progress goes to status, Events and the operator's metrics",
+    ),
+)
+
+
+def render_script_flags() -> list[str]:
+    """The mapping as a Markdown section."""
+    out = [
+        "",
+        "## The LMM-R1 scripts' flags",
+        "",
+        "The published scripts (TideDra/lmm-r1, `examples/scripts/lmm_r1/*.sh`) and the field",
+        "that carries each flag; a field's default is the scripts' value unless its row says",
+        "otherwise. A step is one rollout batch everywhere (status, maxSteps, everySteps).",
+        "",
+        "| flag | field | the scripts, and notes |",
+        "|---|---|---|",
+    ]
+    for flag in SCRIPT_FLAGS:
+        field = f"`{flag.field}`" if flag.field else "none"
+        out.append(f"| `{flag.flag}` | {field} | {flag.note.replace('|', chr(92) + '|')} |")
+    return out
