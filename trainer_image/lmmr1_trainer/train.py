@@ -286,6 +286,10 @@ class StageTrainer:
         if self.rank == 0:
             self._connect()
         self._sync_weights()  # the servers serve init_from (or stale weights) until told
+        if self.rank == 0:
+            # Ready to train: a first report (the step it starts from) tells the operator's
+            # stall watchdog that the download and the engine start are over.
+            self._report(None)
         while self.step < self.total_steps:
             started = time.monotonic()
             stats, metrics = self._one_step()
