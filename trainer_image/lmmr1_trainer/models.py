@@ -97,6 +97,8 @@ def is_multimodal(model_dir: Path) -> bool:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The model in `dtype`: bf16 for a GPU trainer's policy and reference (fp32 master
+    weights are the optimizer's), fp32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForImageTextToText if is_multimodal(model_dir) else AutoModelForCausalLM
@@ -209,8 +211,51 @@ def build_sequence_batch(
     return batch
 
 
-def response_log_probs(model: Any, batch: SequenceBatch, temperature: float = 1.0) -> Tensor:
-    """log pi(response token | prefix) for every response position, (B, T) (0 on padding)."""
+# Response tokens projected through the LM head at a time: the logits of one chunk in fp32
+# are chunk x vocab x 4 bytes (311 MB for Qwen2.5-VL's 151,936 tokens), whatever the length.
+LOG_PROB_CHUNK_TOKENS = 512
+
+
+def response_log_probs(
+    model: Any,
+    batch: SequenceBatch,
+    temperature: float = 1.0,
+    chunk_tokens: int = LOG_PROB_CHUNK_TOKENS,
+) -> Tensor:
+    """log pi(response token | prefix) for every response position, (B, T) (0 on padding).
+
+    `model` is an HF model (Qwen2 or Qwen2.5-VL: a backbone `.model` and an `.lm_head`) or a
+    DeepSpeed engine around one. The logits of the whole sequence (B x L x vocab, then fp32)
+    are never built: only the hidden states that predict a response token go through the LM
+    head, `chunk_tokens` at a time, each chunk's log-softmax in fp32 (as verl's fused
+    log-probs do). Under autograd each chunk is checkpointed, so backward recomputes one
+    chunk's logits at a time instead of keeping them all."""
+    device = next(model.parameters()).device
+    inputs = _model_inputs(batch, device)
+    hidden = _last_hidden_states(model, inputs)  # (B, L, D)
+    mask = batch.response_mask.to(device)
+    rows, steps = mask.nonzero(as_tuple=True)
+    # The response token at step t of row i is input_ids[i, P_i + t], predicted at P_i + t - 1.
+    positions = batch.prompt_lengths.to(device)[rows] + steps - 1
+    targets = inputs["input_ids"][rows, positions + 1]
+    picked = _chunked_log_probs(
+        _module(model).lm_head, hidden[rows, positions], targets, temperature, chunk_tokens
+    )
+    return picked.new_zeros(mask.shape).index_put((rows, steps), picked)
+
+
+def _module(model: Any) -> Any:
+    """The HF model itself, also when `model` is a DeepSpeed engine around it."""
+    module = getattr(model, "module", model)
+    if not (hasattr(module, "model") and hasattr(module, "lm_head")):
+        raise TypeError(
+            f"{type(module).__name__} has no .model and .lm_head: response_log_probs takes a "
+            "causal LM like Qwen2ForCausalLM or Qwen2_5_VLForConditionalGeneration"
+        )
+    return module
+
+
+def _model_inputs(batch: SequenceBatch, device: torch.device) -> dict[str, Tensor]:
     kwargs: dict[str, Tensor] = {
         "input_ids": batch.input_ids,
         "attention_mask": batch.attention_mask,
@@ -220,10 +265,49 @@ def response_log_probs(model: Any, batch: SequenceBatch, temperature: float = 1.
         kwargs["image_grid_thw"] = batch.image_grid_thw
     if batch.mm_token_type_ids is not None:
         kwargs["mm_token_type_ids"] = batch.mm_token_type_ids
-    device = next(model.parameters()).device
-    kwargs = {k: v.to(device) for k, v in kwargs.items()}
-    logits = model(**kwargs, use_cache=False).logits
-    full = token_log_probs(logits[:, :-1], kwargs["input_ids"][:, 1:], temperature)  # (B, L-1)
-    steps = torch.arange(batch.response_mask.size(1), device=device)
-    index = (batch.prompt_lengths.to(device).unsqueeze(1) - 1 + steps).clamp(max=full.size(1) - 1)
-    return full.gather(1, index) * batch.response_mask.to(device)
+    return {k: v.to(device) for k, v in kwargs.items()}
+
+
+def _last_hidden_states(model: Any, inputs: dict[str, Tensor]) -> Tensor:
+    """The backbone's last hidden states (B, L, D), from the model's own forward.
+
+    The call goes through the top-level module (a DeepSpeed engine's forward where given one:
+    ZeRO-3 gathers, releases and traces parameters from there), asks for the logits of the
+    last position only (`logits_to_keep=1`: B x vocab, negligible) and keeps what the
+    backbone returned to the LM head."""
+    captured: list[Tensor] = []
+
+    def keep(_backbone: Any, _args: Any, output: Any) -> None:
+        captured.append(output[0])  # last_hidden_state (also when the model returns tuples)
+
+    handle = _module(model).model.register_forward_hook(keep)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _chunked_log_probs(
+    lm_head: Any, hidden: Tensor, targets: Tensor, temperature: float, chunk_tokens: int
+) -> Tensor:
+    """token_log_probs(lm_head(hidden), targets) for hidden (N, D), `chunk_tokens` rows at a
+    time; (N,) in fp32."""
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+
+    def chunk_log_probs(states: Tensor, tokens: Tensor) -> Tensor:
+        return token_log_probs(lm_head(states), tokens, temperature)
+
+    pieces = []
+    # At least one (possibly empty) chunk: with no response token at all the result is still
+    # part of the graph, so a loss on it backpropagates zeros as the full logits did.
+    for start in range(0, max(hidden.size(0), 1), chunk_tokens):
+        states, tokens = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(chunk_log_probs, states, tokens, use_reentrant=False))
+        else:
+            pieces.append(chunk_log_probs(states, tokens))
+    return torch.cat(pieces)
