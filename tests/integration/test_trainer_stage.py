@@ -247,3 +247,60 @@ def test_model_cache_follows_the_content_of_an_s3_uri(
     assert second != first and (second / "model.safetensors").read_bytes() == b"second"
     assert not first.exists()  # the stale copy is removed
     assert [p.name for p in second.parent.iterdir()] == [second.name]
+
+
+RANK_RESOLVING = """
+import sys, time
+from pathlib import Path
+import lmmr1_trainer.models as models
+
+uri, go, log = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+download = models.download_objects
+
+def counted(*args, **kwargs):  # the real download, counted
+    with log.open("a") as out:
+        out.write("download\\n")
+    return download(*args, **kwargs)
+
+models.download_objects = counted
+(go.parent / f"ready-{sys.argv[4]}").touch()
+while not go.exists():  # every rank starts at once, as torchrun's do
+    time.sleep(0.005)
+print(models.resolve_model(uri))
+"""
+
+
+def test_the_ranks_of_a_pod_download_a_model_once(
+    s3_bucket: str, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Four ranks sharing a cache resolve the same S3 model at the same moment: one
+    downloads it, the others wait and use that copy (without the lock, each downloads)."""
+    uri = f"s3://{s3_bucket}/models/shared"
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(os.urandom(32 * 1024 * 1024))
+    upload_tree(open_storage(uri), source, "")
+    script, go, log = tmp_path / "rank.py", tmp_path / "go", tmp_path / "downloads"
+    script.write_text(RANK_RESOLVING)
+    env = {**os.environ, **s3_env, "LMMR1_MODEL_CACHE": str(tmp_path / "cache")}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), uri, str(go), str(log), str(rank)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(4)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)  # every rank has imported and polls for the start
+    go.touch()
+    paths = {rank.communicate(timeout=120)[0].strip() for rank in ranks}
+    assert [rank.returncode for rank in ranks] == [0] * 4
+    assert len(paths) == 1
+    assert (Path(paths.pop()) / "model.safetensors").read_bytes() == (
+        source / "model.safetensors"
+    ).read_bytes()
+    assert log.read_text().splitlines() == ["download"]

@@ -25,7 +25,15 @@ from torch import Tensor
 from lmmr1_trainer.algorithms import token_log_probs
 from lmmr1_trainer.config import S3Settings
 from lmmr1_trainer.data import ChatMessage
-from lmmr1_trainer.storage import download_objects, list_tree, local_path, open_storage
+from lmmr1_trainer.filelock import exclusive
+from lmmr1_trainer.storage import (
+    ObjectInfo,
+    Storage,
+    download_objects,
+    list_tree,
+    local_path,
+    open_storage,
+)
 
 MODEL_CACHE_ENV = "LMMR1_MODEL_CACHE"
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -47,7 +55,8 @@ def resolve_model(uri: str, settings: S3Settings | None = None) -> Path:
 
         repo, _, revision = (parts.netloc + parts.path).partition("@")
         target = _cache_root() / "hf" / repo.replace("/", "--") / (revision or "main")
-        snapshot_download(repo_id=repo, revision=revision or None, local_dir=str(target))
+        with exclusive(target.parent / ".lock", f"downloading {uri}"):
+            snapshot_download(repo_id=repo, revision=revision or None, local_dir=str(target))
         return target
     if parts.scheme == "s3":
         return _cached_s3_model(uri, settings)
@@ -62,7 +71,8 @@ def _cached_s3_model(uri: str, settings: S3Settings | None) -> Path:
     the URI and a digest of the object listing (keys, sizes, ETags), so a model re-uploaded
     to the same URI is downloaded again instead of served stale from a node's cache. Each
     download goes to a private folder renamed into place, so a trainer and a rollout server
-    sharing a node's cache never read a half-written copy."""
+    sharing a node's cache never read a half-written copy, and the ranks of a pod download
+    it once (a file lock: the others wait for the first)."""
     storage = open_storage(uri, settings)
     # A checkpoint is an HF model directory plus trainer state the policy never needs.
     objects = list_tree(storage, "", exclude=("trainer_state/",))
@@ -72,6 +82,14 @@ def _cached_s3_model(uri: str, settings: S3Settings | None) -> Path:
     home = _cache_root() / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     target = home / hashlib.sha256(listing.encode()).hexdigest()[:16]
     if target.is_dir():
+        return target
+    # One download per pod: the other ranks wait, then find the finished copy.
+    with exclusive(home.parent / f".{home.name}.lock", f"downloading {uri}"):
+        return _download_model(storage, objects, home, target)
+
+
+def _download_model(storage: Storage, objects: list[ObjectInfo], home: Path, target: Path) -> Path:
+    if target.is_dir():  # another rank of this pod downloaded it while this one waited
         return target
     home.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=home))
