@@ -175,8 +175,11 @@ class StageTrainer:
         self.images = ImageLoader(self.config.s3)
         device = torch.device("cuda", self.local_rank) if self.on_gpu else torch.device("cpu")
         self.reference = None
+        # bf16 on GPU, for the policy too: the published weights are bf16 (nothing is lost),
+        # and an fp32 copy per rank would be 12 GB of host memory each for a 3B model;
+        # DeepSpeed keeps the fp32 master weights in the optimizer.
+        dtype = torch.bfloat16 if self.on_gpu and self.algo.bf16 else torch.float32
         if self.algo.kl_coef > 0:
-            dtype = torch.bfloat16 if self.on_gpu and self.algo.bf16 else torch.float32
             self.reference = load_model(init_dir, dtype).to(device).eval().requires_grad_(False)
         self.rows = load_dataset(self.config.dataset, self.config.s3) if self.rank == 0 else []
         self.total_steps: int = broadcast_object(
@@ -184,7 +187,7 @@ class StageTrainer:
         )
         self.sampler = PromptSampler(len(self.rows), self.algo.seed) if self.rank == 0 else None
         self.policy = PolicyEngine(
-            load_model(policy_dir),
+            load_model(policy_dir, dtype),
             self.algo,
             self.world,
             self.total_steps * self.plan.updates_per_rollout,
