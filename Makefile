@@ -54,6 +54,7 @@ bench: ## test bed (warm start, memory), operator at 50/200 runs, verifier, trai
 	$(PY) -m lmmr1_testbed.bench
 	$(PY) -m lmmr1_testbed.bench_operator 50 200
 	$(PY) -m lmmr1_bench.verifier
+	$(PY) -m lmmr1_bench.logprob_memory
 	DS_ACCELERATOR=cpu $(PY) -m lmmr1_bench.trainer
 
 crds: ## generate the LMMR1Run CRD (manifests/ and the chart) and docs/api.md from the pydantic models
