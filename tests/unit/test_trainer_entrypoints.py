@@ -27,12 +27,12 @@ STAGE: dict[str, Any] = {
 }
 
 
-def test_the_paper_defaults_plan_16_updates_of_64_micro_batches_on_one_rank() -> None:
-    plan = plan_batches(AlgorithmConfig(), world_size=1)
+def test_the_paper_defaults_plan_16_updates_of_128_micro_batches_on_one_rank() -> None:
+    plan = plan_batches(AlgorithmConfig(), world_size=1)  # micro-batches of 2, as the scripts
     assert plan.samples_per_rollout == 256 * 16
-    assert plan.updates_per_rollout == 16 and plan.micro_batches_per_update == 64
+    assert plan.updates_per_rollout == 16 and plan.micro_batches_per_update == 128
     on_8 = plan_batches(AlgorithmConfig(), world_size=8)
-    assert on_8.micro_batches_per_update == 8 and on_8.samples_per_rank == 512
+    assert on_8.micro_batches_per_update == 16 and on_8.samples_per_rank == 512
 
 
 def test_batch_sizes_that_do_not_divide_name_the_fields() -> None:
@@ -45,7 +45,7 @@ def test_batch_sizes_that_do_not_divide_name_the_fields() -> None:
 def test_deepspeed_config_on_gpu_and_cpu() -> None:
     gpu = deepspeed_config(AlgorithmConfig(), 8, on_gpu=True)
     assert gpu["zero_optimization"]["stage"] == 3 and gpu["bf16"]["enabled"]
-    assert gpu["gradient_clipping"] == 1.0 and gpu["gradient_accumulation_steps"] == 8
+    assert gpu["gradient_clipping"] == 1.0 and gpu["gradient_accumulation_steps"] == 16
     cpu = deepspeed_config(AlgorithmConfig(), 1, on_gpu=False)
     assert cpu["zero_optimization"]["stage"] == 2 and not cpu["bf16"]["enabled"]
 
