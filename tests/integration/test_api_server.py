@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("installed_manifests")
 def test_examples_apply_and_kubectl_get_prints_the_columns(
     kubectl: Cli, installed_manifests: Path
 ) -> None:
-    for example in sorted((installed_manifests / "examples").glob("*.yaml")):
+    examples = installed_manifests / "examples"
+    for example in sorted([*examples.glob("*.yaml"), *(examples / "recipes").glob("*.yaml")]):
         kubectl("apply", "-f", str(example))
     name = yaml.safe_load((installed_manifests / "examples" / "run.yaml").read_text())["metadata"][
         "name"

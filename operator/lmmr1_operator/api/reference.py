@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from lmmr1_operator.api.script_flags import render_script_flags
+from lmmr1_operator.api.script_flags import render_script_flags, render_script_values
 
 Schema = dict[str, Any]
 
@@ -112,4 +112,5 @@ def render_reference(crd: Schema) -> str:
     out += ["", "## Rules across fields", "", "| where: rule | message |", "|---|---|"]
     out += [f"| `{_cell(rule)}` | {_cell(message)} |" for rule, message in rules]
     out += render_script_flags()
+    out += render_script_values()
     return "\n".join(out) + "\n"

@@ -159,3 +159,110 @@ def render_script_flags() -> list[str]:
         field = f"`{flag.field}`" if flag.field else "none"
         out.append(f"| `{flag.flag}` | {field} | {flag.note.replace('|', chr(92) + '|')} |")
     return out
+
+
+# The six published scripts, in the paper's order, and the example manifest of each
+# (manifests/examples/recipes/<script>.yaml).
+SCRIPTS: tuple[str, ...] = (
+    "train_fre_text",
+    "train_fre_multi",
+    "train_mgt_geo",
+    "train_mgt_percereas",
+    "train_direct_rl_geo",
+    "train_sokoban",
+)
+Value = str | int | float | bool | None
+
+
+class ScriptValues(NamedTuple):
+    """What each script sets a flag to, as the CR field holds it (one per SCRIPTS entry;
+    None: the script does not set it, the field keeps its default)."""
+
+    flag: str
+    field: str
+    values: tuple[Value, ...]
+
+
+def _same(value: Value) -> tuple[Value, ...]:
+    return (value,) * len(SCRIPTS)
+
+
+SCRIPT_VALUES: tuple[ScriptValues, ...] = (
+    ScriptValues(
+        "--advantage_estimator",
+        f"{STAGE}.algorithm.advantageEstimator",
+        ("reinforce_baseline", "reinforce_baseline", "gae", "reinforce_baseline", "gae", "gae"),
+    ),
+    ScriptValues(
+        "--actor_learning_rate",
+        f"{STAGE}.algorithm.learningRate",
+        (4e-7, 1e-6, 1e-6, 4e-7, 1e-6, 1e-6),
+    ),
+    ScriptValues(
+        "--init_kl_coef", f"{STAGE}.algorithm.klCoef", (1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 0.0)
+    ),
+    ScriptValues("--n_samples_per_prompt", f"{STAGE}.algorithm.samplesPerPrompt", _same(16)),
+    ScriptValues(
+        "--rollout_batch_size", f"{STAGE}.algorithm.rolloutBatchSize", (256,) * 5 + (128,)
+    ),
+    ScriptValues("--train_batch_size", f"{STAGE}.algorithm.trainBatchSize", (256,) * 5 + (128,)),
+    ScriptValues(
+        "--micro_train_batch_size", f"{STAGE}.algorithm.microTrainBatchSize", (2, 2, 2, 1, 2, 1)
+    ),
+    ScriptValues("--max_epochs", f"{STAGE}.algorithm.epochsPerRollout", _same(1)),
+    ScriptValues("--num_episodes", f"{STAGE}.algorithm.episodes", (2,) * 5 + (4,)),
+    ScriptValues("--prompt_max_len", f"{STAGE}.algorithm.maxPromptLength", _same(4096)),
+    ScriptValues(
+        "--generate_max_len",
+        f"{STAGE}.algorithm.maxGenerationLength",
+        (4096, 4096, 4096, 8192, 4096, 8196),
+    ),
+    ScriptValues("--temperature", f"{STAGE}.algorithm.temperature", _same(1.0)),
+    ScriptValues("--zero_stage", f"{STAGE}.algorithm.zeroStage", _same(3)),
+    ScriptValues("--bf16", f"{STAGE}.algorithm.bf16", _same(True)),
+    ScriptValues(
+        "--gradient_checkpointing", f"{STAGE}.algorithm.gradientCheckpointing", _same(True)
+    ),
+    ScriptValues("--input_key", f"{STAGE}.dataset.promptKey", _same("message")),
+    ScriptValues("--label_key", f"{STAGE}.dataset.labelKey", ("answer",) * 5 + (None,)),
+    ScriptValues("--max_samples", f"{STAGE}.dataset.maxSamples", _same(100000)),
+    ScriptValues("--save_steps", f"{STAGE}.checkpoint.everySteps", (20,) * 5 + (5,)),
+    ScriptValues("--actor_num_nodes", f"{STAGE}.resources.trainer.nodes", _same(1)),
+    ScriptValues("--actor_num_gpus_per_node", f"{STAGE}.resources.trainer.gpusPerNode", _same(8)),
+    ScriptValues("--colocate_all_models", f"{STAGE}.resources.rollout.mode", _same("colocate")),
+    ScriptValues(
+        "--vllm_tensor_parallel_size", f"{STAGE}.resources.rollout.tensorParallelSize", _same(1)
+    ),
+    ScriptValues(
+        "--vllm_gpu_memory_utilization",
+        f"{STAGE}.resources.rollout.gpuMemoryUtilization",
+        _same(0.5),
+    ),
+    ScriptValues("--prompt-template (verifier)", f"{STAGE}.reward.promptTemplate", _same("chatml")),
+)
+
+
+def _cell(value: Value) -> str:
+    return (
+        "(default)"
+        if value is None
+        else f"`{str(value).lower() if isinstance(value, bool) else value}`"
+    )
+
+
+def render_script_values() -> list[str]:
+    """Each script's values as a Markdown table (one column per script)."""
+    out = [
+        "",
+        "## Each script's values",
+        "",
+        "What each published script sets, as the CR field holds it; the example manifests",
+        "`manifests/examples/recipes/<script>.yaml` carry exactly these (a test checks them).",
+        "",
+        "| flag | field | " + " | ".join(f"`{s}`" for s in SCRIPTS) + " |",
+        "|---|---|" + "---|" * len(SCRIPTS),
+    ]
+    for row in SCRIPT_VALUES:
+        cells = " | ".join(_cell(v) for v in row.values)
+        out.append(f"| `{row.flag}` | `{row.field}` | {cells} |")
+    return out
