@@ -39,6 +39,8 @@ COMPONENTS = (
 SERVICE_CIDR = "10.96.0.0/16"
 GPU_NODES = 4
 GPUS_PER_NODE = 8
+# Local NVMe of an 8-GPU cloud node (p5.48xlarge: 8 x 3.84 TB), where emptyDirs live.
+KWOK_NODE_DISK = "28Ti"
 KWOK_STAGES = Path(__file__).with_name("kwok-stages.yaml")
 
 
@@ -383,12 +385,14 @@ def _create_kwok_node(state: TestBedState, name: str) -> None:
                 "cpu": "96",
                 "memory": "1Ti",
                 "pods": "110",
+                "ephemeral-storage": KWOK_NODE_DISK,
                 "nvidia.com/gpu": str(GPUS_PER_NODE),
             },
             "capacity": {
                 "cpu": "96",
                 "memory": "1Ti",
                 "pods": "110",
+                "ephemeral-storage": KWOK_NODE_DISK,
                 "nvidia.com/gpu": str(GPUS_PER_NODE),
             },
         },

@@ -150,6 +150,9 @@ class TrainerTopology(_Config):
     # Every collective between the trainer's ranks fails after this many seconds (the
     # process group's timeout) instead of hanging when a rank is gone.
     collective_timeout_s: float = Field(default=DEFAULT_COLLECTIVE_TIMEOUT_S, gt=0)
+    # The scratch volume's size limit (the pod's emptyDir sizeLimit); None: the file
+    # system's free space is the limit (local runs).
+    scratch_bytes: int | None = Field(default=None, ge=0)
 
 
 class CheckpointConfig(_Config):

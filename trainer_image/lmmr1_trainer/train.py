@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from lmmr1_trainer.config import CONFIG_PATH, Progress, StageConfig
 from lmmr1_trainer.launch import config_error
 from lmmr1_trainer.launch import write_termination_message as _write_termination_message
+from lmmr1_trainer.scratch import Layout, checkpoint_bytes, shortfall
 
 if TYPE_CHECKING:
     from lmmr1_trainer.experience import RolloutStats
@@ -128,6 +129,22 @@ class StageTrainer:
 
     # -- set-up -------------------------------------------------------------------------
 
+    def _check_scratch(self, parameters: int, weight_bytes: int) -> None:
+        """Fail now, not at the first checkpoint, when the node cannot stage one."""
+        if self.local_rank != 0:
+            return
+        layout = Layout(
+            world_size=self.world,
+            ranks_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            first_node=self.rank == 0,
+            zero_stage=self.algo.zero_stage,
+            weight_bytes=weight_bytes,
+        )
+        needed = checkpoint_bytes(parameters, layout)
+        problem = shortfall(self.workdir, needed, self.config.trainer.scratch_bytes)
+        if problem:
+            raise ConfigError(problem)
+
     def _setup(self) -> None:
         import torch
 
@@ -186,8 +203,10 @@ class StageTrainer:
             total_steps(self.config, len(self.rows)) if self.rank == 0 else None, self.rank
         )
         self.sampler = PromptSampler(len(self.rows), self.algo.seed) if self.rank == 0 else None
+        policy_model = load_model(policy_dir, dtype)
+        self._check_scratch(sum(p.numel() for p in policy_model.parameters()), dtype.itemsize)
         self.policy = PolicyEngine(
-            load_model(policy_dir, dtype),
+            policy_model,
             self.algo,
             self.world,
             self.total_steps * self.plan.updates_per_rollout,

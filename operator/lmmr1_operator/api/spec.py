@@ -18,7 +18,7 @@ from lmmr1_trainer.verifier.config import PromptTemplate, UnparseableLabelPolicy
 
 MAX_URI = 1024
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eE][+]?[0-9]+|[kMGTPE]i?|m)?$"
+QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eE][+]?[0-9]+|Ki|[MGTPE]i?|k|m)?$"
 # The stall watchdog's default: the first report of a stage comes only after the model's
 # download, DeepSpeed's and vLLM's start and a whole first step (for the paper's 3B model on
 # 8 GPUs: minutes each, and tens of minutes for a slow hub download or a step that writes a
@@ -26,6 +26,7 @@ QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eE][+]?[0-9]+|[kMGTPE]i?|m)?$"
 # the upload of the model and optimizer state (tens of GiB).
 DEFAULT_STALL_TIMEOUT_S = 1800
 MAX_STALL_TIMEOUT_S = 86_400
+DEFAULT_SCRATCH_SIZE = "256Gi"
 
 
 def _uri_pattern(schemes: tuple[str, ...]) -> str:
@@ -291,6 +292,15 @@ class TrainerResources(ApiModel):
     cpu: Quantity | None = None
     memory: Quantity | None = None
     shm_size: Quantity = Field(default="16Gi", description="/dev/shm for NCCL and dataloaders.")
+    scratch_size: Quantity = Field(
+        default=DEFAULT_SCRATCH_SIZE,
+        description="Each trainer pod's scratch volume (an emptyDir with this sizeLimit, and "
+        "as much ephemeral-storage requested): where a node stages its checkpoint shards "
+        "and a resume downloads them. The default fits the paper's 3B model on one 8-GPU "
+        "node with a critic (two models x ~60 GB per checkpoint x 2 copies); the trainer "
+        "checks the estimate for the real model at start and fails at once if it does "
+        "not fit.",
+    )
 
 
 RolloutMode = Literal["colocate", "separate"]

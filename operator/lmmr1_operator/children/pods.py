@@ -90,10 +90,12 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def writable_volumes() -> list[dict[str, Any]]:
-    """Scratch and cache emptyDirs (on the node's disk: a model and a checkpoint can be
-    tens of GB; the container's ephemeral-storage limit, if any, bounds them)."""
-    return [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
+def writable_volumes(scratch_size: str | None = None) -> list[dict[str, Any]]:
+    """Scratch and cache emptyDirs on the node's disk. The trainer's scratch (checkpoint
+    staging, tens to hundreds of GB) has a sizeLimit, and the trainer container requests
+    as much ephemeral storage, so the scheduler places it on a node with that much disk."""
+    scratch: dict[str, Any] = {"sizeLimit": scratch_size} if scratch_size else {}
+    return [{"name": "tmp", "emptyDir": scratch}, {"name": "cache", "emptyDir": {}}]
 
 
 def writable_mounts() -> list[dict[str, Any]]:
@@ -177,8 +179,12 @@ def queue_labels(ctx: StageContext) -> dict[str, str]:
     return {naming.KUEUE_QUEUE: ctx.spec.queue_name} if ctx.spec.queue_name else {}
 
 
-def resources(gpus: int, cpu: str | None, memory: str | None) -> dict[str, Any]:
+def resources(
+    gpus: int, cpu: str | None, memory: str | None, ephemeral_storage: str | None = None
+) -> dict[str, Any]:
     requests: dict[str, str] = {}
+    if ephemeral_storage:
+        requests["ephemeral-storage"] = ephemeral_storage
     limits: dict[str, str] = {}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)

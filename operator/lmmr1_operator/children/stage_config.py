@@ -7,6 +7,7 @@ from typing import Any
 from lmmr1_operator import naming
 from lmmr1_operator.api.spec import resolved_rollout_mode
 from lmmr1_operator.children.context import StageContext
+from lmmr1_operator.quantity import quantity_bytes
 from lmmr1_trainer.config import (
     AlgorithmConfig,
     CheckpointConfig,
@@ -57,7 +58,9 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
             gpu_memory_utilization=rollout.gpu_memory_utilization,
         ),
         trainer=TrainerTopology(
-            nodes=stage.resources.trainer.nodes, gpus_per_node=stage.resources.trainer.gpus_per_node
+            nodes=stage.resources.trainer.nodes,
+            gpus_per_node=stage.resources.trainer.gpus_per_node,
+            scratch_bytes=quantity_bytes(stage.resources.trainer.scratch_size),
         ),
         checkpoint=CheckpointConfig(
             uri=ctx.checkpoint_uri,

@@ -118,7 +118,9 @@ def job(ctx: StageContext) -> dict[str, Any]:
         "command": _launch(ctx),
         "env": _env(ctx),
         "ports": [{"name": "rendezvous", "containerPort": naming.RENDEZVOUS_PORT}],
-        "resources": pods.resources(topology.gpus_per_node, topology.cpu, topology.memory),
+        "resources": pods.resources(
+            topology.gpus_per_node, topology.cpu, topology.memory, topology.scratch_size
+        ),
         "volumeMounts": [
             *pods.config_mounts(),
             *pods.writable_mounts(),
@@ -154,7 +156,7 @@ def job(ctx: StageContext) -> dict[str, Any]:
                     "containers": [trainer],
                     "volumes": [
                         *pods.config_volumes(ctx),
-                        *pods.writable_volumes(),
+                        *pods.writable_volumes(topology.scratch_size),
                         pods.service_account_volume(),
                         {
                             "name": "dshm",

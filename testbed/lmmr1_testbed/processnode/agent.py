@@ -124,7 +124,7 @@ def node_manifest(name: str, gpus: int) -> Obj:
         "memory": "256Gi",
         "pods": "110",
         "nvidia.com/gpu": str(gpus),
-        "ephemeral-storage": "1Ti",
+        "ephemeral-storage": "8Ti",  # fake, like the rest: room for many trainer scratch volumes
     }
     return {
         "apiVersion": "v1",
