@@ -11,18 +11,27 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from tests.trainer_harness import stage_config, start_trainer, write_stage, write_token
 
-from lmmr1_trainer.config import StageConfig
+from lmmr1_trainer.checkpoint import CheckpointStore
+from lmmr1_trainer.config import EXIT_CONFIG_ERROR, StageConfig
 from lmmr1_trainer.data import DatasetError, ImageLoader, decode_images, image_refs, read_rows
 from lmmr1_trainer.models import ChatEncoder
 from lmmr1_trainer.preflight import MAX_EXAMPLES, check_rows, checked_rows, inspect_image
+from lmmr1_trainer.storage import open_storage, sha256_file
 from lmmr1_trainer.synthetic import chat_message
 from lmmr1_trainer.tiny_model import build_tiny_model
+from lmmr1_trainer.train import node_workdir, step_records
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> ChatEncoder:
-    return ChatEncoder.load(build_tiny_model(tmp_path_factory.mktemp("tiny")))
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def encoder(model_dir: Path) -> ChatEncoder:
+    return ChatEncoder.load(model_dir)
 
 
 def _image_chat(ref: str, question: str = "What colour?") -> str:
@@ -214,3 +223,51 @@ def test_a_text_only_model_refuses_rows_with_images(tmp_path: Path) -> None:
 def test_inspect_image_reports_the_size_of_a_good_image(tmp_path: Path) -> None:
     path = _write_png(tmp_path / "a.png", (40, 24))
     assert inspect_image(ImageLoader(), str(path)) == (24, 40)  # (height, width)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under `root`: (size, mtime in ns, sha256)."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, sha256_file(p))
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_stage_with_one_bad_row_exits_78_naming_it_before_any_rollout(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """The real stage entry point (`python -m lmmr1_trainer.train`), resuming from a
+    committed checkpoint of an earlier attempt: it exits 78 with the row in its termination
+    message (the operator fails the run at once with it), reports no step and no progress
+    (so no rollout ran), and leaves the checkpoints exactly as they were."""
+    data = tmp_path / "data"
+    _write_png(data / "img" / "a.png")
+    lines = [json.dumps({"message": _image_chat("img/a.png"), "answer": "red"})] * 2
+    lines.insert(1, json.dumps({"message": _image_chat("img/gone.png"), "answer": "red"}))
+    _write_rows(data / "train.jsonl", lines)
+    checkpoints = tmp_path / "checkpoints"
+    store = CheckpointStore(open_storage(str(checkpoints)))
+    store.commit(1, store.upload(1, model_dir))  # the earlier attempt's step 1
+    before = _tree(checkpoints)
+    stage = stage_config(
+        init_from=str(model_dir),
+        dataset={"uri": str(data / "train.jsonl"), "type": "multimodal"},
+        checkpoint_uri=str(checkpoints),
+        rollout_urls=[],
+        reward_url="http://127.0.0.1:1",  # never reached: the stage stops before
+        token_file=write_token(tmp_path),
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    process = start_trainer(write_stage(tmp_path / "stage.yaml", stage), work)
+    out, _ = process.communicate(timeout=400)
+    assert process.returncode == EXIT_CONFIG_ERROR, out[-3000:]
+    message = (work / "termination-log").read_text()
+    assert message.startswith("stage config: 1 of 3 dataset rows are bad:"), message
+    assert f"train.jsonl:2 image: no such file: {data}/img/gone.png" in message
+    resumed = work / node_workdir(StageConfig.model_validate(stage)).name / "resume"
+    assert (resumed / "config.json").is_file()  # it had downloaded step 1 to resume from
+    assert step_records(out.splitlines()) == []
+    assert not (work / "progress.json").exists()  # the first report follows the engine start
+    assert _tree(checkpoints) == before
