@@ -122,6 +122,24 @@ INVALID: list[Invalid] = [
         "must be a URI starting with",
     ),
     Invalid(
+        "image-root-path",
+        _set("spec.stages[1].dataset.imageRoot", "/data/images"),
+        "spec.stages[1].dataset.imageRoot",
+        "must be a URI starting with s3://, pvc:// (for example pvc://images/geo3k)",
+    ),
+    Invalid(
+        "pvc-claim-not-a-dns-name",
+        _set("spec.stages[1].dataset.uri", "pvc://My_Claim/mgt.jsonl"),
+        "spec.stages[1].dataset.uri",
+        "names a PersistentVolumeClaim of the run's namespace",
+    ),
+    Invalid(
+        "unknown-bad-row-policy",
+        _set("spec.stages[1].dataset.onBadRow", "ignore"),
+        "spec.stages[1].dataset.onBadRow",
+        'Unsupported value: "ignore"',
+    ),
+    Invalid(
         "missing-dataset",
         _set("spec.stages[0].dataset", _DELETE),
         "spec.stages[0].dataset",

@@ -318,6 +318,7 @@ class _Decision:
         record.reward, record.accuracy = progress.reward, progress.accuracy
         record.initial_reward = progress.initial_reward
         record.rollout_engine = progress.rollout_engine or record.rollout_engine
+        record.skipped_rows = progress.skipped_rows
 
     def stalled(self, ctx: StageContext) -> bool:
         """The stall watchdog: restart the stage (reason Stalled) when its trainer runs but

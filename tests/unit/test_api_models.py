@@ -47,6 +47,24 @@ def test_pydantic_rejects_the_invalid_table(case: Invalid) -> None:
     assert leaf in str(raised.value), str(raised.value)
 
 
+def test_uri_rules_say_the_same_in_pydantic_and_cel() -> None:
+    """imageRoot takes s3:// or pvc:// only (a bare path means nothing in the pod); a pvc://
+    URI's claim must be a claim name, as the pod's volume will need it."""
+    from lmmr1_operator.api.spec import Dataset
+
+    schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    stage = schema["properties"]["spec"]["properties"]["stages"]["items"]
+    image_root = stage["properties"]["dataset"]["properties"]["imageRoot"]
+    (rule,) = image_root["x-kubernetes-validations"]
+    for good in ("s3://bucket/images", "pvc://images", "pvc://geo-images.v2/set/1"):
+        assert Dataset.model_validate({"uri": "s3://b/x.jsonl", "imageRoot": good})
+    for bad in ("/data/images", "images/", "hf://org/images", "pvc://Images/x", "pvc://-x"):
+        with pytest.raises(ValidationError) as raised:
+            Dataset.model_validate({"uri": "s3://b/x.jsonl", "imageRoot": bad})
+        assert rule["message"] in str(raised.value), bad
+    assert Dataset.model_validate({"uri": "pvc://data/x.jsonl"}).on_bad_row == "fail"
+
+
 def test_status_round_trips_in_camel_case() -> None:
     status = LMMR1RunStatus.model_validate(
         {

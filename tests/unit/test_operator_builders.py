@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -269,3 +270,57 @@ def test_a_colocated_stages_trainer_accepts_only_its_own_ranks() -> None:
         stage = ctx.stage.name
         assert policy["spec"]["podSelector"] == {"matchLabels": _labels(stage, "trainer")}
         assert _peers(policy) == [{"podSelector": {"matchLabels": _labels(stage, "trainer")}}]
+
+
+def test_every_claim_the_stage_reads_is_mounted_read_only_where_the_trainer_looks() -> None:
+    """`pvc://claim/path` in the model, dataset, imageRoot or initFrom: each distinct claim
+    becomes one read-only volume, mounted at /mnt/pvc/<claim> (the trainer's default
+    LMMR1_PVC_ROOT) in the trainer; rollout servers get the claim of the weights they
+    serve. s3:// and hf:// sources mount nothing."""
+    from lmmr1_trainer.config import DEFAULT_PVC_ROOT
+    from lmmr1_trainer.storage import local_path
+
+    run = run_obj(model={"uri": "pvc://models/qwen2.5-vl-3b"})
+    run["spec"]["stages"][0]["dataset"] = {
+        "uri": "pvc://datasets/fre/train.jsonl",
+        "imageRoot": "pvc://datasets/images",  # the same claim: mounted once
+    }
+    run["spec"]["stages"][1]["dataset"] = {
+        "uri": "s3://bucket/mgt.jsonl",
+        "imageRoot": "pvc://geo-images.v2",
+    }
+    run["spec"]["stages"][1]["resources"] = {"rollout": {"mode": "separate"}}
+
+    def claims(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        volumes = {
+            v["name"]: v["persistentVolumeClaim"]
+            for v in pod["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        mounted: dict[str, str] = {}
+        for mount in container["volumeMounts"]:
+            if mount["name"] in volumes:
+                source = volumes[mount["name"]]
+                assert source["readOnly"] and mount["readOnly"]
+                mounted[source["claimName"]] = mount["mountPath"]
+        assert len(mounted) == len(volumes)  # every claim volume is mounted
+        return mounted
+
+    fre = trainer.job(context(run))["spec"]["template"]["spec"]
+    assert claims(fre, fre["containers"][0]) == {
+        "datasets": f"{DEFAULT_PVC_ROOT}/datasets",
+        "models": f"{DEFAULT_PVC_ROOT}/models",
+    }
+    assert local_path("pvc://models/qwen2.5-vl-3b").parent == Path(f"{DEFAULT_PVC_ROOT}/models")
+    # The second stage starts from the first one's checkpoint (s3://), not the model.
+    finals: list[str | None] = ["s3://bucket/ckpt/ns/r/fre/step-9"]
+    mgt = trainer.job(context(run, 1, finals))["spec"]["template"]["spec"]
+    assert claims(mgt, mgt["containers"][0]) == {"geo-images.v2": "/mnt/pvc/geo-images.v2"}
+    server = rollout.pod(context(run, 1, finals), 0)["spec"]
+    assert claims(server, server["containers"][0]) == {}
+    run["spec"]["stages"][1]["initFrom"] = "pvc://models/sft"
+    server = rollout.pod(context(run, 1, finals), 0)["spec"]
+    assert claims(server, server["containers"][0]) == {"models": "/mnt/pvc/models"}
+    # Nothing to mount for the default run (hf:// model, s3:// data).
+    plain = trainer.job(context(run_obj()))["spec"]["template"]["spec"]
+    assert claims(plain, plain["containers"][0]) == {}

@@ -193,6 +193,7 @@ def test_progress_reaches_the_status() -> None:
         last_checkpoint="s3://b/c/step-10",
         initial_reward=0.1,
         rollout_engine="vllm 0.32.0 cpu, colocate",
+        skipped_rows=3,
         updated_at="2026-01-01T12:00:00Z",
     )
     plan = decide(
@@ -208,6 +209,7 @@ def test_progress_reaches_the_status() -> None:
     assert status["reward"] == 0.75 and status["lastCheckpoint"] == "s3://b/c/step-10"
     assert status["stages"][0]["initialReward"] == 0.1
     assert status["stages"][0]["rolloutEngine"] == "vllm 0.32.0 cpu, colocate"
+    assert status["stages"][0]["skippedRows"] == 3  # dataset rows the pre-flight left out
     assert conditions(plan)["Running"] == "True"
 
 

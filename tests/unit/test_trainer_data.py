@@ -42,7 +42,7 @@ def test_resuming_from_a_saved_position_continues_the_same_sequence() -> None:
         PromptSampler(13, seed=1).load_state_dict(state)
 
 
-def test_load_rows_with_relative_images_and_plain_questions(tmp_path: Path) -> None:
+def test_load_rows_with_relative_images_and_chat_lists(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     from PIL import Image
 
@@ -51,7 +51,7 @@ def test_load_rows_with_relative_images_and_plain_questions(tmp_path: Path) -> N
                                          {"type": "text", "text": "colour?"}]}]  # fmt: skip
     rows = [
         {"message": json.dumps(chat), "answer": "red"},
-        {"message": "What is 2 + 2?", "answer": 4},
+        {"message": [{"role": "user", "content": "What is 2 + 2?"}], "answer": 4},
     ]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     loaded = load_dataset(DatasetConfig(uri=str(tmp_path / "train.jsonl"), type="multimodal"))
@@ -68,8 +68,13 @@ def test_load_rows_with_relative_images_and_plain_questions(tmp_path: Path) -> N
 
 def test_malformed_rows_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
-    with pytest.raises(DatasetError, match="row 0: needs keys 'message' and 'answer'"):
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1 message: missing \(the row has"):
         load_dataset(DatasetConfig(uri=str(tmp_path / "bad.jsonl"), type="text"))
+    # A string that is not a JSON chat list used to become a one-turn prompt of its own text.
+    plain = json.dumps({"message": "What is 2 + 2?", "answer": "4"})
+    (tmp_path / "plain.jsonl").write_text("\n" + plain + "\n")
+    with pytest.raises(DatasetError, match=r"plain\.jsonl:2 message: not a JSON chat list"):
+        load_dataset(DatasetConfig(uri=str(tmp_path / "plain.jsonl"), type="text"))
     with pytest.raises(DatasetError, match=r"no \.jsonl"):
         load_dataset(DatasetConfig(uri=str(tmp_path / "empty"), type="text"))
 

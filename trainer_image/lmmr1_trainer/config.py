@@ -30,6 +30,10 @@ DEFAULT_WEIGHT_SYNC_TIMEOUT_S = 600.0
 # An hour covers them with room; a rank that is truly gone still fails the attempt.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 3600.0
 PROGRESS_KEY = "progress.json"
+# Where a pod mounts the PersistentVolumeClaims its `pvc://claim/path` URIs name (read-only,
+# at <root>/<claim>); the operator mounts them there, the trainer reads them there.
+PVC_ROOT_ENV = "LMMR1_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
 
 # Exit codes the operator acts on (besides 0). Anything else is retried from the last
 # checkpoint, up to the run's backoffLimit.
@@ -63,6 +67,10 @@ class DatasetConfig(_Config):
     label_key: str = "answer"
     image_root: str | None = None
     max_samples: int | None = None
+    # A row that cannot be trained on (unparseable, a missing image, too long a prompt):
+    # `fail` stops the stage before its first step, naming the rows; `skip` trains without
+    # them and reports how many were left out.
+    on_bad_row: Literal["fail", "skip"] = "fail"
 
 
 class AlgorithmConfig(_Config):
@@ -205,4 +213,6 @@ class Progress(_Config):
     rollout_engine: str | None = Field(default=None, max_length=128)
     last_checkpoint: str | None = None
     final_checkpoint: str | None = None  # set once, when the stage's last checkpoint commits
+    # Dataset rows left out by the pre-flight check (`dataset.on_bad_row: skip`).
+    skipped_rows: int | None = Field(default=None, ge=0)
     updated_at: str

@@ -2,8 +2,11 @@
 
 A row is a JSON object with `message` (a JSON-encoded chat list, or the list itself) and
 `answer` (key names from the stage's `DatasetConfig`). Images inside the chat are
-`{"type": "image", "image": "file://…" | "s3://…" | "data:image/png;base64,…"}`; a relative
-`file://` path is resolved against `dataset.image_root`, else the dataset's own directory.
+`{"type": "image", "image": "file://…" | "s3://…" | "pvc://claim/…" | "data:…" | "img/a.png"}`;
+a relative path (`img/a.png` or `file://img/a.png`) is resolved against `dataset.image_root`
+(`s3://bucket/prefix` or `pvc://claim/dir`, which the operator mounts), else the dataset
+file's own folder. Absolute paths are kept as they are (`lmmr1_trainer.preflight` names the
+rows whose images are missing before the first step).
 Before a prompt goes to a rollout server its images are inlined as data URLs: the rollout
 pods cannot read the trainer's files.
 """
@@ -15,6 +18,7 @@ import copy
 import io
 import json
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,65 +33,127 @@ class DatasetError(ValueError):
     """A dataset that cannot be read or has a malformed row; the message names the row."""
 
 
+class ImageMissing(DatasetError):
+    """A local image (file://, pvc:// or a path) that is not there."""
+
+
 @dataclass(frozen=True)
 class PromptRow:
     index: int
     messages: list[ChatMessage]
     label: str
+    where: str = ""  # "train.jsonl:12": the file and line it came from, for reports
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """Why one row cannot be trained on: where it is, which field, what is wrong."""
+
+    where: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where} {self.field}: {self.reason}"
 
 
 def _parent_uri(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if "/" in uri else "."
 
 
-def _read_text(uri: str, settings: S3Settings | None) -> list[tuple[str, str]]:
-    """(source uri, text) for one JSONL file, or every *.jsonl under a directory/prefix."""
+def _read_text(uri: str, settings: S3Settings | None) -> list[tuple[str, str, str]]:
+    """(source uri, name for reports, text) for one JSONL file, or every *.jsonl under a
+    directory/prefix."""
     if uri.endswith((".jsonl", ".json")):
         parent, _, name = uri.rpartition("/")
-        return [(uri, open_storage(parent, settings).get_bytes(name).decode())]
+        return [(uri, name, open_storage(parent, settings).get_bytes(name).decode())]
     storage = open_storage(uri, settings)
     found = [o.key for o in storage.list("") if o.key.endswith(".jsonl")]
     if not found:
         raise DatasetError(f"{uri}: no .jsonl files")
-    return [(f"{uri.rstrip('/')}/{key}", storage.get_bytes(key).decode()) for key in found]
+    return [(f"{uri.rstrip('/')}/{key}", key, storage.get_bytes(key).decode()) for key in found]
 
 
-def parse_row(raw: dict[str, Any], index: int, config: DatasetConfig) -> PromptRow:
-    if config.prompt_key not in raw or config.label_key not in raw:
-        raise DatasetError(
-            f"row {index}: needs keys {config.prompt_key!r} and {config.label_key!r}, "
-            f"has {sorted(raw)}"
-        )
+def _chat_problem(message: Any) -> str | None:
+    """What is wrong with a parsed `message`, or None for a chat list of role/content turns
+    whose image items carry an `image` reference."""
+    if not isinstance(message, list) or not message:
+        return f"must be a non-empty chat list, got {type(message).__name__}"
+    for turn, item in enumerate(message):
+        if not isinstance(item, dict) or "role" not in item or "content" not in item:
+            return f"turn {turn} must be an object with 'role' and 'content'"
+        content = item["content"]
+        if isinstance(content, list):
+            for part in content:
+                is_image = isinstance(part, dict) and part.get("type") == "image"
+                if is_image and not (isinstance(part.get("image"), str) and part["image"]):
+                    return f"turn {turn} has an image item without an 'image' reference"
+    return None
+
+
+def parse_row(
+    raw: Any, index: int, config: DatasetConfig, where: str = ""
+) -> PromptRow | RowProblem:
+    """One JSONL object as a row, or the problem that stops it being one. A string `message`
+    must be a JSON-encoded chat list: a plain question is an error, not a one-turn chat,
+    because a malformed JSON chat would otherwise train as its own source text."""
+    where = where or f"row {index}"
+    if not isinstance(raw, dict):
+        return RowProblem(where, "line", f"must be a JSON object, got {type(raw).__name__}")
+    if config.prompt_key not in raw:
+        return RowProblem(where, config.prompt_key, f"missing (the row has {sorted(raw)})")
+    if raw.get(config.label_key) is None:
+        return RowProblem(where, config.label_key, f"missing (the row has {sorted(raw)})")
     message = raw[config.prompt_key]
     if isinstance(message, str):
         try:
             message = json.loads(message)
-        except json.JSONDecodeError:  # a plain question: one user turn
-            message = [{"role": "user", "content": message}]
-    if not isinstance(message, list) or not all(isinstance(m, dict) for m in message):
-        raise DatasetError(f"row {index}: {config.prompt_key!r} must be a chat list")
-    label = raw[config.label_key]
-    return PromptRow(index, message, "" if label is None else str(label))
+        except json.JSONDecodeError as err:
+            return RowProblem(where, config.prompt_key, f"not a JSON chat list ({err})")
+    problem = _chat_problem(message)
+    if problem is not None:
+        return RowProblem(where, config.prompt_key, problem)
+    return PromptRow(index, message, str(raw[config.label_key]), where)
 
 
-def load_dataset(config: DatasetConfig, settings: S3Settings | None = None) -> list[PromptRow]:
+def read_rows(
+    config: DatasetConfig, settings: S3Settings | None = None
+) -> tuple[list[PromptRow], list[RowProblem]]:
+    """Every row of the dataset in one pass, with image references made absolute (against
+    `image_root`, else the file's folder), and the rows that cannot be parsed. The first
+    `max_samples` non-blank lines are read."""
     rows: list[PromptRow] = []
-    image_root = config.image_root
-    for source, text in _read_text(config.uri, settings):
-        base = image_root or _parent_uri(source)
-        for line in text.splitlines():
+    problems: list[RowProblem] = []
+    for source, name, text in _read_text(config.uri, settings):
+        base = config.image_root or _parent_uri(source)
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
+            if config.max_samples is not None and len(rows) + len(problems) >= config.max_samples:
+                return rows, problems
+            where = f"{name}:{number}"
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DatasetError(f"{source}: row {len(rows)} is not JSON: {err}") from err
-            row = parse_row(raw, len(rows), config)
-            rows.append(PromptRow(row.index, absolutise_images(row.messages, base), row.label))
-            if config.max_samples is not None and len(rows) >= config.max_samples:
-                return rows
-    if not rows:
+                problems.append(RowProblem(where, "line", f"not JSON ({err})"))
+                continue
+            row = parse_row(raw, len(rows), config, where)
+            if isinstance(row, RowProblem):
+                problems.append(row)
+                continue
+            messages = absolutise_images(row.messages, base)
+            rows.append(PromptRow(row.index, messages, row.label, where))
+    if not rows and not problems:
         raise DatasetError(f"{config.uri}: the dataset is empty")
+    return rows, problems
+
+
+def load_dataset(config: DatasetConfig, settings: S3Settings | None = None) -> list[PromptRow]:
+    """The rows, failing on the first one that cannot be parsed (images are not opened:
+    `lmmr1_trainer.preflight` checks those)."""
+    rows, problems = read_rows(config, settings)
+    if problems:
+        raise DatasetError(f"{config.uri}: {problems[0]}")
     return rows
 
 
@@ -134,6 +200,7 @@ class ImageLoader:
         self._cache: dict[str, bytes] = {}
         self._cache_size = cache_size
         self._buckets: dict[str, Storage] = {}
+        self._lock = threading.Lock()
 
     def read(self, ref: str) -> bytes:
         if ref in self._cache:
@@ -142,18 +209,23 @@ class ImageLoader:
         if parts.scheme == "data":
             data = base64.b64decode(ref.split(",", 1)[1])
         elif parts.scheme == "s3":
-            bucket = self._buckets.setdefault(
-                parts.netloc, open_storage(f"s3://{parts.netloc}", self.settings)
-            )
-            data = bucket.get_bytes(parts.path.lstrip("/"))
+            data = self._bucket(parts.netloc).get_bytes(parts.path.lstrip("/"))
         else:
             path = local_path(ref)
             if not path.is_file():
-                raise DatasetError(f"image {ref}: no such file")
+                raise ImageMissing(f"image {ref}: no such file")
             data = path.read_bytes()
         if len(self._cache) < self._cache_size:
             self._cache[ref] = data
         return data
+
+    def _bucket(self, name: str) -> Storage:
+        """One S3 client per bucket, made once: the pre-flight reads from several threads,
+        and creating boto3 clients concurrently is not thread-safe."""
+        with self._lock:
+            if name not in self._buckets:
+                self._buckets[name] = open_storage(f"s3://{name}", self.settings)
+            return self._buckets[name]
 
     def inline(self, messages: list[ChatMessage]) -> list[ChatMessage]:
         """The chat with every image as a `data:` URL, ready to send to a rollout server."""

@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from lmmr1_trainer.config import S3Settings
+from lmmr1_trainer.config import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, S3Settings
 
-PVC_ROOT_ENV = "LMMR1_PVC_ROOT"  # where a pod mounts its claims: <root>/<claim>/<path>
-DEFAULT_PVC_ROOT = "/mnt/pvc"
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _PARALLEL_FILES = 8
 

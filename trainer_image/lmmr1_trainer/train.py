@@ -150,10 +150,11 @@ class StageTrainer:
 
         from lmmr1_trainer.checkpoint import CheckpointStore
         from lmmr1_trainer.collectives import broadcast_object
-        from lmmr1_trainer.data import ImageLoader, PromptSampler, load_dataset
+        from lmmr1_trainer.data import ImageLoader, PromptSampler
         from lmmr1_trainer.engine import PolicyEngine, plan_batches, setup_distributed
         from lmmr1_trainer.experience import old_log_probs_from_update
         from lmmr1_trainer.models import ChatEncoder, load_model, resolve_model
+        from lmmr1_trainer.preflight import checked_rows
         from lmmr1_trainer.storage import open_storage
 
         if self.on_gpu and not torch.cuda.is_available():
@@ -198,7 +199,10 @@ class StageTrainer:
         dtype = torch.bfloat16 if self.on_gpu and self.algo.bf16 else torch.float32
         if self.algo.kl_coef > 0:
             self.reference = load_model(init_dir, dtype).to(device).eval().requires_grad_(False)
-        self.rows = load_dataset(self.config.dataset, self.config.s3) if self.rank == 0 else []
+        # Rank 0 checks every row, image and prompt length once, before the first rollout.
+        self.rows, self.skipped_rows = (
+            checked_rows(self.config, self.encoder) if self.rank == 0 else ([], 0)
+        )
         self.total_steps: int = broadcast_object(
             total_steps(self.config, len(self.rows)) if self.rank == 0 else None, self.rank
         )
@@ -469,6 +473,7 @@ class StageTrainer:
                 rollout_engine=self.rollout_engine,
                 last_checkpoint=self.last_checkpoint,
                 final_checkpoint=final,
+                skipped_rows=self.skipped_rows or None,
                 updated_at=now(),
             )
         )

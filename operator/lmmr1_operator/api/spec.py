@@ -29,14 +29,29 @@ MAX_STALL_TIMEOUT_S = 86_400
 DEFAULT_SCRATCH_SIZE = "256Gi"
 
 
+# A PersistentVolumeClaim's name (a DNS subdomain): `pvc://<claim>/<path>` mounts the claim
+# into the stage's pods at <pvc root>/<claim>.
+_CLAIM = "[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+
+
 def _uri_pattern(schemes: tuple[str, ...]) -> str:
     # No backslashes: the same text is a CEL string literal.
-    return rf"^({'|'.join(schemes)})://[^/ ]+(/[^ ]*)?$"
+    others = [s for s in schemes if s != "pvc"]
+    head = f"({'|'.join(others)})://[^/ ]+"
+    if "pvc" in schemes:
+        head = f"({head}|pvc://{_CLAIM})" if others else f"pvc://{_CLAIM}"
+    return rf"^{head}(/[^ ]*)?$"
 
 
 def _uri_message(schemes: tuple[str, ...], example: str) -> str:
     listed = ", ".join(f"{s}://" for s in schemes)
-    return f"must be a URI starting with {listed} (for example {example})"
+    claim = (
+        "; pvc://claim/path names a PersistentVolumeClaim of the run's namespace (a lower-case "
+        "DNS name), mounted read-only into the stage's pods"
+        if "pvc" in schemes
+        else ""
+    )
+    return f"must be a URI starting with {listed} (for example {example}){claim}"
 
 
 def _uri_check(schemes: tuple[str, ...], example: str) -> AfterValidator:
@@ -67,6 +82,7 @@ _MODEL = (("s3", "hf", "pvc"), "hf://Qwen/Qwen2.5-VL-3B-Instruct")
 _STORAGE = (("s3",), "s3://my-bucket/lmmr1")
 _DATASET = (("s3", "hf", "pvc"), "s3://my-bucket/data/deepscaler.jsonl")
 _CHECKPOINT = (("s3", "hf", "pvc"), "s3://my-bucket/lmmr1/ns/run/fre/step-40")
+_IMAGE_ROOT = (("s3", "pvc"), "pvc://images/geo3k")
 ModelUri = Annotated[
     str,
     _uri_check(*_MODEL),
@@ -91,6 +107,16 @@ CheckpointUri = Annotated[
     _uri_check(*_CHECKPOINT),
     _uri_field(
         *_CHECKPOINT, "Start this stage from these weights instead of the previous stage's."
+    ),
+]
+ImageRootUri = Annotated[
+    str,
+    _uri_check(*_IMAGE_ROOT),
+    _uri_field(
+        *_IMAGE_ROOT,
+        "Where the rows' relative image paths (img/1.png, file://img/1.png) are: "
+        "s3://bucket/prefix or pvc://claim/dir. Default: the dataset file's folder. "
+        "Absolute paths and s3:// or data: images in the rows are used as they are.",
     ),
 ]
 Quantity = Annotated[
@@ -160,13 +186,16 @@ class Dataset(ApiModel):
         max_length=64,
         description="Row field with the reference answer.",
     )
-    image_root: str | None = Field(
-        default=None,
-        max_length=MAX_URI,
-        description="Prefix for relative image paths in the rows (s3://, pvc:// or a path).",
-    )
+    image_root: ImageRootUri | None = None
     max_samples: int | None = Field(
         default=None, ge=1, le=100_000_000, description="Use only the first N rows."
+    )
+    on_bad_row: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="What the pre-flight check (every row parsed, every image decoded, every "
+        "prompt within algorithm.maxPromptLength, before the first step) does with a bad "
+        "row: fail (the stage fails at once, naming up to 10 rows by file:line and field) or "
+        "skip (train without them; status.stages[].skippedRows counts them).",
     )
 
 

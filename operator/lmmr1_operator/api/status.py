@@ -48,6 +48,12 @@ class StageStatus(ApiModel):
         max_length=128,
         description='What the trainer reports generating with, e.g. "vllm 0.32.0 cpu, colocate".',
     )
+    skipped_rows: int | None = Field(
+        default=None,
+        ge=0,
+        description="Dataset rows the pre-flight check left out (dataset.onBadRow: skip); "
+        "the trainer's log names them.",
+    )
 
 
 class LMMR1RunStatus(ApiModel):

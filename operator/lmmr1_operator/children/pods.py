@@ -1,14 +1,18 @@
-"""Pieces every stage pod shares: scheduling knobs, S3 env, config and token volumes, and
-the `restricted` Pod Security settings (non-root, RuntimeDefault seccomp, no privilege
-escalation, no capabilities, read-only root filesystem with writable emptyDirs for scratch
-and caches, no service-account token but where a container talks to the API server)."""
+"""Pieces every stage pod shares: scheduling knobs, S3 env, config and token volumes, the
+claims that `pvc://` URIs name (read-only at /mnt/pvc/<claim>), and the `restricted` Pod
+Security settings (non-root, RuntimeDefault seccomp, no privilege escalation, no
+capabilities, read-only root filesystem with writable emptyDirs for scratch and caches, no
+service-account token but where a container talks to the API server)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from lmmr1_operator import naming
 from lmmr1_operator.children.context import StageContext
+from lmmr1_trainer.config import DEFAULT_PVC_ROOT
 
 CONFIG_DIR = "/etc/lmmr1"
 TOKEN_DIR = "/etc/lmmr1/token"
@@ -60,6 +64,35 @@ def config_mounts() -> list[dict[str, Any]]:
     return [
         {"name": "stage-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "rollout-token", "mountPath": TOKEN_DIR, "readOnly": True},
+    ]
+
+
+def pvc_claims(uris: Iterable[str | None]) -> list[str]:
+    """The distinct PersistentVolumeClaims that `pvc://claim/path` URIs among `uris` name."""
+    return sorted({urlsplit(u).netloc for u in uris if u and urlsplit(u).scheme == "pvc"})
+
+
+def stage_claims(ctx: StageContext) -> list[str]:
+    """Claims the stage's trainer reads: its starting weights (the model, an initFrom), its
+    dataset and its image root."""
+    dataset = ctx.stage.dataset
+    return pvc_claims([ctx.init_from, dataset.uri, dataset.image_root])
+
+
+def pvc_volumes(claims: list[str]) -> list[dict[str, Any]]:
+    # Volume names are DNS labels; a claim's name may be longer (a DNS subdomain).
+    return [
+        {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        for i, claim in enumerate(claims)
+    ]
+
+
+def pvc_mounts(claims: list[str]) -> list[dict[str, Any]]:
+    """Each claim at <DEFAULT_PVC_ROOT>/<claim>, where `lmmr1_trainer.storage.local_path`
+    looks for `pvc://claim/path`. Read-only: the pods only read models and data from them."""
+    return [
+        {"name": f"pvc-{i}", "mountPath": f"{DEFAULT_PVC_ROOT}/{claim}", "readOnly": True}
+        for i, claim in enumerate(claims)
     ]
 
 

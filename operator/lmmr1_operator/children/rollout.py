@@ -14,6 +14,7 @@ from lmmr1_operator.children.context import StageContext
 def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
     rollout = ctx.stage.resources.rollout
     name = naming.rollout_pod(ctx.name, ctx.stage.name, replica)
+    claims = pods.pvc_claims([ctx.init_from])  # the weights it serves; prompts come inline
     labels = {
         **naming.stage_labels(ctx.name, ctx.stage.name, "rollout"),
         naming.LABEL_ATTEMPT: str(ctx.attempt),
@@ -51,6 +52,7 @@ def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
             *pods.config_mounts(),
             *pods.writable_mounts(),
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *pods.pvc_mounts(claims),
         ],
         "securityContext": pods.container_security_context(),
         # A configuration error (exit 78) writes its reason here; other failures leave the
@@ -78,6 +80,7 @@ def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
                 *rollout_volumes(ctx),
                 *pods.writable_volumes(),
                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+                *pods.pvc_volumes(claims),
             ],
             "terminationGracePeriodSeconds": 30,
             **pods.scheduling(ctx),

@@ -105,6 +105,7 @@ def _verifier(ctx: StageContext) -> dict[str, Any]:
 
 def job(ctx: StageContext) -> dict[str, Any]:
     topology = ctx.stage.resources.trainer
+    claims = pods.stage_claims(ctx)
     name = naming.trainer_job(ctx.name, ctx.stage.name)
     labels = {
         **naming.stage_labels(ctx.name, ctx.stage.name, "trainer"),
@@ -125,6 +126,7 @@ def job(ctx: StageContext) -> dict[str, Any]:
             *pods.config_mounts(),
             *pods.writable_mounts(),
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *pods.pvc_mounts(claims),
             # Only the trainer talks to the API server (rank 0 writes the progress report).
             pods.service_account_mount(),
         ],
@@ -162,6 +164,7 @@ def job(ctx: StageContext) -> dict[str, Any]:
                             "name": "dshm",
                             "emptyDir": {"medium": "Memory", "sizeLimit": topology.shm_size},
                         },
+                        *pods.pvc_volumes(claims),
                     ],
                     "terminationGracePeriodSeconds": 60,
                     **pods.scheduling(ctx),
