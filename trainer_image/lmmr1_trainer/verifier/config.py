@@ -120,8 +120,8 @@ class RewardProfile(StrEnum):
     LENIENT = "lenient"
 
 
-# Each profile's value for every setting it governs, as (section, field) → value; a section
-# of None is a top-level field. A setting given explicitly overrides its profile's value.
+# The settings a profile governs, as (section, field); section None: a top-level field.
+# PROFILE_DEFAULTS gives each profile's value by field name; one given explicitly wins.
 _PROFILE_FIELDS: tuple[tuple[str | None, str], ...] = (
     (None, "response_extraction"),
     (None, "unparseable_label_policy"),
@@ -246,7 +246,7 @@ class VerifierConfig(_Model):
         data = dict(data)
         try:
             profile = RewardProfile(data.get("profile", RewardProfile.LMM_R1))
-        except ValueError:
+        except (TypeError, ValueError):
             return data  # field validation names the bad profile
         defaults = PROFILE_DEFAULTS[profile]
         for section, name in _PROFILE_FIELDS:
@@ -258,8 +258,12 @@ class VerifierConfig(_Model):
                 continue  # not a mapping: field validation reports it
             given.setdefault(name, defaults[name])
             data[section] = given
-        accuracy = data["accuracy"]
-        if "max_bare_answer_chars" in accuracy and accuracy["answer_source"] != "answer_block":
+        accuracy = data.get("accuracy")
+        if (
+            isinstance(accuracy, dict)
+            and "max_bare_answer_chars" in accuracy
+            and accuracy["answer_source"] != AnswerSource.ANSWER_BLOCK
+        ):
             raise ValueError(
                 "accuracy.max_bare_answer_chars: applies only when accuracy.answer_source is "
                 f"answer_block (here {accuracy['answer_source']}, profile {profile.value}); "
