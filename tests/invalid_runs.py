@@ -281,6 +281,18 @@ INVALID: list[Invalid] = [
         'Unsupported value: "jinja"',
     ),
     Invalid(
+        "unknown-reward-profile",
+        _set("spec.stages[0].reward.profile", "reference"),
+        "spec.stages[0].reward.profile",
+        'Unsupported value: "reference"',
+    ),
+    Invalid(
+        "unknown-unparseable-label-rule",
+        _set("spec.stages[1].reward.unparseableLabel", "half"),
+        "spec.stages[1].reward.unparseableLabel",
+        'Unsupported value: "half"',
+    ),
+    Invalid(
         "zero-stage-4", _set(f"{ALGO}.zeroStage", 4), f"{ALGO}.zeroStage", "Unsupported value: 4"
     ),
     Invalid(

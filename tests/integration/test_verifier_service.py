@@ -120,13 +120,15 @@ def chatml(question: str, response: str) -> str:
     )
 
 
+# Scored by the default profile, lmm-r1 (the reference): the whole response is read and only
+# boxed or $-delimited answers count; every label goes to math; an unparseable label earns 1.
 ROWS = [  # (response, label, reward, acc_reward, label_unparseable)
     (r"<think>1+1=2</think><answer>\boxed{2}</answer>", "2", 1.5, 1.0, 0),
     (r"<think>1+1=3</think><answer>\boxed{3}</answer>", "2", 0.5, 0.0, 0),
     (r"So \boxed{\frac{1}{2}}", 0.5, 1.0, 1.0, 0),
-    ("<think>options</think><answer>(B) 42</answer>", "B", 1.5, 1.0, 0),
-    (r"<think>t</think><answer>\boxed{2}</answer>", "", 0.5, 0.0, 1),
-    ("<think>t</think>\n<answer>[1,2)</answer>", "[1,2)", 1.0, 1.0, 0),
+    ("<think>options</think><answer>(B) 42</answer>", "B", 0.5, 0.0, 0),
+    (r"<think>t</think><answer>\boxed{2}</answer>", "", 1.5, 1.0, 1),
+    ("<think>t</think>\n<answer>$[1,2)$</answer>", "[1,2)", 1.0, 1.0, 0),
 ]
 
 
@@ -206,16 +208,17 @@ def test_v1_rewards_breaks_each_reward_down(service: str) -> None:
     assert first["id"] == "s0" and first["task"] == "numeric" and first["reward"] == 1.5
     assert first["rewards"] == {"format": 0.5, "accuracy": 1.0}
     assert first["extracted_answer"] == "3.14159"
-    assert (second["task"], second["reward"], second["status"]) == ("choice", 1.5, "ok")
+    # lmm-r1 sends letters to math too: a bare C is no anchored answer.
+    assert (second["task"], second["reward"], second["status"]) == ("math", 0.5, "no_answer")
     assert (third["status"], third["skip"], third["flags"]) == (
         "label_unparseable",
         True,
         ["label_unparseable"],
     )
-    assert third["scores"] == {"format": 1.0, "accuracy": 0.0}
+    assert third["scores"] == {"format": 1.0, "accuracy": 1.0}  # lmm-r1: the reference's 1
     assert body["summary"]["count"] == 3 and body["summary"]["skipped"] == 1
     assert body["weights"] == {"format": 0.5, "accuracy": 1.0}
-    assert body["unparseable_label_policy"] == "zero"
+    assert (body["profile"], body["unparseable_label_policy"]) == ("lmm-r1", "one")
 
 
 def _wait_healthy(service: str, workers: int = 2, within_s: float = 20) -> None:

@@ -37,6 +37,14 @@ def test_defaults_are_the_papers_fre_recipe() -> None:
     assert (algorithm.warmup_ratio, algorithm.min_lr_ratio) == (0.03, 0.1)
 
 
+def test_the_reward_defaults_to_the_lmm_r1_reference() -> None:
+    reward = LMMR1RunSpec.model_validate(valid_run()["spec"]).stages[0].reward
+    assert (reward.profile, reward.verifier) == ("lmm-r1", "math")
+    assert (reward.format_weight, reward.accuracy_weight) == (0.5, 1.0)
+    # Unset: the profile's rule (lmm-r1: 1.0), not a default that contradicts it.
+    assert reward.unparseable_label is None
+
+
 @pytest.mark.parametrize("case", [c for c in INVALID if c.pydantic], ids=lambda c: c.id)
 def test_pydantic_rejects_the_invalid_table(case: Invalid) -> None:
     run = case.run("invalid")

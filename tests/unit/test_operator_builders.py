@@ -16,6 +16,8 @@ from lmmr1_operator.children import access, rollout, stage_config, trainer
 from lmmr1_operator.children.context import StageContext, init_weights
 from lmmr1_operator.settings import OperatorSettings
 from lmmr1_trainer.config import StageConfig
+from lmmr1_trainer.verifier.__main__ import build_parser, config_from_args
+from lmmr1_trainer.verifier.config import VerifierConfig
 
 SETTINGS = OperatorSettings(trainer_image="trainer:1", rollout_image="rollout:1")
 
@@ -38,6 +40,39 @@ def context(
         settings=SETTINGS,
         init_from=init_weights(spec, index, finals or []),
     )
+
+
+def _sidecar_config(run: dict[str, Any]) -> VerifierConfig:
+    """The verifier sidecar's settings, parsed by the verifier's own command line."""
+    pod = trainer.job(context(run))["spec"]["template"]["spec"]
+    (verifier,) = pod["initContainers"]
+    command = verifier["command"]
+    assert command[:3] == ["python", "-m", "lmmr1_trainer.verifier"]
+    return config_from_args(build_parser().parse_args(command[3:]))
+
+
+def test_the_verifier_sidecar_scores_with_the_reward_profile() -> None:
+    default = _sidecar_config(run_obj())
+    assert (default.profile, default.unparseable_label_policy) == ("lmm-r1", "one")
+    assert (default.accuracy.answer_source, default.accuracy.verify_order) == (
+        "full_response",
+        "answer_first",
+    )
+    assert default.accuracy.default_task == "math" and default.weights.format == 0.5
+
+    strict = run_obj()
+    strict["spec"]["stages"][0]["reward"] = {"profile": "strict"}
+    config = _sidecar_config(strict)
+    assert (config.profile, config.unparseable_label_policy) == ("strict", "zero")
+    assert config.accuracy.verify_order == "gold_first"
+
+    overridden = run_obj()
+    overridden["spec"]["stages"][0]["reward"] = {"profile": "lenient", "unparseableLabel": "one"}
+    config = _sidecar_config(overridden)
+    assert (config.profile, config.unparseable_label_policy) == ("lenient", "one")
+    assert config.accuracy.answer_source == "answer_block"
+    rendered = stage_config.render(context(overridden), []).reward
+    assert (rendered.profile, rendered.unparseable_label) == ("lenient", "one")
 
 
 def test_stages_start_from_the_model_then_the_previous_final_checkpoint() -> None:

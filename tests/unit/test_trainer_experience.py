@@ -76,10 +76,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 
 def response_text(kind: str, label: str) -> str:
+    # Boxed: the default reward (the LMM-R1 reference's) reads only boxed or $-delimited answers.
+    boxed = "\\boxed{" + label + "}"
     return {
-        "C": f"<think>so</think><answer>{label}</answer><|im_end|>",
-        "V": f"<think>so</think><answer>{label}</answer><|vision_start|>12<|im_end|>",
-        "W": f"<think>so</think><answer>{label}9</answer><|im_end|>",
+        "C": f"<think>so</think><answer>{boxed}</answer><|im_end|>",
+        "V": f"<think>so</think><answer>{boxed}</answer><|vision_start|>12<|im_end|>",
+        "W": f"<think>so</think><answer>\\boxed{{{label}9}}</answer><|im_end|>",
         "X": "no idea<|im_end|>",
     }[kind]
 

@@ -1,16 +1,29 @@
-"""The format rule, the <answer> block, and finding the response in a chat-templated query."""
+"""The `exact_tags` format rule, the <answer> block, and the `last_marker` way of finding the
+response in a chat-templated query (profiles `strict` and `lenient`; the `lmm-r1` rules are
+tested in test_verifier_reference_parity.py)."""
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmmr1_trainer.verifier.config import PromptTemplate
-from lmmr1_trainer.verifier.format import answer_block, format_score, is_well_formed
-from lmmr1_trainer.verifier.templates import extract_response, strip_response
+from lmmr1_trainer.verifier import format as format_module
+from lmmr1_trainer.verifier.config import FormatRule, PromptTemplate, ResponseExtraction
+from lmmr1_trainer.verifier.format import answer_block
+from lmmr1_trainer.verifier.templates import ExtractedResponse, strip_response
+from lmmr1_trainer.verifier.templates import extract_response as _extract_response
+
+format_score = partial(format_module.format_score, rule=FormatRule.EXACT_TAGS)
+is_well_formed = partial(format_module.is_well_formed, rule=FormatRule.EXACT_TAGS)
+
+
+def extract_response(query: str, template: PromptTemplate) -> ExtractedResponse:
+    return _extract_response(query, template, ResponseExtraction.LAST_MARKER)
+
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 fast = settings(max_examples=200, deadline=None, database=None)

@@ -92,7 +92,7 @@ def test_unknown_task_names_the_registered_ones() -> None:
 
 
 def test_a_plugin_task_scores_through_the_engine() -> None:
-    verifier = _inline()
+    verifier = _inline(profile="lenient")  # the plug-in gets the <answer> block's text
     results = verifier.score(
         [
             Sample("<think>t</think><answer>UDLR</answer>", "UDLR", task="test-exact"),
@@ -104,7 +104,7 @@ def test_a_plugin_task_scores_through_the_engine() -> None:
 
 
 def test_a_plugin_can_be_the_default_task() -> None:
-    verifier = _inline(accuracy={"default_task": "test-exact"})
+    verifier = _inline(profile="lenient", accuracy={"default_task": "test-exact"})
     [result] = verifier.score([Sample("<think>t</think><answer>x</answer>", "x")])
     assert (result.task, result.accuracy_score) == ("test-exact", 1.0)
 
@@ -133,6 +133,6 @@ def test_identical_answers_in_a_batch_are_verified_once() -> None:
     CALLS.clear()
     batch = [Sample("<think>t</think><answer>a</answer>", "a", task="test-exact")] * 16
     batch += [Sample("<think>u</think><answer>b</answer>", "a", task="test-exact")] * 16
-    results = _inline().score(batch)
+    results = _inline(profile="lenient").score(batch)
     assert [r.reward for r in results] == [1.5] * 16 + [0.5] * 16
     assert sorted(CALLS) == ["a", "b"]

@@ -73,9 +73,8 @@ def test_a_hung_sample_times_out_without_losing_the_batch(verifier: Verifier) ->
 
 def test_a_crashed_worker_is_replaced(verifier: Verifier) -> None:
     _wait_for_workers(verifier)
-    results = verifier.score(
-        [Sample("x", "1", task="test-crash"), Sample(W(r"\boxed{2}"), "2"), Sample(W("B"), "B")]
-    )
+    crash = Sample("x", "1", task="test-crash")
+    results = verifier.score([crash, Sample(W(r"\boxed{2}"), "2"), Sample(W(r"\boxed{B}"), "B")])
     assert (results[0].accuracy_score, results[0].status) == (0.0, "error")
     assert results[0].detail == "verifier worker died"
     assert [r.reward for r in results[1:]] == [1.5, 1.5]

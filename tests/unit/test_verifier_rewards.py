@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -76,8 +77,15 @@ def test_unparseable_labels_follow_the_policy_and_are_flagged(
         assert result.flags == ("label_unparseable",) and result.skip
 
 
-def test_the_default_policy_is_zero() -> None:
-    assert VerifierConfig().unparseable_label_policy is UnparseableLabelPolicy.ZERO
+def test_the_policy_defaults_to_the_profiles() -> None:
+    assert VerifierConfig().unparseable_label_policy is UnparseableLabelPolicy.ONE  # lmm-r1
+    for profile in ("strict", "lenient"):
+        config = VerifierConfig.model_validate({"profile": profile})
+        assert config.unparseable_label_policy is UnparseableLabelPolicy.ZERO
+    overridden = VerifierConfig.model_validate(
+        {"profile": "strict", "unparseable_label_policy": "one"}
+    )
+    assert overridden.unparseable_label_policy is UnparseableLabelPolicy.ONE
 
 
 def test_timeouts_and_errors_never_earn_accuracy() -> None:
@@ -104,11 +112,13 @@ def test_timeouts_and_errors_never_earn_accuracy() -> None:
 )
 def test_auto_routes_single_uppercase_letters_to_choice(label: str | None, choice: bool) -> None:
     assert is_single_choice_label(label) is choice
-    assert _inline().resolve_task(None, label) == ("choice" if choice else "math")
+    auto = _inline(profile="lenient")  # lmm-r1 sends every label to math, as the reference
+    assert auto.resolve_task(None, label) == ("choice" if choice else "math")
+    assert _inline().resolve_task(None, label) == "math"
 
 
 def test_an_explicit_task_wins_over_auto() -> None:
-    verifier = _inline()
+    verifier = _inline(profile="lenient")
     assert verifier.resolve_task("numeric", "B") == "numeric"
     [result] = verifier.score([Sample(GOOD, "3", task="nonexistent")])
     assert (result.status, result.reward) == ("error", 0.5)
@@ -116,9 +126,12 @@ def test_an_explicit_task_wins_over_auto() -> None:
 
 def test_answer_source_full_response_reads_the_whole_response() -> None:
     response = r"<think>maybe \boxed{3}</think><answer>0.5</answer>"
-    [block] = _inline().score([Sample(response, "0.5")])
-    [full] = _inline(accuracy={"answer_source": "full_response"}).score([Sample(response, "0.5")])
+    [block] = _inline(profile="lenient").score([Sample(response, "0.5")])
+    overridden = _inline(profile="lenient", accuracy={"answer_source": "full_response"})
+    [full] = overridden.score([Sample(response, "0.5")])
     assert (block.accuracy_score, full.accuracy_score) == (1.0, 0.0)
+    [default] = _inline().score([Sample(response, "0.5")])
+    assert default.accuracy_score == 0.0  # lmm-r1 reads the whole response
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -135,6 +148,49 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     path.write_text("prompt_template: chatnl\n")
     with pytest.raises(ConfigError, match="prompt_template: Input should be 'chatml'"):
         load_config(path)
+
+
+def test_a_bare_answer_limit_without_answer_block_reading_is_refused() -> None:
+    # max_bare_answer_chars only means something when the <answer> block is read: with the
+    # profile's full-response reading it would be silently ignored.
+    message = r"accuracy\.max_bare_answer_chars: applies only when accuracy\.answer_source"
+    refused: list[dict[str, Any]] = [
+        {"accuracy": {"max_bare_answer_chars": 64}},
+        {"profile": "strict", "accuracy": {"max_bare_answer_chars": 64}},
+        {
+            "profile": "lenient",
+            "accuracy": {"max_bare_answer_chars": 64, "answer_source": "full_response"},
+        },
+    ]
+    for overrides in refused:
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides=overrides)
+    accepted: list[dict[str, Any]] = [
+        {"profile": "lenient", "accuracy": {"max_bare_answer_chars": 64}},
+        {"accuracy": {"max_bare_answer_chars": 64, "answer_source": "answer_block"}},
+    ]
+    for overrides in accepted:
+        assert load_config(overrides=overrides).accuracy.max_bare_answer_chars == 64
+    with pytest.raises(ConfigError, match="profile: Input should be 'lmm-r1', 'strict' or"):
+        load_config(overrides={"profile": "reference"})
+
+
+def test_the_profile_flag_sets_every_default_and_other_flags_override(tmp_path: Path) -> None:
+    path = tmp_path / "verifier.yaml"
+    path.write_text("profile: lenient\naccuracy: {verify_order: answer_first}\n")
+    args = build_parser().parse_args(["--config", str(path), "--unparseable-label-policy", "one"])
+    config = config_from_args(args)
+    assert config.profile == "lenient"
+    assert (config.accuracy.answer_source, config.accuracy.verify_order) == (
+        "answer_block",
+        "answer_first",
+    )
+    assert config.unparseable_label_policy == "one"
+    flagged = config_from_args(
+        build_parser().parse_args(["--config", str(path), "--profile", "lmm-r1"])
+    )
+    assert (flagged.profile, flagged.accuracy.answer_source) == ("lmm-r1", "full_response")
+    assert flagged.accuracy.verify_order == "answer_first"
 
 
 def test_config_file_and_flags_merge_flags_winning(tmp_path: Path) -> None:
@@ -202,14 +258,14 @@ def test_rewards_request_needs_exactly_one_text() -> None:
 
 
 def test_get_reward_response_shape() -> None:
-    results = _inline().score([Sample(GOOD, "3"), Sample(GOOD, "")])
+    results = _inline().score([Sample(GOOD, "3"), Sample(GOOD, ""), Sample(GOOD, "4")])
     body = json.loads(GetRewardResponse.from_results(results).model_dump_json())
     assert body == {
-        "rewards": [1.5, 0.5],
-        "format_rewards": [0.5, 0.5],
-        "acc_rewards": [1.0, 0.0],
-        "label_unparseable": [0, 1],
-        "timed_out": [0, 0],
+        "rewards": [1.5, 1.5, 0.5],  # lmm-r1: an unparseable label earns 1.0, flagged
+        "format_rewards": [0.5, 0.5, 0.5],
+        "acc_rewards": [1.0, 1.0, 0.0],
+        "label_unparseable": [0, 1, 0],
+        "timed_out": [0, 0, 0],
     }
 
 
@@ -218,6 +274,7 @@ def test_get_reward_response_shape() -> None:
     [
         (["--format-weight", "-1"], "weights.format: Input should be greater than or equal to 0"),
         (["--workers", "0"], "pool.workers: the service needs at least 1 worker"),
+        (["--profile", "reference"], "argument --profile: invalid choice: 'reference'"),
         (["--sample-timeout-s", "1"], "limits.sample_timeout_s (1.0) must be at least"),
         (["--plugin", "no_such_verifier_plugin"], "cannot import verifier plug-in"),
     ],

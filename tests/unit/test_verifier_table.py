@@ -6,7 +6,12 @@ versions of math-verify, latex2sympy2_extended and sympy that pyproject.toml pin
 fail when the installed ones differ). Where math-verify (or one of our own
 rules) disagrees with mathematics, the row says so in `note` and expects what the verifier
 really gives; docs/verifier.md lists these. `accuracy=None` means the label is unparseable
-(status `label_unparseable`, scored by the policy: 0 by default).
+(status `label_unparseable`, scored by the policy: 0 in this profile).
+
+The table is scored with profile `lenient` (the `<answer>` block is read, a bare expression in
+it counts, unparseable labels score 0); the last test scores every math row with the default
+profile `lmm-r1` against the reference re-expressed here. test_verifier_reference_parity.py
+tests the reference's rules one by one.
 """
 
 from __future__ import annotations
@@ -22,10 +27,7 @@ from latex2sympy2_extended import NormalizationConfig
 from math_verify import LatexExtractionConfig, parse, verify
 
 from lmmr1_trainer.verifier.config import (
-    AccuracySettings,
-    AnswerSource,
     PoolSettings,
-    UnparseableLabelPolicy,
     VerifierConfig,
 )
 from lmmr1_trainer.verifier.engine import Sample, Verifier
@@ -333,9 +335,13 @@ CASES = [
 ]
 
 
+TABLE_CONFIG = {"profile": "lenient"}
+
+
 @pytest.fixture(scope="module")
 def inline_verifier() -> Iterator[Verifier]:
-    with Verifier(VerifierConfig(pool=PoolSettings(workers=0))) as verifier:
+    config = VerifierConfig.model_validate({**TABLE_CONFIG, "pool": {"workers": 0}})
+    with Verifier(config) as verifier:
         yield verifier
 
 
@@ -362,7 +368,7 @@ def test_case(case: Case, inline_verifier: Verifier) -> None:
 
 
 def test_the_worker_pool_gives_the_same_rewards() -> None:
-    config = VerifierConfig(pool=PoolSettings(workers=2))
+    config = VerifierConfig.model_validate({**TABLE_CONFIG, "pool": {"workers": 2}})
     with Verifier(config) as verifier:
         results = verifier.score([Sample(c.response, c.label, c.task) for c in CASES])
     for case, result in zip(CASES, results, strict=True):
@@ -403,25 +409,35 @@ def _reference_accuracy(response: str, label: str) -> float:
 REFERENCE_ORDER_DIFFERENCES = {"int-vs-ineq-answer", "int-vs-ineq-label"}
 
 
-def test_full_response_mode_matches_the_lmm_r1_reference() -> None:
-    config = VerifierConfig(
-        pool=PoolSettings(workers=0),
-        accuracy=AccuracySettings(answer_source=AnswerSource.FULL_RESPONSE),
-        unparseable_label_policy=UnparseableLabelPolicy.ONE,
-    )
+def test_the_default_profile_scores_every_math_row_as_the_lmm_r1_reference() -> None:
     compared = 0
-    with Verifier(config) as verifier:
+    with Verifier(VerifierConfig(pool=PoolSettings(workers=0))) as verifier:
         for case in CASES:
-            if case.label is None or verifier.resolve_task(case.task, case.label) != "math":
+            if case.label is None or case.task not in (None, "math"):
                 continue
-            [ours] = verifier.score([Sample(case.response, case.label, "math")])
+            # What the reference's extraction hands on: the response stripped.
+            [ours] = verifier.score([Sample(case.response.strip(), case.label)])
             reference = _reference_accuracy(case.response.strip(), case.label)
-            if case.name in REFERENCE_ORDER_DIFFERENCES:
-                assert ours.accuracy_score != reference, case.name
-            else:
-                assert ours.accuracy_score == reference, case.name
+            assert ours.accuracy_score == reference, case.name
             compared += 1
     assert compared >= 100
+
+
+def test_gold_first_disagrees_with_the_reference_only_where_verify_is_asymmetric() -> None:
+    # The full-response reading with math-verify's documented order: the reference scores
+    # the same except on the rows where verify's asymmetry shows.
+    config = VerifierConfig.model_validate(
+        {"pool": {"workers": 0}, "accuracy": {"verify_order": "gold_first"}}
+    )
+    differences = set()
+    with Verifier(config) as verifier:
+        for case in CASES:
+            if case.label is None or case.task not in (None, "math"):
+                continue
+            [ours] = verifier.score([Sample(case.response.strip(), case.label)])
+            if ours.accuracy_score != _reference_accuracy(case.response.strip(), case.label):
+                differences.add(case.name)
+    assert differences == REFERENCE_ORDER_DIFFERENCES
 
 
 # The versions the table above was checked against are pyproject.toml's exact pins of the

@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmmr1_trainer.verifier.config import PromptTemplate, UnparseableLabelPolicy
+from lmmr1_trainer.verifier.config import PromptTemplate, RewardProfile, UnparseableLabelPolicy
 
 CONFIG_PATH = Path("/etc/lmmr1/stage.yaml")
 TOKEN_PATH = Path("/etc/lmmr1/token/token")
@@ -113,7 +113,9 @@ class RewardConfig(_Config):
     format_weight: float = 0.5
     accuracy_weight: float = 1.0
     prompt_template: PromptTemplate = PromptTemplate.CHATML
-    unparseable_label: UnparseableLabelPolicy = UnparseableLabelPolicy.ZERO
+    profile: RewardProfile = RewardProfile.LMM_R1
+    # None: the profile's rule (lmm-r1: one).
+    unparseable_label: UnparseableLabelPolicy | None = None
 
     def resolved_url(self) -> str:
         return os.path.expandvars(self.url)

@@ -63,8 +63,13 @@ def start_service(
     return Service(process, url, lines)
 
 
-def start_verifier(host: str = "127.0.0.1", workers: int = 1) -> Service:
+def start_verifier(
+    host: str = "127.0.0.1", workers: int = 1, profile: str | None = None
+) -> Service:
+    """The verifier service; `profile` None: its default (lmm-r1, the reference)."""
     argv = ["lmmr1_trainer.verifier", "--host", host, "--port", "0", "--workers", str(workers)]
+    if profile is not None:
+        argv += ["--profile", profile]
     return start_service(argv, "lmmr1-verifier listening on ")
 
 

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, Field, JsonValue
 from lmmr1_operator.api.base import ApiModel, Rule
 
 # The verifier owns its contract; its config module is pure pydantic (no torch).
-from lmmr1_trainer.verifier.config import PromptTemplate, UnparseableLabelPolicy
+from lmmr1_trainer.verifier.config import PromptTemplate, RewardProfile, UnparseableLabelPolicy
 
 MAX_URI = 1024
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -294,6 +294,14 @@ class Algorithm(ApiModel):
 class Reward(ApiModel):
     """The rule-based reward (the verifier sidecar). Paper: format 0.5 + accuracy 1.0."""
 
+    profile: RewardProfile = Field(
+        default=RewardProfile.LMM_R1,
+        description="The scoring rules. lmm-r1 (default): exactly the LMM-R1 reference reward "
+        "server. strict: the reference's answer reading (whole response, boxed or $-delimited "
+        "answers only) with no credit for unparseable labels and math-verify's documented "
+        "verify(label, answer) order. lenient: strict, but the answer is read from the "
+        "<answer> block, where a bare expression counts. See docs/verifier.md.",
+    )
     verifier: str = Field(
         default="math",
         pattern=r"^[a-z][a-z0-9_.-]*$",
@@ -306,10 +314,11 @@ class Reward(ApiModel):
         default=PromptTemplate.CHATML,
         description="How the verifier finds the response in the chat-templated query.",
     )
-    unparseable_label: UnparseableLabelPolicy = Field(
-        default=UnparseableLabelPolicy.ZERO,
-        description="Accuracy for labels that cannot be parsed: zero (default) or one (the "
-        "reference implementation's choice); such samples are flagged either way.",
+    unparseable_label: UnparseableLabelPolicy | None = Field(
+        default=None,
+        description="Accuracy for labels that cannot be parsed: one or zero; unset: the "
+        "profile's rule (lmm-r1: one, as the reference; strict and lenient: zero). Such "
+        "samples are flagged either way.",
     )
 
 

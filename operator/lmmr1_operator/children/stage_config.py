@@ -48,6 +48,7 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
             format_weight=reward.format_weight,
             accuracy_weight=reward.accuracy_weight,
             prompt_template=reward.prompt_template,
+            profile=reward.profile,
             unparseable_label=reward.unparseable_label,
         ),
         rollout=RolloutConfig(

@@ -61,8 +61,24 @@ def _env(ctx: StageContext) -> list[dict[str, Any]]:
     return env
 
 
-def _verifier(ctx: StageContext) -> dict[str, Any]:
+def _verifier_settings(ctx: StageContext) -> list[str]:
+    """The reward's flags; an unset `unparseableLabel` leaves the profile's rule."""
     reward = ctx.stage.reward
+    flags = ["--profile", str(reward.profile), "--prompt-template", str(reward.prompt_template)]
+    if reward.unparseable_label is not None:
+        flags += ["--unparseable-label-policy", str(reward.unparseable_label)]
+    return [
+        *flags,
+        "--format-weight",
+        str(reward.format_weight),
+        "--accuracy-weight",
+        str(reward.accuracy_weight),
+        "--default-task",
+        reward.verifier,
+    ]
+
+
+def _verifier(ctx: StageContext) -> dict[str, Any]:
     return {
         "name": "verifier",
         "image": ctx.trainer_image,
@@ -77,16 +93,7 @@ def _verifier(ctx: StageContext) -> dict[str, Any]:
             "$(POD_IP)",
             "--port",
             str(naming.VERIFIER_PORT),
-            "--prompt-template",
-            str(reward.prompt_template),
-            "--unparseable-label-policy",
-            str(reward.unparseable_label),
-            "--format-weight",
-            str(reward.format_weight),
-            "--accuracy-weight",
-            str(reward.accuracy_weight),
-            "--default-task",
-            reward.verifier,
+            *_verifier_settings(ctx),
         ],
         "env": [pods.POD_IP_ENV, *pods.writable_env()],
         "ports": [{"name": "verifier", "containerPort": naming.VERIFIER_PORT}],

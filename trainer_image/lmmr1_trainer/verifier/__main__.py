@@ -29,6 +29,7 @@ from lmmr1_trainer.verifier.config import (
     AnswerSource,
     ConfigError,
     PromptTemplate,
+    RewardProfile,
     UnparseableLabelPolicy,
     VerifierConfig,
     load_config,
@@ -38,6 +39,7 @@ logger = logging.getLogger("lmmr1_trainer.verifier")
 
 # flag dest → path in VerifierConfig
 _FLAG_FIELDS: dict[str, tuple[str, ...]] = {
+    "profile": ("profile",),
     "host": ("host",),
     "port": ("port",),
     "prompt_template": ("prompt_template",),
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--config", type=Path, help="VerifierConfig as a JSON or YAML file")
+    add(
+        "--profile",
+        choices=[p.value for p in RewardProfile],
+        help="the scoring rules' defaults (default lmm-r1: the reference exactly)",
+    )
     add("--host", help="address to bind (default 127.0.0.1; in a pod: its IP)")
     add("--port", type=int, help="port to bind (default 5000; 0 picks a free one)")
     add("--prompt-template", choices=[t.value for t in PromptTemplate], help="default chatml")
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--unparseable-label-policy",
         choices=[p.value for p in UnparseableLabelPolicy],
-        help="accuracy for labels that do not parse (default zero; LMM-R1: one)",
+        help="accuracy for labels that do not parse (default: the profile's; lmm-r1: one)",
     )
     add("--format-weight", type=float, help="weight of the format reward (default 0.5)")
     add("--accuracy-weight", type=float, help="weight of the accuracy reward (default 1.0)")
@@ -92,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="accept whitespace between </think> and <answer> (LMM-R1 does not)",
     )
-    add("--default-task", help="verifier for samples without a task (default auto)")
-    add("--answer-source", choices=[s.value for s in AnswerSource], help="default answer_block")
+    add("--default-task", help="verifier for samples without a task (default: the profile's)")
+    add(
+        "--answer-source",
+        choices=[s.value for s in AnswerSource],
+        help="default: the profile's (lmm-r1: full_response)",
+    )
     add("--math-timeout-s", type=int, help="math-verify's own timeout per call (default 5)")
     add("--sample-timeout-s", type=float, help="wall-clock limit per sample (default 15)")
     add("--request-deadline-s", type=float, help="wall-clock limit per request (default 150)")
@@ -163,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     print(f"lmmr1-verifier listening on {server.url}", flush=True)
     logger.info(
-        "prompt template %s, %d workers, unparseable labels score %s, weights %s",
+        "profile %s, prompt template %s, %d workers, unparseable labels score %s, weights %s",
+        config.profile.value,
         config.prompt_template.value,
         config.pool.workers,
         config.unparseable_label_policy.value,

@@ -1,15 +1,20 @@
 """The paper's accuracy reward with math-verify, and a numeric variant with a tolerance.
 
 `math` (LMM-R1 reference configuration):
-- the label is stripped and wrapped in `$…$` unless it is already delimited (`$…$`, `\\(`,
-  `\\[`), then parsed with `LatexExtractionConfig()`; nothing parsed → `label_unparseable`;
+- the label becomes LaTeX math (`AccuracySettings.label_wrapping`): `reference` wraps it in
+  `$…$` unless it starts with `$` (as is: `$5` stays unclosed and does not parse);
+  `delimiters` strips it and wraps it unless already delimited (`$…$`, `\\(`, `\\[`).
+  Then it is parsed with `LatexExtractionConfig()`; nothing parsed, or its parse timing out
+  (the reference's `parse` returns nothing then) → `label_unparseable`;
 - the answer is read from the text chosen by `AccuracySettings.answer_source` with LaTeX
   extraction, `\\boxed{}` first (`boxed_match_priority=0`), no malformed operators, and
   only anchored expressions (`try_extract_without_anchor=False`); several `\\boxed{}` are
   read together as a set, so hedging (`\\boxed{1}\\boxed{2}`) does not match `1`;
 - `answer_block` mode only: when that finds nothing in an `<answer>` block, the whole block
   (at most `max_bare_answer_chars`) is read as one bare LaTeX expression, like the label;
-- `verify(gold, answer)` decides (gold first: the comparison is not symmetric).
+- math-verify's `verify` decides, every (label, answer) pair, with the arguments in
+  `AccuracySettings.verify_order`: `answer_first` is the reference's `verify(answer, gold)`,
+  `gold_first` math-verify's documented `verify(gold, answer)`. It is not symmetric.
 
 `numeric`: `math` first; when it says no, any pair of numeric values (gold, answer) within
 `numeric_rel_tol` / `numeric_abs_tol` (math.isclose) matches.
@@ -30,7 +35,7 @@ from latex2sympy2_extended import NormalizationConfig
 from math_verify import LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
 
-from lmmr1_trainer.verifier.config import AccuracySettings
+from lmmr1_trainer.verifier.config import AccuracySettings, LabelWrapping, VerifyOrder
 from lmmr1_trainer.verifier.rewards import (
     AccuracyOutcome,
     AccuracyRequest,
@@ -64,8 +69,10 @@ _BARE_ANSWER_CONFIG = (
 )
 
 
-def wrap_label(label: str) -> str:
-    """The label as LaTeX math: wrapped in `$…$` unless already delimited."""
+def wrap_label(label: str, wrapping: LabelWrapping) -> str:
+    """The label as LaTeX math (see the module docstring for the two ways)."""
+    if wrapping is LabelWrapping.REFERENCE:
+        return label if label.startswith("$") else f"${label}$"
     text = label.strip()
     if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
         return text
@@ -108,7 +115,8 @@ def _parse(text: str, config: tuple[LatexExtractionConfig, ...], timeout: int | 
 
 
 def parse_label(label: str, settings: AccuracySettings) -> list[Any]:
-    return _parse(wrap_label(label), _LABEL_CONFIG, _signal_timeout(settings))
+    wrapped = wrap_label(label, settings.label_wrapping)
+    return _parse(wrapped, _LABEL_CONFIG, _signal_timeout(settings))
 
 
 def parse_answer(request: AccuracyRequest, settings: AccuracySettings) -> list[Any]:
@@ -119,18 +127,22 @@ def parse_answer(request: AccuracyRequest, settings: AccuracySettings) -> list[A
         return parsed
     if len(bare) > settings.max_bare_answer_chars:
         return parsed
-    return _parse(wrap_label(bare), _BARE_ANSWER_CONFIG, timeout)
+    return _parse(wrap_label(bare, LabelWrapping.DELIMITERS), _BARE_ANSWER_CONFIG, timeout)
 
 
 def _equal(gold: list[Any], answer: list[Any], settings: AccuracySettings) -> bool:
-    """`verify(gold, answer)` pair by pair, like math-verify, except that a pair that times
-    out raises TimeoutException when no other pair matched (so the sample is flagged)."""
+    """`verify` pair by pair in `settings.verify_order`, like math-verify over the lists,
+    except that a pair that times out raises TimeoutException when no other pair matched (so
+    the sample is flagged; the score is 0 either way)."""
+    first, second = (answer, gold)
+    if settings.verify_order is VerifyOrder.GOLD_FIRST:
+        first, second = gold, answer
     timed_out: TimeoutException | None = None
-    for expected, got in product(gold, answer):
+    for left, right in product(first, second):
         try:
             if verify(
-                expected,
-                got,
+                left,
+                right,
                 float_rounding=settings.float_rounding,
                 timeout_seconds=_signal_timeout(settings),
                 raise_on_error=True,
@@ -150,7 +162,12 @@ def _parse_both(
 ) -> tuple[list[Any], list[Any]] | AccuracyOutcome:
     if request.label is None:
         return AccuracyOutcome(0.0, AccuracyStatus.LABEL_UNPARSEABLE, detail="no label")
-    gold = parse_label(request.label, settings)
+    try:
+        gold = parse_label(request.label, settings)
+    except TimeoutException:
+        return AccuracyOutcome(
+            0.0, AccuracyStatus.LABEL_UNPARSEABLE, detail="math-verify timeout (label parse)"
+        )
     if not gold:
         return AccuracyOutcome(0.0, AccuracyStatus.LABEL_UNPARSEABLE)
     answer = parse_answer(request, settings)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from lmmr1_trainer.verifier.choice import is_single_choice_label
-from lmmr1_trainer.verifier.config import AnswerSource, VerifierConfig
+from lmmr1_trainer.verifier.config import AnswerSource, PromptTemplate, VerifierConfig
 from lmmr1_trainer.verifier.format import answer_block
 from lmmr1_trainer.verifier.pool import VerifierPool
 from lmmr1_trainer.verifier.rewards import (
@@ -32,7 +32,7 @@ from lmmr1_trainer.verifier.rewards import (
     load_verifiers,
     run_verification,
 )
-from lmmr1_trainer.verifier.templates import extract_response
+from lmmr1_trainer.verifier.templates import ExtractedResponse, extract_response
 
 NO_RESPONSE_MARKER = "no_response_marker"
 
@@ -58,7 +58,9 @@ class Verifier:
         self.default_task = config.accuracy.default_task
         self.check_task(self.default_task)
         self.format_reward = FormatReward(
-            config.weights.format, config.format.allow_whitespace_between_blocks
+            config.weights.format,
+            config.format.rule,
+            config.format.allow_whitespace_between_blocks,
         )
         self.accuracy_reward = AccuracyReward(
             config.weights.accuracy, config.unparseable_label_policy
@@ -109,13 +111,18 @@ class Verifier:
             return chosen
         return "choice" if is_single_choice_label(label) else "math"
 
+    def extract(self, query: str, template: PromptTemplate | None = None) -> ExtractedResponse:
+        """The response in a chat-templated query, the profile's way (`response_extraction`)."""
+        chosen = template or self.config.prompt_template
+        return extract_response(query, chosen, self.config.response_extraction)
+
     def samples_from_queries(
         self, queries: Sequence[str], labels: Sequence[str | None]
     ) -> list[Sample]:
         """`/get_reward` input: find each response in its chat-templated query."""
         samples = []
         for query, label in zip(queries, labels, strict=True):
-            extracted = extract_response(query, self.config.prompt_template)
+            extracted = self.extract(query)
             samples.append(Sample(extracted.text, label, marker_found=extracted.marker_found))
         return samples
 

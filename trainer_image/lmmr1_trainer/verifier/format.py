@@ -1,21 +1,29 @@
-"""The paper's format rule and the `<answer>` block the accuracy reward reads.
+"""The paper's format rule, in two variants, and the `<answer>` block the accuracy reward reads.
 
-A response is well formed when, after stripping surrounding whitespace, it is exactly
-`<think>…</think><answer>…</answer>`:
+`FormatRule.REFERENCE` (profile `lmm-r1`): the LMM-R1 reference's check, on the response as
+extracted (no further stripping). The reference matches
+`^<think>(?:(?!</think>).)*</think><answer>(?:(?!</answer>).)*</answer>\\Z` with DOTALL and
+requires `<think>` and `<answer>` to occur once each. Read as rules:
 
-- it starts with `<think>` and ends with `</answer>`;
-- each of `<think>`, `</think>`, `<answer>`, `</answer>` occurs exactly once;
-- `<answer>` follows `</think>` immediately: no whitespace between the blocks (the LMM-R1
-  reference regex `^<think>(?:(?!</think>).)*</think><answer>(?:(?!</answer>).)*</answer>\\Z`
-  with its tag counts; `FormatSettings.allow_whitespace_between_blocks` relaxes this);
-- tag contents may be empty or hold any text, newlines included (as in the reference).
+- the text starts with `<think>`; the thinking runs to the first `</think>`;
+- `<answer>` follows that `</think>` immediately (no whitespace);
+- the answer runs to the first `</answer>` after it, which must end the text (`\\Z`: not
+  even a newline after it);
+- `<think>` and `<answer>` occur exactly once; closing tags are not counted, so a `</think>`
+  inside the answer, or a `</answer>` inside the thinking, passes;
+- contents may be empty or hold anything else, newlines included.
 
-One deliberate difference from the reference: it lets `</think>` appear inside the answer
-(it counts only opening tags); we require exactly one of every tag.
-The check is a handful of linear scans, so a 100 kB response costs microseconds.
+`FormatRule.EXACT_TAGS` (profiles `strict`, `lenient`): after stripping surrounding
+whitespace the text is exactly `<think>…</think><answer>…</answer>` with each of the four
+tags once, `<answer>` right after `</think>`.
+
+`allow_whitespace_between_blocks` relaxes "immediately" in both. Both are linear scans, so a
+100 kB response costs microseconds.
 """
 
 from __future__ import annotations
+
+from lmmr1_trainer.verifier.config import FormatRule
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -23,23 +31,60 @@ ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
 
 
-def is_well_formed(response: str, *, allow_whitespace_between_blocks: bool = False) -> bool:
-    """True when the response is exactly one think block followed by one answer block."""
+def _answer_follows(text: str, think_close: int, allow_whitespace: bool) -> int | None:
+    """Where `<answer>` starts if it follows the `</think>` at `think_close`, else None."""
+    start = think_close + len(THINK_CLOSE)
+    if allow_whitespace:
+        while start < len(text) and text[start].isspace():
+            start += 1
+    return start if text.startswith(ANSWER_OPEN, start) else None
+
+
+def _reference_well_formed(text: str, allow_whitespace: bool) -> bool:
+    if not text.startswith(THINK_OPEN):
+        return False
+    if text.count(THINK_OPEN) != 1 or text.count(ANSWER_OPEN) != 1:
+        return False
+    think_close = text.find(THINK_CLOSE, len(THINK_OPEN))
+    if think_close < 0:
+        return False
+    answer_open = _answer_follows(text, think_close, allow_whitespace)
+    if answer_open is None:
+        return False
+    answer_close = text.find(ANSWER_CLOSE, answer_open + len(ANSWER_OPEN))
+    return answer_close >= 0 and answer_close + len(ANSWER_CLOSE) == len(text)
+
+
+def _exact_tags_well_formed(response: str, allow_whitespace: bool) -> bool:
     text = response.strip()
     if not (text.startswith(THINK_OPEN) and text.endswith(ANSWER_CLOSE)):
         return False
     if any(text.count(tag) != 1 for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)):
         return False
-    after_think = text[text.index(THINK_CLOSE) + len(THINK_CLOSE) :]
-    if allow_whitespace_between_blocks:
-        after_think = after_think.lstrip()
-    return after_think.startswith(ANSWER_OPEN)
+    return _answer_follows(text, text.index(THINK_CLOSE), allow_whitespace) is not None
 
 
-def format_score(response: str, *, allow_whitespace_between_blocks: bool = False) -> float:
+def is_well_formed(
+    response: str,
+    *,
+    rule: FormatRule = FormatRule.REFERENCE,
+    allow_whitespace_between_blocks: bool = False,
+) -> bool:
+    """True when the response is one think block followed by one answer block (per `rule`)."""
+    if rule is FormatRule.REFERENCE:
+        return _reference_well_formed(response, allow_whitespace_between_blocks)
+    return _exact_tags_well_formed(response, allow_whitespace_between_blocks)
+
+
+def format_score(
+    response: str,
+    *,
+    rule: FormatRule = FormatRule.REFERENCE,
+    allow_whitespace_between_blocks: bool = False,
+) -> float:
     """The format reward before weighting: 1.0 when well formed, else 0.0."""
     well_formed = is_well_formed(
-        response, allow_whitespace_between_blocks=allow_whitespace_between_blocks
+        response, rule=rule, allow_whitespace_between_blocks=allow_whitespace_between_blocks
     )
     return 1.0 if well_formed else 0.0
 

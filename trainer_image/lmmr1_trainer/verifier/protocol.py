@@ -154,6 +154,7 @@ class RewardsResponse(BaseModel):
     results: list[RewardResult]
     summary: RewardsSummary
     weights: RewardBreakdown
+    profile: str
     unparseable_label_policy: str
 
 

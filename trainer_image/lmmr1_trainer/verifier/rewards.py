@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
-from lmmr1_trainer.verifier.config import AccuracySettings, UnparseableLabelPolicy
+from lmmr1_trainer.verifier.config import AccuracySettings, FormatRule, UnparseableLabelPolicy
 from lmmr1_trainer.verifier.format import format_score
 
 BUILTIN_VERIFIER_MODULES = ("lmmr1_trainer.verifier.accuracy", "lmmr1_trainer.verifier.choice")
@@ -134,12 +134,15 @@ class FormatReward:
     """The paper's format reward: 1.0 times its weight when the response is well formed."""
 
     weight: float
+    rule: FormatRule = FormatRule.REFERENCE
     allow_whitespace_between_blocks: bool = False
     name: str = "format"
 
     def score(self, response: str) -> float:
         return format_score(
-            response, allow_whitespace_between_blocks=self.allow_whitespace_between_blocks
+            response,
+            rule=self.rule,
+            allow_whitespace_between_blocks=self.allow_whitespace_between_blocks,
         )
 
 
@@ -148,7 +151,7 @@ class AccuracyReward:
     """The paper's accuracy reward, with the explicit policy for unparseable labels."""
 
     weight: float
-    unparseable_label_policy: UnparseableLabelPolicy = UnparseableLabelPolicy.ZERO
+    unparseable_label_policy: UnparseableLabelPolicy = UnparseableLabelPolicy.ONE
     name: str = "accuracy"
 
     def score(self, outcome: AccuracyOutcome) -> float:

@@ -34,7 +34,6 @@ from lmmr1_trainer.verifier.protocol import (
     RewardsSummary,
 )
 from lmmr1_trainer.verifier.rewards import SampleResult, UnknownTaskError
-from lmmr1_trainer.verifier.templates import extract_response
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +299,7 @@ class VerifierRequestHandler(BaseHTTPRequestHandler):
                         HTTPStatus.UNPROCESSABLE_ENTITY, f"samples.{index}.task: {exc}"
                     ) from None
             if item.query is not None:
-                extracted = extract_response(item.query, template)
+                extracted = verifier.extract(item.query, template)
                 text, found = extracted.text, extracted.marker_found
             else:
                 text, found = item.response or "", True
@@ -322,5 +321,6 @@ class VerifierRequestHandler(BaseHTTPRequestHandler):
                 elapsed_s=round(time.monotonic() - started, 6),
             ),
             weights=RewardBreakdown(format=weights.format, accuracy=weights.accuracy),
+            profile=self.server.config.profile.value,
             unparseable_label_policy=self.server.config.unparseable_label_policy.value,
         )
