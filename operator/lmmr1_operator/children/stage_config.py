@@ -10,6 +10,7 @@ from lmmr1_operator.children.context import StageContext
 from lmmr1_trainer.config import (
     AlgorithmConfig,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
     ProgressConfig,
     RewardConfig,
@@ -49,6 +50,7 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
             prompt_template=reward.prompt_template,
             unparseable_label=reward.unparseable_label,
         ),
+        critic=CriticConfig(**stage.critic.model_dump()) if stage.critic else None,
         rollout=RolloutConfig(
             mode=resolved_rollout_mode(stage.resources),
             urls=rollout_urls,
