@@ -151,15 +151,24 @@ def test_gae_mean_reward_rises_and_the_critic_fits_the_returns(
     learn = [r["reward"] for r in curves["learn"]]
     flipped = [r["reward"] for r in curves["flipped"]]
     value_loss = [r["value_loss"] for r in curves["learn"]]
+    # The value loss over the loss of a critic that predicts 0 (where the critic starts):
+    # the value loss alone follows the returns' spread, which grows with the reward.
+    unexplained = [r["value_loss"] / r["zero_value_loss"] for r in curves["learn"]]
     print("gae", [round(r, 3) for r in learn], "flipped", [round(r, 3) for r in flipped])
     print("value loss", [round(v, 4) for v in value_loss])
+    print("value loss / zero critic's", [round(v, 3) for v in unexplained])
     assert len(learn) == len(flipped) == LEARN_STEPS
     assert learn[0] == flipped[0]
     window = 4
     assert _mean(learn[LEARN_STEPS // 2 :]) >= _mean(learn[:window]) + 0.04, (learn, flipped)
     assert _mean(learn[-window:]) >= _mean(flipped[-window:]) + 0.1, (learn, flipped)
     assert _mean(flipped[-window:]) <= _mean(flipped[:window]), (learn, flipped)
-    assert _mean(value_loss[-window:]) < _mean(value_loss[:window]), value_loss
+    # Measured (24 steps): reward 0.105 over the first 4 steps -> 0.239 over the second half,
+    # flipped 0.0 at the end; the value loss went 0.029 -> 0.030 over the first and last 4
+    # steps while the reward's spread grew, i.e. about 0.9-1.3 of a zero critic's at the start
+    # (estimated from the rewards) and about 0.45 at the end.
+    assert _mean(unexplained[-window:]) <= _mean(unexplained[:window]) - 0.2, unexplained
+    assert _mean(unexplained[-window:]) < 0.75, unexplained
 
 
 # -- resume is exact, on one rank and on two -----------------------------------------------

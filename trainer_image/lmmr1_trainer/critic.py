@@ -86,19 +86,21 @@ def response_values(critic: Any, batch: SequenceBatch) -> Tensor:
     return picked.new_zeros(mask.shape).index_put((rows, steps), picked)
 
 
-def critic_update(engine: PolicyEngine, micro_batch: MicroBatch, critic: CriticConfig) -> float:
+def critic_update(
+    engine: PolicyEngine, micro_batch: MicroBatch, critic: CriticConfig
+) -> tuple[float, float]:
     """One micro-batch of the critic's training (DeepSpeed steps at the accumulation
-    boundary, as the policy's); returns the value loss."""
+    boundary, as the policy's). Returns the value loss, and the loss a critic that predicts 0
+    (where it starts) would have on the same returns: the value loss alone follows the
+    returns' spread, which changes as the policy learns; their ratio says how much of the
+    returns the critic has learned."""
     if micro_batch.values is None or micro_batch.returns is None:
         raise ValueError("the critic trains on micro-batches prepared with its values")
     device = engine.engine.device
     values = response_values(engine.engine, micro_batch.batch)
-    loss = value_loss(
-        values,
-        micro_batch.values.to(device),
-        micro_batch.returns.to(device),
-        micro_batch.batch.response_mask.to(device),
-        critic.value_clip,
-    )
+    returns = micro_batch.returns.to(device)
+    mask = micro_batch.batch.response_mask.to(device)
+    loss = value_loss(values, micro_batch.values.to(device), returns, mask, critic.value_clip)
     engine.backward_and_step(loss)
-    return float(loss.detach())
+    zero = value_loss(torch.zeros_like(returns), returns, returns, mask, None)
+    return float(loss.detach()), float(zero)

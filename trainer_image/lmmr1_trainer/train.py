@@ -380,7 +380,7 @@ class StageTrainer:
         mine = scatter_objects(samples, self.rank)
         engine = self.policy.engine
         metrics: dict[str, Any] = {"step": self.step + 1, "total_steps": self.total_steps}
-        losses, clips, value_losses = [], [], []
+        losses, clips, value_losses, zero_value_losses = [], [], [], []
         with timed(metrics, "update_seconds"):  # old/ref log-probs, then every optimizer update
             micro_batches = prepare_micro_batches(
                 mine,
@@ -419,7 +419,9 @@ class StageTrainer:
                     losses.append(float(loss.detach()))
                     clips.append(float(clip))
                     if self.critic is not None and self.config.critic is not None:
-                        value_losses.append(critic_update(self.critic, mb, self.config.critic))
+                        value, zero = critic_update(self.critic, mb, self.config.critic)
+                        value_losses.append(value)
+                        zero_value_losses.append(zero)
         if stats is not None:
             metrics.update(
                 reward=stats.reward,
@@ -434,11 +436,10 @@ class StageTrainer:
             )
         # The whole rollout batch's means, not rank 0's share: every rank's micro-batches.
         kls = [mean_kl([mb]) for mb in micro_batches]
-        totals = torch.tensor(
-            [sum(losses), len(losses), sum(clips), sum(kls), len(kls), sum(value_losses)],
-            dtype=torch.float64,
-        )
-        loss_sum, updates, clip_sum, kl_sum, batches, value_loss_sum = all_reduce_sum(
+        sums = [sum(losses), len(losses), sum(clips), sum(kls), len(kls)]
+        sums += [sum(value_losses), sum(zero_value_losses)]
+        totals = torch.tensor(sums, dtype=torch.float64)
+        loss_sum, updates, clip_sum, kl_sum, batches, value_sum, zero_sum = all_reduce_sum(
             totals, engine.device
         ).tolist()
         metrics.update(
@@ -449,7 +450,8 @@ class StageTrainer:
         )
         if self.critic is not None:
             metrics.update(
-                value_loss=value_loss_sum / max(1.0, updates),
+                value_loss=value_sum / max(1.0, updates),
+                zero_value_loss=zero_sum / max(1.0, updates),
                 critic_lr=self.critic.learning_rate(),
             )
         return stats, metrics
