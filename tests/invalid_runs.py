@@ -50,6 +50,18 @@ def _set(path: str, value: Any) -> Callable[[Run], None]:
 
 
 _DELETE = object()
+
+
+def _gae_critic(field: str, value: Any) -> Callable[[Run], None]:
+    """A gae stage (the only kind with a critic) whose critic sets `field` to `value`."""
+
+    def mutate(run: Run) -> None:
+        _set("spec.stages[0].algorithm.advantageEstimator", "gae")(run)
+        _set(f"spec.stages[0].critic.{field}", value)(run)
+
+    return mutate
+
+
 ALGO = "spec.stages[0].algorithm"
 RESOURCES = "spec.stages[0].resources"
 
@@ -194,6 +206,24 @@ INVALID: list[Invalid] = [
         _set(f"{ALGO}.samplesPerPrompt", 1),
         f"{ALGO}.samplesPerPrompt",
         "need samplesPerPrompt >= 2",
+    ),
+    Invalid(
+        "critic-without-gae",
+        _set("spec.stages[0].critic", {"learningRate": 9e-6}),
+        "spec.stages[0].critic",
+        "only algorithm.advantageEstimator gae trains a critic",
+    ),
+    Invalid(
+        "critic-learning-rate-zero",
+        _gae_critic("learningRate", 0),
+        "spec.stages[0].critic.learningRate",
+        "should be greater than 0",
+    ),
+    Invalid(
+        "critic-gae-lambda-above-one",
+        _gae_critic("gaeLambda", 1.5),
+        "spec.stages[0].critic.gaeLambda",
+        "should be less than or equal to 1",
     ),
     Invalid(
         "tensor-parallel-not-dividing",

@@ -359,3 +359,28 @@ def test_every_claim_the_stage_reads_is_mounted_read_only_where_the_trainer_look
     # Nothing to mount for the default run (hf:// model, s3:// data).
     plain = trainer.job(context(run_obj()))["spec"]["template"]["spec"]
     assert claims(plain, plain["containers"][0]) == {}
+
+
+def test_a_gae_stage_gets_its_critic_with_defaults_and_the_trainer_gets_it_too() -> None:
+    """gae without a critic section: the script defaults (9e-6, clip 0.2, gamma = lambda = 1)
+    reach the trainer's stage config; set values go through unchanged; other estimators
+    render no critic."""
+    run = run_obj()
+    run["spec"]["stages"][0]["algorithm"] = {"advantageEstimator": "gae", "samplesPerPrompt": 1}
+    run["spec"]["stages"][1]["algorithm"] = {"advantageEstimator": "gae"}
+    run["spec"]["stages"][1]["critic"] = {"learningRate": 5e-6, "warmupRatio": 0.1}
+    fre = context(run)
+    assert fre.stage.critic is not None and fre.stage.critic.learning_rate == 9e-6
+    configmap = stage_config.configmap(fre, [])
+    loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
+    assert loaded.critic is not None
+    assert (loaded.critic.learning_rate, loaded.critic.warmup_ratio) == (9e-6, None)
+    assert (loaded.critic.value_clip, loaded.critic.gamma, loaded.critic.gae_lambda) == (
+        0.2,
+        1.0,
+        1.0,
+    )
+    mgt = stage_config.render(context(run, index=1, finals=["s3://b/ns/r/fre/step-2"]), [])
+    assert mgt.critic is not None
+    assert (mgt.critic.learning_rate, mgt.critic.warmup_ratio) == (5e-6, 0.1)
+    assert stage_config.render(context(run_obj()), []).critic is None

@@ -13,6 +13,7 @@ from lmmr1_trainer.algorithms import (
     compute_advantages,
     cosine_lr_multiplier,
     cumulative_returns,
+    gae_advantages,
     group_baseline,
     kl_loss,
     last_token_index,
@@ -20,6 +21,7 @@ from lmmr1_trainer.algorithms import (
     policy_loss,
     token_log_probs,
     token_rewards,
+    value_loss,
     whiten,
 )
 
@@ -49,11 +51,13 @@ def test_grpo_normalises_within_the_group_with_the_sample_std() -> None:
     assert close(group_baseline(torch.ones(4), 4, "grpo"), [0.0] * 4)
 
 
-def test_group_baseline_rejects_bad_groups_and_gae() -> None:
+def test_group_baseline_rejects_bad_groups_and_keeps_gae_rewards() -> None:
     with pytest.raises(ValueError, match="groups of 3"):
         group_baseline(torch.zeros(4), 3, "reinforce_baseline")
+    # gae: the critic is the baseline, the raw reward goes on the last token.
+    assert close(group_baseline(torch.tensor([1.0, 0.0, 0.5]), 1, "gae"), [1.0, 0.0, 0.5])
     with pytest.raises(ValueError, match="critic"):
-        group_baseline(torch.zeros(4), 2, "gae")
+        compute_advantages(torch.zeros(4), torch.ones(4, 2), 2, "gae")
 
 
 def test_kl_estimators() -> None:
@@ -158,3 +162,76 @@ def test_token_log_probs_and_masked_mean() -> None:
     assert close(token_log_probs(logits, torch.tensor([[1]])), [[math.log(0.75)]])
     assert close(token_log_probs(logits, torch.tensor([[1]]), temperature=1e9), [[math.log(0.5)]])
     assert float(masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1, 1, 0]))) == 2.0
+
+
+# -- gae: the critic's advantages and value loss -----------------------------------------
+
+
+def _gae_reference(
+    rewards: list[float], values: list[float], length: int, gamma: float, lam: float
+) -> tuple[list[float], list[float]]:
+    """GAE for one response of `length` real tokens, straight from the definition:
+    A_t = sum_k (gamma lam)^k delta_{t+k}, delta_t = r_t + gamma V_{t+1} - V_t, V_length = 0."""
+    v = [*values[:length], 0.0]
+    deltas = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(length)]
+    advantages = [
+        sum((gamma * lam) ** k * deltas[t + k] for k in range(length - t)) for t in range(length)
+    ]
+    returns = [a + v[t] for t, a in enumerate(advantages)]
+    pad = [0.0] * (len(rewards) - length)
+    return advantages + pad, returns + pad
+
+
+@pytest.mark.parametrize(("gamma", "lam"), list(itertools.product([1.0, 0.95], [1.0, 0.95])))
+def test_gae_matches_the_definition_on_random_rollouts(gamma: float, lam: float) -> None:
+    generator = torch.Generator().manual_seed(int(gamma * 100 + lam * 10))
+    rewards = torch.randn(6, 7, generator=generator)
+    values = torch.randn(6, 7, generator=generator)
+    lengths = [7, 1, 4, 0, 3, 6]
+    mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
+    for row, n in enumerate(lengths):
+        # Padding holds garbage on purpose: it must not leak into real tokens.
+        want_adv, want_ret = _gae_reference(
+            rewards[row].tolist(), values[row].tolist(), n, gamma, lam
+        )
+        assert close(advantages[row], want_adv, tol=1e-4), (row, advantages[row], want_adv)
+        assert close(returns[row], want_ret, tol=1e-4), (row, returns[row], want_ret)
+
+
+def test_gae_with_gamma_and_lambda_one_is_return_minus_value() -> None:
+    # The scripts' setting: the reward on the last token, no KL: A_t = R - V_t.
+    mask = torch.tensor([[1, 1, 1, 0]])
+    rewards = token_rewards(torch.tensor([1.0]), torch.zeros(1, 4), mask, kl_coef=0.0)
+    values = torch.tensor([[0.2, 0.5, 0.9, 7.0]])
+    advantages, returns = gae_advantages(rewards, values, mask, 1.0, 1.0)
+    assert close(advantages, [[0.8, 0.5, 0.1, 0.0]])
+    assert close(returns, [[1.0, 1.0, 1.0, 0.0]])
+
+
+def test_gae_advantages_are_whitened_over_real_tokens_only() -> None:
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    rewards = torch.tensor([[0.0, 1.0, 5.0], [0.0, 5.0, 5.0]])
+    advantages, _ = gae_advantages(rewards, torch.zeros(2, 3), mask, 1.0, 1.0)
+    # real tokens: 1, 1, 0 -> mean 2/3, std sqrt(2)/3
+    white = whiten(advantages, mask)
+    assert close(white, [[0.7071, 0.7071, 0.0], [-1.4142, 0.0, 0.0]], tol=1e-3)
+
+
+def test_value_loss_clips_how_far_the_value_moves() -> None:
+    old = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    returns = torch.tensor([[1.0, 1.0, -1.0, 0.0]])
+    new = torch.tensor([[0.5, 0.1, 0.5, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # token 0: moved 0.5 towards the return, clipped to 0.2: max(0.25, 0.64) = 0.64
+    # token 1: inside the clip: 0.81 both ways; token 2: moved away: max(2.25, 1.44) = 2.25
+    loss = value_loss(new, old, returns, mask, value_clip=0.2)
+    assert math.isclose(float(loss), 0.5 * (0.64 + 0.81 + 2.25) / 3, rel_tol=1e-5)
+    unclipped = value_loss(new, old, returns, mask, value_clip=None)
+    assert math.isclose(float(unclipped), 0.5 * (0.25 + 0.81 + 2.25) / 3, rel_tol=1e-5)
+    # The clipped loss still has a gradient towards the return where the value stays within
+    # the clip, and none where the clipped error is the larger one (token 0).
+    values = new.clone().requires_grad_(True)
+    value_loss(values, old, returns, mask, value_clip=0.2).backward()
+    assert values.grad is not None
+    assert close(values.grad, [[0.0, -0.9 / 3, 1.5 / 3, 0.0]])

@@ -65,6 +65,20 @@ def test_configuration_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "micro_train_batch_size" in capsys.readouterr().err
 
 
+def test_a_gae_stage_gets_the_critic_defaults_and_others_refuse_a_critic(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmmr1_trainer.config import StageConfig
+
+    gae = StageConfig.model_validate({**STAGE, "algorithm": {"advantage_estimator": "gae"}})
+    assert gae.critic is not None
+    assert (gae.critic.learning_rate, gae.critic.value_clip) == (9e-6, 0.2)
+    assert (gae.critic.gamma, gae.critic.gae_lambda, gae.critic.warmup_ratio) == (1.0, 1.0, None)
+    assert StageConfig.model_validate(STAGE).critic is None
+    assert _run(tmp_path, {**STAGE, "critic": {"learning_rate": 1e-5}}) == EXIT_CONFIG_ERROR
+    assert "critic: only advantage_estimator gae trains a critic" in capsys.readouterr().err
+
+
 def test_every_entry_point_leaves_its_configuration_error_in_the_termination_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ sample and plain Python sums.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,8 @@ import pytest
 import torch
 from tests.scripted_rollout import TOKEN, Chat, ScriptedBackend, serving, user_text
 
-from lmmr1_trainer.config import AlgorithmConfig, DatasetConfig, RewardConfig
+from lmmr1_trainer.config import AlgorithmConfig, CriticConfig, DatasetConfig, RewardConfig
+from lmmr1_trainer.critic import CriticModel
 from lmmr1_trainer.data import ImageLoader, PromptRow, decode_images, load_dataset
 from lmmr1_trainer.experience import (
     MicroBatch,
@@ -348,3 +350,65 @@ def test_the_step_fails_rather_than_train_on_a_prompt_over_max_prompt_length(
 ) -> None:
     with pytest.raises(ValueError, match="max_prompt_length"):
         rollout(setup, algorithm(max_prompt_length=8))
+
+
+def independent_values(
+    critic: CriticModel, encoder: ChatEncoder, sample: ScoredSample
+) -> torch.Tensor:
+    """The critic's value of each response token's state from one unpadded forward pass."""
+    ids = torch.cat([sample.prompt["input_ids"][0], torch.tensor(sample.response)]).unsqueeze(0)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    if "pixel_values" in sample.prompt:
+        assert encoder.image_token_id is not None
+        inputs["pixel_values"] = sample.prompt["pixel_values"]
+        inputs["image_grid_thw"] = sample.prompt["image_grid_thw"]
+        inputs["mm_token_type_ids"] = ids.eq(encoder.image_token_id).int()
+    with torch.no_grad():
+        hidden = critic.backbone(**inputs, use_cache=False)[0][0].double()
+    start = sample.prompt["input_ids"].shape[-1] - 1
+    head = critic.value_head.weight.double()
+    values: torch.Tensor = (hidden[start : start + len(sample.response)] @ head.T).squeeze(-1)
+    return values
+
+
+def test_gae_takes_the_critics_values_of_each_response_state(setup: Setup) -> None:
+    """gae: raw rewards (no group baseline), the critic's values at the positions that
+    predict each response token (padding and the batch's other samples do not change them),
+    GAE advantages and returns = advantages + values, against plain Python sums."""
+    algo = algorithm(advantage_estimator="gae")
+    samples = rollout(setup, algo).samples
+    assert [s.shaped_reward for s in samples] == pytest.approx([REWARD[k] for k in kinds()])
+    critic = CriticModel(copy.deepcopy(setup.policy), seed=3).eval()
+    with torch.no_grad():  # values far from 0, so a wrong position or a missing V shows
+        critic.value_head.weight.mul_(200.0)
+    settings = CriticConfig(gamma=0.9, gae_lambda=0.8)
+    mbs = prepare_micro_batches(
+        samples, setup.policy, setup.reference, setup.encoder, algo,
+        critic=critic, critic_config=settings,
+    )  # fmt: skip
+    values = list(per_sample(mbs, "values"))
+    advantages = list(per_sample(mbs, "advantages"))
+    returns = list(per_sample(mbs, "returns"))
+    kls = list(per_sample(mbs, "kl"))
+    spread = []
+    for i, sample in enumerate(samples):
+        value = independent_values(critic, setup.encoder, sample)
+        assert_close(values[i], value, f"values of sample {i}")
+        spread += value.tolist()
+        rewards = [-algo.kl_coef * float(k) for k in kls[i]]
+        rewards[-1] += sample.reward
+        v = [*value.tolist(), 0.0]
+        expected, running = [0.0] * len(rewards), 0.0
+        for t in reversed(range(len(rewards))):
+            delta = rewards[t] + settings.gamma * v[t + 1] - v[t]
+            running = delta + settings.gamma * settings.gae_lambda * running
+            expected[t] = running
+        assert_close(advantages[i], torch.tensor(expected), f"advantages of sample {i}")
+        assert_close(returns[i], torch.tensor(expected) + value, f"returns of sample {i}")
+    assert max(spread) - min(spread) > 0.1  # the values are not all alike
+    for mb in mbs:  # padding stays zero
+        pad = 1 - mb.batch.response_mask
+        assert mb.values is not None and mb.returns is not None
+        assert float((mb.values * pad).abs().sum() + (mb.returns * pad).abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="gae needs the critic"):
+        prepare_micro_batches(samples, setup.policy, setup.reference, setup.encoder, algo)

@@ -13,6 +13,12 @@ The pipeline follows OpenRLHF as used by LMM-R1 (`experience_maker.py`):
    rollout batch), except for `grpo` whose advantages are already normalised per group.
 The update uses the PPO-clip surrogate averaged over every real token of a micro-batch
 (token-level mean); optionally the KL is a loss term instead of a reward penalty.
+
+`gae` (PPO with a critic, LMM-R1's MGT-Geo, Direct-RL and Sokoban scripts) skips step 1 (the
+raw reward goes on the last token), replaces step 3 by generalised advantage estimation
+against the critic's per-token values (`gae_advantages`: returns = advantages + values),
+and whitens as in step 4; the critic learns the returns with a clipped value loss
+(`value_loss`).
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def group_baseline(rewards: Tensor, samples_per_prompt: int, estimator: Estimator) -> Tensor:
-    """Step 1: rewards (B,) minus the group baseline, (B,)."""
+    """Step 1: rewards (B,) minus the group baseline, (B,); `gae` has no group baseline (the
+    critic's values are its baseline), so its rewards are returned as they are."""
     if estimator == "gae":
-        raise ValueError("advantage_estimator gae needs a critic model, which LMM-R1 does not use")
+        return rewards.float().reshape(-1)
     n = samples_per_prompt
     if rewards.numel() % n:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {n}")
@@ -92,6 +99,47 @@ def cumulative_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
     return returns
 
 
+def gae_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the response tokens, (advantages, returns).
+
+    rewards, values (B, T) per token (the value of the state each response token is sampled
+    from); the value after the last real token is 0 (the episode ends there). With
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lambda * A_{t+1};
+    returns = A + V, the critic's targets. Padding contributes nothing (0 rewards and values
+    past the end: right padding keeps every real token before it)."""
+    mask = mask.float()
+    rewards, values = rewards.float() * mask, values.float() * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.size(0), dtype=rewards.dtype, device=rewards.device)
+    next_values = torch.zeros_like(running)
+    for t in reversed(range(rewards.size(1))):
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        running = delta + gamma * gae_lambda * running
+        advantages[:, t] = running
+        next_values = values[:, t]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, value_clip: float | None
+) -> Tensor:
+    """The critic's clipped squared error (OpenRLHF's `ValueLoss`), token-level mean.
+
+    The new value may move at most `value_clip` from the value the rollout was scored with
+    before the larger of the clipped and unclipped errors counts (PPO's value clipping);
+    `None`: plain 0.5 * (V - returns)^2."""
+    values, returns = values.float(), returns.float()
+    error = (values - returns).pow(2)
+    if value_clip is not None:
+        old_values = old_values.float()
+        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        error = torch.max(error, (clipped - returns).pow(2))
+    return 0.5 * masked_mean(error, mask)
+
+
 def whiten(advantages: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """Step 4: mean 0 and variance 1 over the real tokens of the whole batch."""
     mean = masked_mean(advantages, mask)
@@ -108,6 +156,8 @@ def compute_advantages(
     kl_coef: float = 0.0,
 ) -> Tensor:
     """Steps 1-4: token advantages (B, T) from scalar rewards (B,) and per-token KL (B, T)."""
+    if estimator == "gae":
+        raise ValueError("gae needs the critic's values: use gae_advantages")
     baselined = group_baseline(rewards, samples_per_prompt, estimator)
     per_token_kl = kl if kl is not None else torch.zeros_like(mask, dtype=torch.float32)
     returns = cumulative_returns(token_rewards(baselined, per_token_kl, mask, kl_coef), mask)

@@ -4,6 +4,7 @@ Layout of one checkpoint:
     step-<N>/config.json, model.safetensors, tokenizer*, processor*   HF model (loadable as is)
     step-<N>/trainer_state/state.pt                                 step, data position, RNG
     step-<N>/trainer_state/deepspeed/...                            optimizer, scheduler (ZeRO)
+    step-<N>/trainer_state/critic/deepspeed/...                     gae: critic weights + optimizer
     step-<N>/manifest.json                                          files, sizes, sha256 (LAST)
 
 A step directory without `manifest.json` does not exist for readers: an upload cut short

@@ -6,6 +6,10 @@ scores them with the verifier (OpenRLHF payload) and applies the group baseline.
 log-probs, the KL penalty and the returns; `whiten_across_ranks` then normalises the
 advantages over the whole rollout batch (all ranks), as OpenRLHF does.
 
+With `gae` the preparation also asks the critic for its values of the response tokens, and
+the advantages are GAE's (returns = advantages + values, the critic's targets), whitened in
+the same way.
+
 When a rollout feeds exactly one optimizer update and the KL is a loss term (not part of the
 reward), the policy cannot change between the old-log-prob pass and the loss, so the old
 log-probs equal the update's own, detached: `old_log_probs_from_update` says so, the
@@ -25,12 +29,14 @@ from lmmr1_trainer.algorithms import (
     KLEstimator,
     approx_kl,
     cumulative_returns,
+    gae_advantages,
     group_baseline,
     masked_mean,
     token_rewards,
 )
 from lmmr1_trainer.collectives import all_reduce_sum
-from lmmr1_trainer.config import AlgorithmConfig, RewardConfig
+from lmmr1_trainer.config import AlgorithmConfig, CriticConfig, RewardConfig
+from lmmr1_trainer.critic import response_values
 from lmmr1_trainer.data import ImageLoader, PromptRow, decode_images
 from lmmr1_trainer.models import (
     ChatEncoder,
@@ -146,6 +152,8 @@ class MicroBatch:
     kl: Tensor
     kl_estimator: KLEstimator = "k3"  # how `kl` is estimated from the old and reference log-probs
     extra: dict[str, Any] = field(default_factory=dict)
+    values: Tensor | None = None  # gae: the critic's values at experience time (B, T)
+    returns: Tensor | None = None  # gae: the critic's targets, advantages + values (B, T)
 
     def old_or(self, current: Tensor) -> Tensor:
         """The old policy's log-probs; `current` (detached) when they were not precomputed,
@@ -172,11 +180,18 @@ def prepare_micro_batches(
     encoder: ChatEncoder,
     algo: AlgorithmConfig,
     skip_old_log_probs: bool = False,
+    critic: Any | None = None,
+    critic_config: CriticConfig | None = None,
 ) -> list[MicroBatch]:
     """Old/ref log-probs, KL and returns (not yet whitened) per micro-batch of this rank.
 
     `skip_old_log_probs` (only where `old_log_probs_from_update`): no old-log-prob pass;
-    the update supplies them through `MicroBatch.old_or`."""
+    the update supplies them through `MicroBatch.old_or`. `critic` (gae, with
+    `critic_config`): the critic's values, and GAE advantages instead of the returns."""
+    if (critic is None) != (algo.advantage_estimator != "gae") or (
+        critic is not None and critic_config is None
+    ):
+        raise ValueError("advantage_estimator gae needs the critic and its config, and only gae")
     if skip_old_log_probs and algo.kl_in_reward:
         raise ValueError("the KL in the reward needs the old log-probs before the update")
     size = algo.micro_train_batch_size
@@ -203,11 +218,21 @@ def prepare_micro_batches(
                     kl = approx_kl(old.cpu(), ref, estimator) * mask
             in_reward_kl = kl if algo.kl_in_reward else torch.zeros_like(kl)
             shaped = torch.tensor([s.shaped_reward for s in chunk])
-            returns = cumulative_returns(
-                token_rewards(shaped, in_reward_kl, mask, algo.kl_coef), mask
-            )
+            rewards = token_rewards(shaped, in_reward_kl, mask, algo.kl_coef)
             old_cpu = None if old is None else old.cpu()
-            prepared.append(MicroBatch(batch, old_cpu, ref, returns, kl, estimator))
+            if critic is None or critic_config is None:
+                returns = cumulative_returns(rewards, mask)
+                prepared.append(MicroBatch(batch, old_cpu, ref, returns, kl, estimator))
+                continue
+            values = response_values(critic, batch).cpu() * mask
+            advantages, targets = gae_advantages(
+                rewards, values, mask, critic_config.gamma, critic_config.gae_lambda
+            )
+            prepared.append(
+                MicroBatch(
+                    batch, old_cpu, ref, advantages, kl, estimator, values=values, returns=targets
+                )
+            )
     return prepared
 
 

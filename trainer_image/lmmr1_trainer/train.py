@@ -3,8 +3,9 @@
 Runs one LMM-R1 stage: rule-based RL of the policy with DeepSpeed. Launched once per rank
 (torchrun or an indexed Job: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK; without
 them, a world of one). Rank 0 drives each step: prompts -> generation -> verifier -> group
-baseline; every rank then computes old/reference log-probs and advantages for its share and
-trains (PPO-clip, several updates per rollout batch); the new weights go to the engines,
+baseline; every rank then computes old/reference log-probs (and with gae the critic's values)
+and advantages for its share and trains (PPO-clip, several updates per rollout batch; with
+gae the critic too, `lmmr1_trainer.critic`); the new weights go to the engines,
 rank 0 reports progress and, every `checkpoint.every_steps`, everybody writes a checkpoint
 to `<checkpoint.uri>/step-<N>/` (manifest last).
 
@@ -47,6 +48,7 @@ from lmmr1_trainer.launch import write_termination_message as _write_termination
 from lmmr1_trainer.scratch import Layout, checkpoint_bytes, shortfall
 
 if TYPE_CHECKING:
+    from lmmr1_trainer.engine import PolicyEngine
     from lmmr1_trainer.experience import RolloutStats
     from lmmr1_trainer.rollout.colocate import ColocatedRollout
     from lmmr1_trainer.rollout.protocol import Rollouts
@@ -126,6 +128,7 @@ class StageTrainer:
         self.colocated: ColocatedRollout | None = None
         self.rollout_engine: str | None = None  # reported with the progress
         self.log_weight_digest = os.environ.get(WEIGHT_DIGEST_ENV) == "1"
+        self.critic: PolicyEngine | None = None  # gae only
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -216,12 +219,29 @@ class StageTrainer:
             self.total_steps * self.plan.updates_per_rollout,
             self.on_gpu,
         )
+        if self.config.critic is not None:
+            self._setup_critic(init_dir, dtype)
         self.step = 0
         self.initial_reward: float | None = None
         self.last_checkpoint: str | None = None
         self.last_stats: RolloutStats | None = None
         if self.resume_step is not None:
             self._restore(policy_dir)
+
+    def _setup_critic(self, init_dir: Path, dtype: Any) -> None:
+        """The critic starts from the stage's starting weights (a resume then loads its own
+        weights and optimizer from the checkpoint), with a fresh value head."""
+        from lmmr1_trainer.critic import critic_settings, load_critic
+        from lmmr1_trainer.engine import PolicyEngine
+
+        assert self.config.critic is not None
+        self.critic = PolicyEngine(
+            load_critic(init_dir, dtype, self.algo.seed),
+            critic_settings(self.algo, self.config.critic),
+            self.world,
+            self.total_steps * self.plan.updates_per_rollout,
+            self.on_gpu,
+        )
 
     def _barrier(self) -> None:
         from lmmr1_trainer.collectives import barrier
@@ -232,9 +252,12 @@ class StageTrainer:
         import torch
 
         from lmmr1_trainer.checkpoint import TRAINER_STATE_DIR
+        from lmmr1_trainer.critic import CRITIC_STATE_DIR
 
         state_dir = directory / TRAINER_STATE_DIR
         self.policy.load_state(state_dir)
+        if self.critic is not None:
+            self.critic.load_state(state_dir / CRITIC_STATE_DIR)
         state = torch.load(state_dir / "state.pt", weights_only=False)
         self.step = int(state["step"])
         self.initial_reward = state.get("initial_reward")
@@ -347,6 +370,7 @@ class StageTrainer:
 
         from lmmr1_trainer.algorithms import kl_loss, policy_loss
         from lmmr1_trainer.collectives import all_reduce_sum, scatter_objects
+        from lmmr1_trainer.critic import critic_update
         from lmmr1_trainer.experience import (
             collect_rollout,
             mean_kl,
@@ -379,7 +403,7 @@ class StageTrainer:
         mine = scatter_objects(samples, self.rank)
         engine = self.policy.engine
         metrics: dict[str, Any] = {"step": self.step + 1, "total_steps": self.total_steps}
-        losses, clips = [], []
+        losses, clips, value_losses, zero_value_losses = [], [], [], []
         with timed(metrics, "update_seconds"):  # old/ref log-probs, then every optimizer update
             micro_batches = prepare_micro_batches(
                 mine,
@@ -388,11 +412,15 @@ class StageTrainer:
                 self.encoder,
                 self.algo,
                 skip_old_log_probs=self.old_log_probs_from_update,
+                critic=self.critic.engine if self.critic is not None else None,
+                critic_config=self.config.critic,
             )
             if self.algo.advantage_estimator != "grpo":
                 whiten_across_ranks(micro_batches, engine.device)
             order = torch.Generator().manual_seed(self.algo.seed + self.step)
             engine.train()
+            if self.critic is not None:
+                self.critic.engine.train()
             for _ in range(self.algo.epochs_per_rollout):
                 for index in torch.randperm(len(micro_batches), generator=order).tolist():
                     mb = micro_batches[index]
@@ -413,6 +441,10 @@ class StageTrainer:
                     self.policy.backward_and_step(loss)
                     losses.append(float(loss.detach()))
                     clips.append(float(clip))
+                    if self.critic is not None and self.config.critic is not None:
+                        value, zero = critic_update(self.critic, mb, self.config.critic)
+                        value_losses.append(value)
+                        zero_value_losses.append(zero)
         if stats is not None:
             metrics.update(
                 reward=stats.reward,
@@ -427,10 +459,10 @@ class StageTrainer:
             )
         # The whole rollout batch's means, not rank 0's share: every rank's micro-batches.
         kls = [mean_kl([mb]) for mb in micro_batches]
-        totals = torch.tensor(
-            [sum(losses), len(losses), sum(clips), sum(kls), len(kls)], dtype=torch.float64
-        )
-        loss_sum, updates, clip_sum, kl_sum, batches = all_reduce_sum(
+        sums = [sum(losses), len(losses), sum(clips), sum(kls), len(kls)]
+        sums += [sum(value_losses), sum(zero_value_losses)]
+        totals = torch.tensor(sums, dtype=torch.float64)
+        loss_sum, updates, clip_sum, kl_sum, batches, value_sum, zero_sum = all_reduce_sum(
             totals, engine.device
         ).tolist()
         metrics.update(
@@ -439,6 +471,12 @@ class StageTrainer:
             kl=kl_sum / max(1.0, batches),
             lr=self.policy.learning_rate(),
         )
+        if self.critic is not None:
+            metrics.update(
+                value_loss=value_sum / max(1.0, updates),
+                zero_value_loss=zero_sum / max(1.0, updates),
+                critic_lr=self.critic.learning_rate(),
+            )
         return stats, metrics
 
     def _log_weight_digest(self) -> None:
@@ -485,6 +523,7 @@ class StageTrainer:
 
         from lmmr1_trainer.checkpoint import TRAINER_STATE_DIR, FileEntry
         from lmmr1_trainer.collectives import all_gather_objects
+        from lmmr1_trainer.critic import CRITIC_STATE_DIR
 
         local = self.workdir / f"save-{self.step}"
         state_dir = local / TRAINER_STATE_DIR
@@ -494,6 +533,8 @@ class StageTrainer:
             owner = self.encoder.processor or self.encoder.tokenizer
             owner.save_pretrained(local)
         self.policy.save_state(state_dir)
+        if self.critic is not None:  # weights + optimizer, committed with the same manifest
+            self.critic.save_state(state_dir / CRITIC_STATE_DIR)
         rngs = all_gather_objects(torch.get_rng_state())
         if self.rank == 0:
             state = {

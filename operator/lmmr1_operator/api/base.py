@@ -17,6 +17,10 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+# A field's JSON-schema marker: the CRD gives this optional section no default (an omitted
+# section stays omitted, where its presence means something: `Stage.critic`).
+NO_DEFAULT = "x-lmmr1-no-default"
+
 
 @dataclass(frozen=True)
 class Rule:

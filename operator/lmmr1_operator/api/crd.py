@@ -30,6 +30,7 @@ from lmmr1_operator.api import (
     LMMR1RunSpec,
     LMMR1RunStatus,
 )
+from lmmr1_operator.api.base import NO_DEFAULT
 from lmmr1_operator.api.reference import render_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -104,7 +105,9 @@ def _structural(node: Schema) -> Schema:
         properties = {}
         for name, child in node.get("properties", {}).items():
             child = _structural(child)
-            if name not in required and "default" not in child and _defaultable(child):
+            if child.pop(NO_DEFAULT, False):
+                pass  # the section's absence means something: no default
+            elif name not in required and "default" not in child and _defaultable(child):
                 # An omitted section gets the paper's values, all the way down.
                 child["default"] = _materialize(child)
             properties[name] = child

@@ -123,10 +123,18 @@ SCRIPT_FLAGS: tuple[ScriptFlag, ...] = (
     ScriptFlag("--enable_prefix_caching", "", "vLLM's default on GPU"),
     ScriptFlag("--flash_attn", "", "the attention kernels are vLLM's and transformers' defaults"),
     ScriptFlag(
-        "--critic_num_nodes, --critic_num_gpus_per_node, --critic_learning_rate, --lambd, --gamma",
+        "--critic_learning_rate",
+        f"{STAGE}.critic.learningRate",
+        "9e-6 (Sokoban 5e-6); PPO with a critic: advantageEstimator gae (MGT-Geo, Direct-RL, "
+        "Sokoban), whose stages get a critic section with its defaults",
+    ),
+    ScriptFlag("--gamma", f"{STAGE}.critic.gamma", "1.0"),
+    ScriptFlag("--lambd", f"{STAGE}.critic.gaeLambda", "1.0"),
+    ScriptFlag("--value_clip", f"{STAGE}.critic.valueClip", "OpenRLHF's default 0.2"),
+    ScriptFlag(
+        "--critic_num_nodes, --critic_num_gpus_per_node",
         "",
-        "PPO with a critic (advantageEstimator gae: MGT-Geo, "
-        "Direct-RL, Sokoban) is not trained yet: the critic and its settings are open",
+        "the critic lives in the trainer's ranks (its own DeepSpeed engine)",
     ),
     ScriptFlag(
         "--normalize_reward",

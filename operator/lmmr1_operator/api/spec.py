@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, JsonValue
+from pydantic import AfterValidator, Field, JsonValue, model_validator
 
-from lmmr1_operator.api.base import ApiModel, Rule
+from lmmr1_operator.api.base import NO_DEFAULT, ApiModel, Rule
 
 # The verifier owns its contract; its config module is pure pydantic (no torch).
 from lmmr1_trainer.verifier.config import PromptTemplate, RewardProfile, UnparseableLabelPolicy
@@ -322,6 +322,36 @@ class Reward(ApiModel):
     )
 
 
+class Critic(ApiModel):
+    """PPO's critic, trained with advantageEstimator gae (the LMM-R1 scripts' MGT-Geo,
+    Direct-RL and Sokoban stages): a value head on a copy of the stage's starting weights, in
+    its own optimizer. A gae stage without this section gets these defaults; other
+    estimators train no critic and refuse it."""
+
+    learning_rate: float = Field(
+        default=9e-6,
+        gt=0,
+        le=1.0,
+        description="Peak learning rate [critic_learning_rate] (the scripts: 9e-6, Sokoban 5e-6).",
+    )
+    warmup_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Linear warm-up share; unset: algorithm.warmupRatio (OpenRLHF's one "
+        "--lr_warmup_ratio serves both). The cosine decay floor is algorithm.minLrRatio.",
+    )
+    value_clip: float = Field(
+        default=0.2,
+        gt=0,
+        le=100,
+        description="How far a value may move from the rollout's before its error stops "
+        "counting [value_clip].",
+    )
+    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount [gamma].")
+    gae_lambda: float = Field(default=1.0, ge=0, le=1, description="GAE lambda [lambd].")
+
+
 class TrainerResources(ApiModel):
     """DeepSpeed training pods: one per node (an indexed Job)."""
 
@@ -446,11 +476,27 @@ class Checkpoint(ApiModel):
 class Stage(ApiModel):
     """One stage of the run (FRE, MGT, ...). Stages run in order."""
 
+    rules = (
+        Rule(
+            cel="!has(self.critic) || self.algorithm.advantageEstimator == 'gae'",
+            message="only algorithm.advantageEstimator gae trains a critic: remove the critic "
+            "section or set advantageEstimator: gae",
+            check=lambda s: s.critic is None or s.algorithm.advantage_estimator == "gae",
+            field="critic",
+        ),
+    )
+
     name: StageName
     type: Literal["text", "multimodal"]
     dataset: Dataset
     algorithm: Algorithm = Field(default_factory=Algorithm)
     reward: Reward = Field(default_factory=Reward)
+    critic: Critic | None = Field(
+        default=None,
+        description="PPO's critic (advantageEstimator gae only; filled in with its defaults "
+        "when a gae stage leaves it out).",
+        json_schema_extra={NO_DEFAULT: True},
+    )
     resources: Resources = Field(default_factory=Resources)
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     init_from: CheckpointUri | None = Field(
@@ -465,6 +511,22 @@ class Stage(ApiModel):
         description="This stage's stall timeout, instead of spec.stallTimeoutSeconds (e.g. "
         "longer for a stage with long generations); 0 turns the watchdog off for it.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _critic_defaults_for_gae(cls, data: Any) -> Any:
+        """A gae stage always has a critic: the defaults when the section is left out."""
+        if not isinstance(data, dict) or data.get("critic") is not None:
+            return data
+        algorithm = data.get("algorithm")
+        estimator: Any
+        if isinstance(algorithm, Algorithm):
+            estimator = algorithm.advantage_estimator
+        elif isinstance(algorithm, dict):
+            estimator = algorithm.get("advantageEstimator", algorithm.get("advantage_estimator"))
+        else:
+            return data
+        return {**data, "critic": {}} if estimator == "gae" else data
 
 
 class Images(ApiModel):

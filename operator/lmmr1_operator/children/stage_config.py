@@ -11,6 +11,7 @@ from lmmr1_operator.quantity import quantity_bytes
 from lmmr1_trainer.config import (
     AlgorithmConfig,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
     ProgressConfig,
     RewardConfig,
@@ -51,6 +52,7 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
             profile=reward.profile,
             unparseable_label=reward.unparseable_label,
         ),
+        critic=CriticConfig(**stage.critic.model_dump()) if stage.critic else None,
         rollout=RolloutConfig(
             mode=resolved_rollout_mode(stage.resources),
             urls=rollout_urls,
