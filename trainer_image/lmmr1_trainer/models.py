@@ -305,7 +305,9 @@ def response_log_probs(
     are never built: only the hidden states that predict a response token go through the LM
     head, `chunk_tokens` at a time, each chunk's log-softmax in fp32 (as verl's fused
     log-probs do). Under autograd each chunk is checkpointed, so backward recomputes one
-    chunk's logits at a time instead of keeping them all."""
+    chunk's logits at a time instead of keeping them all. A Qwen2.5-VL micro-batch without
+    images still runs the vision tower, on a blank image that adds nothing to the result
+    (`_touch_vision_tower`): ZeRO-3 ranks must all run the same modules."""
     device = next(model.parameters()).device
     inputs = _model_inputs(batch, device)
     hidden = _last_hidden_states(model, inputs)  # (B, L, D)
