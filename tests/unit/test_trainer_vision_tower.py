@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from tests.trainer_harness import free_port
 from tests.unit.test_trainer_logprobs import ATOL, GRAD_ATOL, RTOL, full_logits_log_probs
 
 from lmmr1_trainer.config import AlgorithmConfig
@@ -184,8 +185,6 @@ def _zero3_rank(rank: int, port: int, out: Path) -> None:
 
 
 def test_image_and_text_only_ranks_finish_a_zero3_step(tmp_path: Path) -> None:
-    from tests.unit.test_trainer_collectives import free_port
-
     context = mp.start_processes(
         _zero3_rank,
         args=(free_port(), tmp_path),
