@@ -326,6 +326,18 @@ INVALID: list[Invalid] = [
         "zero-stage-4", _set(f"{ALGO}.zeroStage", 4), f"{ALGO}.zeroStage", "Unsupported value: 4"
     ),
     Invalid(
+        "freeze-prefix-trailing-dot",
+        _set(f"{ALGO}.freezePrefix", ["visual."]),
+        f"{ALGO}.freezePrefix[0]",
+        "should match",
+    ),
+    Invalid(
+        "freeze-prefix-too-many",
+        _set(f"{ALGO}.freezePrefix", [f"model.layers.{i}" for i in range(17)]),
+        f"{ALGO}.freezePrefix",
+        "must have at most 16 items",
+    ),
+    Invalid(
         "bad-shm-quantity",
         _set("spec.stages[0].resources.trainer.shmSize", "lots"),
         "spec.stages[0].resources.trainer.shmSize",

@@ -205,6 +205,7 @@ def test_rollout_pods_and_service() -> None:
 def test_stage_config_round_trips_through_the_trainers_model() -> None:
     run = run_obj()
     run["spec"]["stages"][1]["resources"] = {"rollout": {"mode": "separate"}}
+    run["spec"]["stages"][1]["algorithm"] = {"freezePrefix": ["visual", "model.layers.0"]}
     ctx = context(run, index=1, finals=["s3://bucket/ckpt/ns/r/fre/step-20"])
     configmap = stage_config.configmap(ctx, ["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
     loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
@@ -215,6 +216,7 @@ def test_stage_config_round_trips_through_the_trainers_model() -> None:
     assert loaded.rollout.mode == "separate"
     assert loaded.progress.configmap == "r-progress"
     assert loaded.algorithm.samples_per_prompt == 16
+    assert loaded.algorithm.freeze_prefix == ["visual", "model.layers.0"]
     # Before the rollout servers are up only their own config exists.
     early = stage_config.configmap(ctx, None)
     assert set(early["data"]) == {"rollout.yaml"}

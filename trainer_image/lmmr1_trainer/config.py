@@ -99,6 +99,8 @@ class AlgorithmConfig(_Config):
     zero_stage: Literal[0, 1, 2, 3] = 3
     bf16: bool = True
     gradient_checkpointing: bool = True
+    # Parameter-name prefixes kept out of the optimizer (`lmmr1_trainer.models.freeze`).
+    freeze_prefix: list[str] = Field(default_factory=list)
     seed: int = 42
 
 

@@ -22,9 +22,11 @@ import torch
 
 from lmmr1_trainer.algorithms import cosine_lr_multiplier
 from lmmr1_trainer.config import DEFAULT_COLLECTIVE_TIMEOUT_S, AlgorithmConfig
+from lmmr1_trainer.models import freeze
 
 logger = logging.getLogger(__name__)
 DS_TAG = "deepspeed"
+CPU_ZERO3_ENV = "LMMR1_CPU_ZERO3"  # 1: a CPU engine runs algorithm.zero_stage 3 as asked
 
 
 class EngineConfigError(ValueError):
@@ -62,9 +64,19 @@ def plan_batches(algo: AlgorithmConfig, world_size: int) -> BatchPlan:
     )
 
 
+def zero_stage(algo: AlgorithmConfig, on_gpu: bool) -> int:
+    """The ZeRO stage the engine runs: `algo.zero_stage` on GPU; on CPU at most 2 (what CPU
+    stages, the test bed's and the demo's, have always run) unless `CPU_ZERO3_ENV` is 1.
+    DeepSpeed's ZeRO-3 works on CPU with gloo; the switch is for tests of what only ZeRO-3
+    does (parameters partitioned across ranks and gathered module by module)."""
+    if on_gpu or os.environ.get(CPU_ZERO3_ENV) == "1":
+        return algo.zero_stage
+    return min(algo.zero_stage, 2)
+
+
 def deepspeed_config(algo: AlgorithmConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     plan = plan_batches(algo, world_size)
-    stage = algo.zero_stage if on_gpu else min(algo.zero_stage, 2)
+    stage = zero_stage(algo, on_gpu)
     return {
         "train_batch_size": algo.train_batch_size,
         "train_micro_batch_size_per_gpu": algo.micro_train_batch_size,
@@ -149,7 +161,13 @@ class PolicyEngine:
         import deepspeed
 
         self.on_gpu = on_gpu
-        self.zero_stage = algo.zero_stage if on_gpu else min(algo.zero_stage, 2)
+        self.zero_stage = zero_stage(algo, on_gpu)
+        try:  # before DeepSpeed partitions them: frozen parameters get no optimizer state
+            frozen = freeze(model, algo.freeze_prefix)
+        except ValueError as err:
+            raise EngineConfigError(f"algorithm.freeze_prefix: {err}") from err
+        if frozen:
+            logger.info("froze %d parameters (prefixes %s)", len(frozen), algo.freeze_prefix)
         if algo.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -121,6 +122,63 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
 
     auto = AutoModelForImageTextToText if is_multimodal(model_dir) else AutoModelForCausalLM
     return auto.from_pretrained(str(model_dir), dtype=dtype)
+
+
+def checkpoint_names(model: Any) -> dict[str, str]:
+    """Each parameter's name as the model's checkpoint files spell it (what `save_pretrained`
+    writes), by its name in the loaded model. transformers 5 renames some on load: for
+    Qwen2.5-VL, `visual.*` becomes `model.visual.*` and the language model's `model.*`
+    becomes `model.language_model.*`; OpenRLHF and LMM-R1 (older transformers) use the
+    checkpoint's names. A name transformers cannot map back stays as it is."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = {}
+    for name, _ in model.named_parameters():
+        try:
+            saved = list(revert_weight_conversion(model, {name: torch.empty(0)}))
+        except Exception:  # a converter that needs real tensors (fused experts): keep the name
+            saved = []
+        names[name] = saved[0] if len(saved) == 1 else name
+    return names
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    """Whole dotted components: `model.layers.1` holds `model.layers.1.mlp…`, not `…10…`."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _name_prefixes(names: list[str], limit: int = 12) -> list[str]:
+    """The first two components of `names`, in order, at most `limit` of them."""
+    seen: dict[str, None] = {}
+    for name in names:
+        seen.setdefault(".".join(name.split(".")[:2]), None)
+    return list(seen)[:limit]
+
+
+def freeze(model: Any, prefixes: list[str]) -> list[str]:
+    """Set requires_grad False on every parameter whose name, in the model or in its
+    checkpoint files (`checkpoint_names`), starts with one of `prefixes`; the names (in the
+    model) of the parameters frozen. Raises ValueError for a prefix that matches nothing,
+    naming the prefixes the model has, and when nothing would be left to train."""
+    if not prefixes:
+        return []
+    saved = checkpoint_names(model)
+    frozen: list[str] = []
+    for prefix in prefixes:
+        matched = [n for n, s in saved.items() if _has_prefix(n, prefix) or _has_prefix(s, prefix)]
+        if not matched:
+            raise ValueError(
+                f"{prefix!r} matches no parameter of the model; its parameter names start with "
+                f"{', '.join(_name_prefixes(list(saved.values())))} (as in its checkpoint) or "
+                f"{', '.join(_name_prefixes(list(saved)))} (transformers' names)"
+            )
+        frozen.extend(n for n in matched if n not in frozen)
+    if len(frozen) == len(saved):
+        raise ValueError(f"{prefixes} freezes every parameter: nothing would be trained")
+    parameters = dict(model.named_parameters())
+    for name in frozen:
+        parameters[name].requires_grad_(False)
+    return frozen
 
 
 @dataclass
@@ -247,7 +305,9 @@ def response_log_probs(
     are never built: only the hidden states that predict a response token go through the LM
     head, `chunk_tokens` at a time, each chunk's log-softmax in fp32 (as verl's fused
     log-probs do). Under autograd each chunk is checkpointed, so backward recomputes one
-    chunk's logits at a time instead of keeping them all."""
+    chunk's logits at a time instead of keeping them all. A Qwen2.5-VL micro-batch without
+    images still runs the vision tower, on a blank image that adds nothing to the result
+    (`_touch_vision_tower`): ZeRO-3 ranks must all run the same modules."""
     device = next(model.parameters()).device
     inputs = _model_inputs(batch, device)
     hidden = _last_hidden_states(model, inputs)  # (B, L, D)
@@ -298,12 +358,39 @@ def _last_hidden_states(model: Any, inputs: dict[str, Tensor]) -> Tensor:
     def keep(_backbone: Any, _args: Any, output: Any) -> None:
         captured.append(output[0])  # last_hidden_state (also when the model returns tuples)
 
-    handle = _module(model).model.register_forward_hook(keep)
+    backbone = _module(model).model
+    handles = [backbone.register_forward_hook(keep)]
+    if "pixel_values" not in inputs and getattr(backbone, "visual", None) is not None:
+        touch = partial(_touch_vision_tower, backbone)
+        handles.append(backbone.get_input_embeddings().register_forward_hook(touch))
     try:
         model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured[-1]
+
+
+def _touch_vision_tower(backbone: Any, _embedding: Any, _args: Any, embeds: Tensor) -> Tensor:
+    """The token embeddings of an image-free micro-batch plus zero times the features of a
+    blank image, so the vision tower runs on every forward (as LMM-R1's fake pixel values).
+
+    Under ZeRO-3 each rank gathers a module's parameter shards from the others when the
+    module runs: a rank whose micro-batch has images runs the vision tower, one without would
+    not, and the first rank would wait for shards nobody sends (NCCL hangs; gloo fails on
+    mismatched sizes). With the blank image every rank gathers the same parameters in the
+    same order. The output is unchanged (x + 0 is x), and backward gives the vision
+    parameters gradients of zero, so every rank also reduces the same gradients."""
+    visual = backbone.visual
+    config = visual.config
+    # The smallest grid the merger accepts: one merged token of merge x merge patches.
+    merge = int(config.spatial_merge_size)
+    patch_values = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    pixels = torch.zeros((merge * merge, patch_values), dtype=visual.dtype, device=embeds.device)
+    grid = torch.tensor([[1, merge, merge]], dtype=torch.long, device=embeds.device)
+    features = torch.cat(backbone.get_image_features(pixels, grid).pooler_output)
+    # nan_to_num: zero times a NaN or an infinity would not be zero.
+    return embeds + 0.0 * torch.nan_to_num(features.sum()).to(embeds.dtype)
 
 
 def _chunked_log_probs(

@@ -142,7 +142,11 @@ SCRIPT_FLAGS: tuple[ScriptFlag, ...] = (
         "not applied: rewards are the verifier's, with the "
         "group baseline and batch whitening of the estimator",
     ),
-    ScriptFlag("--freeze_prefix", "", "not supported yet (Sokoban freezes `visual`)"),
+    ScriptFlag(
+        "--freeze_prefix",
+        f"{STAGE}.algorithm.freezePrefix",
+        "Sokoban: visual (the vision tower, by the checkpoint's names); none elsewhere",
+    ),
     ScriptFlag(
         "--use_wandb, --use_tensorboard, --wandb_group, --wandb_run_name",
         "",

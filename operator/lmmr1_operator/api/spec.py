@@ -128,6 +128,11 @@ Quantity = Annotated[
     ),
 ]
 DnsName = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
+# A dotted prefix of parameter names: `visual`, `model.layers.0`, `model.language_model`.
+ParameterPrefix = Annotated[
+    str,
+    Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", min_length=1, max_length=256),
+]
 # Child names (also hostnames and label values, so DNS labels of at most 63 characters)
 # are <run>-<stage>-rollout-<replica> and <run>-<stage>-trainer-<index>: a run name of at
 # most 36 and a stage name of at most 14 characters leave room for 3-digit indices.
@@ -288,6 +293,18 @@ class Algorithm(ApiModel):
     zero_stage: Literal[0, 1, 2, 3] = Field(default=3, description="DeepSpeed ZeRO stage.")
     bf16: bool = Field(default=True, description="bf16 training (GPU only).")
     gradient_checkpointing: bool = Field(default=True, description="Trade compute for memory.")
+    freeze_prefix: list[ParameterPrefix] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Parameters that are not trained [freeze_prefix]: each entry is a "
+        "dotted prefix of parameter names, matched whole components at a time (`model.layers.1` "
+        "is layer 1, not layer 10), against the names in the model's checkpoint files (those "
+        "OpenRLHF and LMM-R1 use: for Qwen2.5-VL `visual` is the vision tower with its merger, "
+        "`model` the language model) and against transformers' own names (`model.visual`, "
+        "`model.language_model`). A prefix that matches no parameter fails the stage at start, "
+        "naming the model's prefixes. Frozen parameters get no optimizer state and keep their "
+        "starting values; they are still in every checkpoint and sent to the rollout engines.",
+    )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Data order and sampling.")
 
 
