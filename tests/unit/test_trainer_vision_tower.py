@@ -209,3 +209,27 @@ def test_image_and_text_only_ranks_finish_a_zero3_step(tmp_path: Path) -> None:
     changed = {n for n, p in weights["before"].items() if not torch.equal(weights["after"][n], p)}
     assert "model.visual.patch_embed.proj.weight" in changed  # rank 0's image trained the tower
     assert "model.language_model.norm.weight" in changed
+
+
+def test_the_critics_text_only_forward_runs_the_tower_too() -> None:
+    """The critic (gae) is a second ZeRO-3 engine on the same backbone: the same gathers."""
+    from lmmr1_trainer.critic import CriticModel, response_values
+
+    tokenizer = build_tokenizer()
+    critic = CriticModel(_model(tokenizer), seed=0)
+    batch = _batch(_encoder(tokenizer), with_image=False)
+    tower_calls: list[int] = []
+    critic.backbone.visual.register_forward_hook(lambda *_: tower_calls.append(1))
+    values = response_values(critic, batch)
+    assert tower_calls == [1]
+    values.sum().backward()
+    vision = [p for n, p in critic.named_parameters() if n.startswith("backbone.visual.")]
+    assert vision and all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in vision)
+    with torch.no_grad():  # the value is the plain forward's: the blank image adds zero
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        hidden = critic.backbone(**inputs, use_cache=False)[0]
+        plain = critic.value_head(hidden).squeeze(-1)
+    mask = batch.response_mask
+    rows, steps = mask.nonzero(as_tuple=True)
+    expected = plain[rows, batch.prompt_lengths[rows] + steps - 1]
+    torch.testing.assert_close(values[rows, steps], expected, atol=ATOL, rtol=RTOL)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lmmr1_trainer.algorithms import value_loss
 from lmmr1_trainer.config import AlgorithmConfig, CriticConfig
-from lmmr1_trainer.models import SequenceBatch, _model_inputs, load_model
+from lmmr1_trainer.models import SequenceBatch, load_model, model_inputs, vision_tower_runs
 
 if TYPE_CHECKING:
     from lmmr1_trainer.engine import PolicyEngine
@@ -57,7 +57,10 @@ class CriticModel(torch.nn.Module):
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
     def forward(self, **inputs: Tensor) -> Tensor:
-        hidden = self.backbone(**inputs, use_cache=False)[0]  # last_hidden_state (B, L, D)
+        # Image-free micro-batches run the vision tower too: under ZeRO-3 every rank must
+        # gather the same parameters (see models._touch_vision_tower).
+        with vision_tower_runs(self.backbone, inputs):
+            hidden = self.backbone(**inputs, use_cache=False)[0]  # last_hidden_state (B, L, D)
         values: Tensor = self.value_head(hidden).squeeze(-1)
         return values
 
@@ -77,7 +80,7 @@ def response_values(critic: Any, batch: SequenceBatch) -> Tensor:
     """The critic's value for every response position, (B, T) in fp32 (0 on padding).
     `critic` is a `CriticModel` or the DeepSpeed engine around one."""
     device = next(critic.parameters()).device
-    inputs = _model_inputs(batch, device)
+    inputs = model_inputs(batch, device)
     values = critic(**inputs)  # (B, L)
     mask = batch.response_mask.to(device)
     rows, steps = mask.nonzero(as_tuple=True)

@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -309,7 +311,7 @@ def response_log_probs(
     images still runs the vision tower, on a blank image that adds nothing to the result
     (`_touch_vision_tower`): ZeRO-3 ranks must all run the same modules."""
     device = next(model.parameters()).device
-    inputs = _model_inputs(batch, device)
+    inputs = model_inputs(batch, device)
     hidden = _last_hidden_states(model, inputs)  # (B, L, D)
     mask = batch.response_mask.to(device)
     rows, steps = mask.nonzero(as_tuple=True)
@@ -333,7 +335,7 @@ def _module(model: Any) -> Any:
     return module
 
 
-def _model_inputs(batch: SequenceBatch, device: torch.device) -> dict[str, Tensor]:
+def model_inputs(batch: SequenceBatch, device: torch.device) -> dict[str, Tensor]:
     kwargs: dict[str, Tensor] = {
         "input_ids": batch.input_ids,
         "attention_mask": batch.attention_mask,
@@ -359,16 +361,28 @@ def _last_hidden_states(model: Any, inputs: dict[str, Tensor]) -> Tensor:
         captured.append(output[0])  # last_hidden_state (also when the model returns tuples)
 
     backbone = _module(model).model
-    handles = [backbone.register_forward_hook(keep)]
+    handle = backbone.register_forward_hook(keep)
+    try:
+        with vision_tower_runs(backbone, inputs):
+            model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+@contextmanager
+def vision_tower_runs(backbone: Any, inputs: dict[str, Tensor]) -> Iterator[None]:
+    """Within: a forward of `backbone` (a Qwen2.5-VL backbone, the policy's or the critic's)
+    on `inputs` without images runs the vision tower anyway (`_touch_vision_tower`)."""
+    handle = None
     if "pixel_values" not in inputs and getattr(backbone, "visual", None) is not None:
         touch = partial(_touch_vision_tower, backbone)
-        handles.append(backbone.get_input_embeddings().register_forward_hook(touch))
+        handle = backbone.get_input_embeddings().register_forward_hook(touch)
     try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        yield
     finally:
-        for handle in handles:
+        if handle is not None:
             handle.remove()
-    return captured[-1]
 
 
 def _touch_vision_tower(backbone: Any, _embedding: Any, _args: Any, embeds: Tensor) -> Tensor:

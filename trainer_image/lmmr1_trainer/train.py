@@ -143,7 +143,9 @@ class StageTrainer:
             zero_stage=self.algo.zero_stage,
             weight_bytes=weight_bytes,
         )
-        needed = checkpoint_bytes(parameters, layout)
+        # gae: the critic's weights and optimizer state go into the same checkpoint.
+        models = 2 if self.config.critic is not None else 1
+        needed = checkpoint_bytes(parameters, layout, models)
         problem = shortfall(self.workdir, needed, self.config.trainer.scratch_bytes)
         if problem:
             raise ConfigError(problem)

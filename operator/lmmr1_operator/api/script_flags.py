@@ -184,12 +184,13 @@ SCRIPTS: tuple[str, ...] = (
     "train_direct_rl_geo",
     "train_sokoban",
 )
-Value = str | int | float | bool | None
+Value = str | int | float | bool | list[str] | None
 
 
 class ScriptValues(NamedTuple):
     """What each script sets a flag to, as the CR field holds it (one per SCRIPTS entry;
-    None: the script does not set it, the field keeps its default)."""
+    None: the manifest leaves the field unset, because the script does not set the flag or
+    the flag has no effect there, as --gamma and --lambd without a critic)."""
 
     flag: str
     field: str
@@ -252,12 +253,27 @@ SCRIPT_VALUES: tuple[ScriptValues, ...] = (
         _same(0.5),
     ),
     ScriptValues("--prompt-template (verifier)", f"{STAGE}.reward.promptTemplate", _same("chatml")),
+    ScriptValues(
+        "math_verifier.py (the reward server)",
+        f"{STAGE}.reward.profile",
+        ("lmm-r1",) * 5 + (None,),
+    ),
+    ScriptValues(
+        "--critic_learning_rate",
+        f"{STAGE}.critic.learningRate",
+        (None, None, 9e-6, None, 9e-6, 5e-6),
+    ),
+    ScriptValues("--gamma", f"{STAGE}.critic.gamma", (None, None, 1.0, None, 1.0, 1.0)),
+    ScriptValues("--lambd", f"{STAGE}.critic.gaeLambda", (None, None, 1.0, None, 1.0, 1.0)),
+    ScriptValues("--freeze_prefix", f"{STAGE}.algorithm.freezePrefix", (None,) * 5 + (["visual"],)),
 )
 
 
 def _cell(value: Value) -> str:
+    if isinstance(value, list):
+        return f"`{', '.join(value)}`"
     return (
-        "(default)"
+        "unset"
         if value is None
         else f"`{str(value).lower() if isinstance(value, bool) else value}`"
     )
