@@ -73,6 +73,24 @@ class DatasetConfig(_Config):
     on_bad_row: Literal["fail", "skip"] = "fail"
 
 
+class EvaluationDatasetConfig(DatasetConfig):
+    """A held-out set: a named dataset in the training data's row format."""
+
+    name: str
+
+
+class EvaluationConfig(_Config):
+    """Held-out evaluation (`lmmr1_trainer.evaluation`): sampled by the stage's engines with
+    these settings (generation length: the algorithm's), scored by its verifier."""
+
+    datasets: list[EvaluationDatasetConfig] = Field(min_length=1)
+    every_steps: int = Field(ge=1)
+    before_training: bool = True
+    samples_per_prompt: int = Field(default=1, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
 class AlgorithmConfig(_Config):
     """RL hyperparameters; names and defaults match the CRD's `algorithm` (snake_case)."""
 
@@ -208,6 +226,7 @@ class StageConfig(_Config):
     checkpoint: CheckpointConfig
     progress: ProgressConfig
     s3: S3Settings = S3Settings()
+    evaluation: EvaluationConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -237,6 +256,26 @@ class StageConfig(_Config):
         return cls.model_validate(yaml.safe_load(path.read_text()))
 
 
+class EvaluationResult(_Config):
+    """One held-out set measured at one step (step 0: the stage's starting weights)."""
+
+    step: int = Field(ge=0)
+    accuracy: float  # mean accuracy over every sample
+    pass_at_k: float | None = None  # unbiased pass@k, k = samples per prompt; None for k = 1
+    k: int = Field(default=1, ge=1)
+    format_rate: float | None = None  # share of samples in the rewarded format
+    response_length: float  # mean generated tokens per sample
+    prompts: int = Field(ge=0)
+
+
+class DatasetEvaluation(_Config):
+    """A held-out set's results in one stage: where it started, the newest, the last."""
+
+    baseline: EvaluationResult | None = None
+    latest: EvaluationResult | None = None
+    final: EvaluationResult | None = None
+
+
 class Progress(_Config):
     """What rank 0 reports (the value of `progress.json`)."""
 
@@ -253,4 +292,6 @@ class Progress(_Config):
     final_checkpoint: str | None = None  # set once, when the stage's last checkpoint commits
     # Dataset rows left out by the pre-flight check (`dataset.on_bad_row: skip`).
     skipped_rows: int | None = Field(default=None, ge=0)
+    # Held-out results by evaluation dataset name (`stage.evaluation`).
+    evaluation: dict[str, DatasetEvaluation] | None = None
     updated_at: str

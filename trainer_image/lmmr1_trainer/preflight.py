@@ -232,3 +232,47 @@ def checked_rows(
     if not report.rows:
         raise DatasetError(f"{dataset.uri}: no row is left to train on\n{report.summary()}")
     return report.rows, len(report.problems)
+
+
+def checked_evaluation_rows(
+    config: StageConfig, encoder: ChatEncoder, threads: int = IMAGE_THREADS
+) -> tuple[dict[str, list[PromptRow]], dict[str, int]]:
+    """Every evaluation set's rows, checked as the training data's are, and how many each
+    skipped. A set that cannot be read (missing, empty, unreachable) fails the stage whatever
+    its `on_bad_row`: an evaluation that silently measures nothing would report no gain. Bad
+    rows follow the set's own `on_bad_row`. Raises `DatasetError` (exit 78) naming the set."""
+    from lmmr1_trainer.storage import StorageError
+
+    sets: dict[str, list[PromptRow]] = {}
+    skipped: dict[str, int] = {}
+    if config.evaluation is None:
+        return sets, skipped
+    loader = ImageLoader(config.s3, cache_size=0)
+    for dataset in config.evaluation.datasets:
+        what = f"evaluation dataset {dataset.name!r} ({dataset.uri})"
+        try:
+            rows, problems = read_rows(dataset, config.s3)
+        except (DatasetError, StorageError, OSError, UnicodeDecodeError) as err:
+            raise DatasetError(f"{what} cannot be read: {err}") from err
+        report = check_rows(
+            rows, problems, encoder, loader, config.algorithm.max_prompt_length, threads
+        )
+        logger.info(
+            "%s pre-flight: %d rows, %d images checked, %d bad",
+            what,
+            report.checked,
+            report.images,
+            len(report.problems),
+        )
+        if report.problems and dataset.on_bad_row == "fail":
+            raise DatasetError(
+                f"{what}: {report.summary()}\nfix the rows, or set onBadRow: skip on "
+                f"evaluation dataset {dataset.name!r} to evaluate without them"
+            )
+        if not report.rows:
+            raise DatasetError(f"{what}: no row is left to evaluate on\n{report.summary()}")
+        if report.problems:
+            logger.warning("%s: skipping bad rows: %s", what, report.summary())
+        sets[dataset.name] = report.rows
+        skipped[dataset.name] = len(report.problems)
+    return sets, skipped

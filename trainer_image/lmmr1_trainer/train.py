@@ -48,7 +48,9 @@ from lmmr1_trainer.launch import write_termination_message as _write_termination
 from lmmr1_trainer.scratch import Layout, checkpoint_bytes, shortfall
 
 if TYPE_CHECKING:
+    from lmmr1_trainer.config import EvaluationResult
     from lmmr1_trainer.engine import PolicyEngine
+    from lmmr1_trainer.evaluation import Evaluator
     from lmmr1_trainer.experience import RolloutStats
     from lmmr1_trainer.rollout.colocate import ColocatedRollout
     from lmmr1_trainer.rollout.protocol import Rollouts
@@ -129,6 +131,8 @@ class StageTrainer:
         self.rollout_engine: str | None = None  # reported with the progress
         self.log_weight_digest = os.environ.get(WEIGHT_DIGEST_ENV) == "1"
         self.critic: PolicyEngine | None = None  # gae only
+        self.evaluator: Evaluator | None = None  # rank 0, with stage.evaluation
+        self.evaluated_step: int | None = None  # the last step this process evaluated
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -157,9 +161,10 @@ class StageTrainer:
         from lmmr1_trainer.collectives import broadcast_object
         from lmmr1_trainer.data import ImageLoader, PromptSampler
         from lmmr1_trainer.engine import PolicyEngine, plan_batches, setup_distributed
+        from lmmr1_trainer.evaluation import Ledger
         from lmmr1_trainer.experience import old_log_probs_from_update
         from lmmr1_trainer.models import ChatEncoder, load_model, resolve_model
-        from lmmr1_trainer.preflight import checked_rows
+        from lmmr1_trainer.preflight import checked_evaluation_rows, checked_rows
         from lmmr1_trainer.storage import open_storage
 
         if self.on_gpu and not torch.cuda.is_available():
@@ -208,6 +213,11 @@ class StageTrainer:
         self.rows, self.skipped_rows = (
             checked_rows(self.config, self.encoder) if self.rank == 0 else ([], 0)
         )
+        # ... and every evaluation set's, as carefully: a bad one fails the stage now too.
+        self.eval_sets, self.eval_skipped = (
+            checked_evaluation_rows(self.config, self.encoder) if self.rank == 0 else ({}, {})
+        )
+        self.ledger = Ledger()  # rank 0's record of the evaluations, for the progress report
         self.total_steps: int = broadcast_object(
             total_steps(self.config, len(self.rows)) if self.rank == 0 else None, self.rank
         )
@@ -336,11 +346,13 @@ class StageTrainer:
             self.log_weight_digest = False
         if self.rank == 0:
             self._connect()
+            self._start_evaluation()
         self._sync_weights()  # the servers serve init_from (or stale weights) until told
         if self.rank == 0:
             # Ready to train: a first report (the step it starts from) tells the operator's
             # stall watchdog that the download and the engine start are over.
             self._report(None)
+        baseline_seconds = self._baseline()
         while self.step < self.total_steps:
             started = time.monotonic()
             stats, metrics = self._one_step()
@@ -350,13 +362,24 @@ class StageTrainer:
             with timed(metrics, "sync_seconds"):
                 self._sync_weights()
             final = self.step == self.total_steps
+            saved = final or self.step % self.config.checkpoint.every_steps == 0
             with timed(metrics, "checkpoint_seconds"):
-                if final or self.step % self.config.checkpoint.every_steps == 0:
+                if saved:
                     self.last_checkpoint = self._save(final)
+            if self._evaluation_due():
+                with timed(metrics, "eval_seconds"):
+                    self._evaluate(self.store.uri(self.step) if saved else None)
+            if baseline_seconds is not None:
+                metrics["baseline_eval_seconds"] = round(baseline_seconds, 3)
+                baseline_seconds = None
             if self.rank == 0 and stats is not None:
                 metrics["seconds"] = round(time.monotonic() - started, 3)
                 _print_line(STEP_LOG_PREFIX + json.dumps(metrics))
                 self._report(stats)
+        if self.config.evaluation is not None and self.evaluated_step != self.total_steps:
+            # A stage restarted after its final checkpoint: its final evaluation (read back
+            # if the attempt that died had written it).
+            self._evaluate(self.store.uri(self.total_steps))
         if self.rank == 0:
             final_uri = self.store.uri(self.total_steps)
             self.last_checkpoint = final_uri
@@ -366,6 +389,71 @@ class StageTrainer:
         if self.local_rank == 0:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return 0
+
+    # -- evaluation (`lmmr1_trainer.evaluation`) ---------------------------------------------
+
+    def _start_evaluation(self) -> None:
+        """Rank 0: the runner, and the results an earlier attempt stored up to this step."""
+        from lmmr1_trainer.evaluation import Evaluator, stored, stored_steps
+
+        evaluation = self.config.evaluation
+        if evaluation is None or self.rank != 0:
+            return
+        self.evaluator = Evaluator(
+            evaluation,
+            self.eval_sets,
+            self.eval_skipped,
+            self.rollouts,
+            self.verifier,
+            self.encoder,
+            self.images,
+            self.config.reward,
+            self.store.storage,
+            max_tokens=self.algo.max_generation_length,
+            seed=self.algo.seed,
+        )
+        for step in stored_steps(self.store.storage):
+            if step <= self.step:
+                self.ledger.record(stored(self.store.storage, step) or {}, self.total_steps)
+
+    def _evaluation_due(self) -> bool:
+        from lmmr1_trainer.evaluation import due
+
+        evaluation = self.config.evaluation
+        return evaluation is not None and due(self.step, self.total_steps, evaluation.every_steps)
+
+    def _baseline(self) -> float | None:
+        """Every rank: measure the starting weights before the first step (read back when a
+        restarted stage stored it already); the seconds it took."""
+        evaluation = self.config.evaluation
+        if evaluation is None or not evaluation.before_training or self.step != 0:
+            return None
+        started = time.monotonic()
+        self._evaluate(self.config.init_from)
+        if self.rank == 0:
+            self._report(None)
+        return time.monotonic() - started
+
+    def _evaluate(self, checkpoint: str | None) -> dict[str, EvaluationResult] | None:
+        """Every rank: evaluate the current weights as step `self.step`, unless an earlier
+        attempt stored that step's result (then rank 0 reads it back). The other ranks
+        generate their share (colocate) in the one `generate` call an evaluation makes."""
+        from lmmr1_trainer.collectives import broadcast_object
+        from lmmr1_trainer.evaluation import stored
+
+        results = None
+        if self.rank == 0:
+            results = stored(self.store.storage, self.step)
+        measure: bool = broadcast_object(results is None if self.rank == 0 else None, self.rank)
+        if measure and self.rank == 0 and self.evaluator is not None:
+            weights = checkpoint or f"{self.config.checkpoint.uri} (policy after step {self.step})"
+            results, _ = self.evaluator.evaluate(self.step, weights, checkpoint)
+        elif measure and self.colocated is not None:
+            self.colocated.follow_step()
+        if self.rank == 0 and results is not None:
+            self.ledger.record(results, self.total_steps)
+        self.evaluated_step = self.step
+        return results
 
     def _one_step(self) -> tuple[RolloutStats | None, dict[str, Any]]:
         import torch
@@ -514,6 +602,7 @@ class StageTrainer:
                 last_checkpoint=self.last_checkpoint,
                 final_checkpoint=final,
                 skipped_rows=self.skipped_rows or None,
+                evaluation=self.ledger.report(),
                 updated_at=now(),
             )
         )

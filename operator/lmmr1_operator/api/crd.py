@@ -53,6 +53,8 @@ PRINTER_COLUMNS = [
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.accuracy", "priority": 1},
     {"name": "Checkpoint", "type": "string", "jsonPath": ".status.lastCheckpoint", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+    {"name": "Eval", "type": "number", "jsonPath": ".status.evalAccuracy", "priority": 1},
+    {"name": "Eval-Gain", "type": "number", "jsonPath": ".status.evalGain", "priority": 1},
 ]
 
 

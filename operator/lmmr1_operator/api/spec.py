@@ -204,6 +204,84 @@ class Dataset(ApiModel):
     )
 
 
+DatasetName = Annotated[
+    str,
+    Field(
+        pattern=NAME_PATTERN,
+        min_length=1,
+        max_length=63,
+        description="Lower-case DNS label, unique in the stage's evaluation (e.g. mathvista): "
+        "the key of its results in status, metrics and S3.",
+    ),
+]
+
+
+class EvaluationDataset(Dataset):
+    """A held-out set, in the training data's row format."""
+
+    name: DatasetName
+    type: Literal["text", "multimodal"] | None = Field(
+        default=None, description="text or multimodal; unset: the stage's type."
+    )
+    on_bad_row: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="What the pre-flight check does with a bad row of this set: fail (the "
+        "stage fails before its first step, naming the set and up to 10 rows) or skip "
+        "(evaluate on the good rows; the result file counts the skipped ones). A set that "
+        "cannot be read at all always fails the stage.",
+    )
+
+
+# Why the middle evaluations follow the checkpoints by default: each result then measures
+# weights that are kept in storage (its JSON sits beside that checkpoint), so a number can
+# be reproduced or its checkpoint picked; and a run already pays for a pause at that cadence.
+class Evaluation(ApiModel):
+    """Held-out evaluation of the stage's policy ([eval_steps], val_before_train): sampled
+    with the stage's own engines, scored by its verifier and reward settings, before the
+    first step (the baseline), every everySteps steps, and after the last step."""
+
+    rules = (
+        Rule(
+            cel="self.datasets.all(d, self.datasets.exists_one(e, e.name == d.name))",
+            message="evaluation dataset names must be unique",
+            check=lambda e: len({d.name for d in e.datasets}) == len(e.datasets),
+            field="datasets",
+        ),
+        Rule(
+            cel="self.samplesPerPrompt == 1 || self.temperature > 0.0",
+            message="greedy decoding (temperature 0) draws one answer per prompt: set "
+            "temperature > 0 for pass@k with samplesPerPrompt > 1",
+            check=lambda e: e.samples_per_prompt == 1 or e.temperature > 0,
+            field="temperature",
+        ),
+    )
+
+    datasets: list[EvaluationDataset] = Field(min_length=1, max_length=8)
+    every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Evaluate after every N steps [eval_steps]; unset: checkpoint.everySteps, "
+        "so each result measures a checkpoint that is kept. The last step is always "
+        "evaluated.",
+    )
+    before_training: bool = Field(
+        default=True,
+        description="Measure the stage's starting weights before the first step (the "
+        "baseline every gain is counted from) [val_before_train]. A resumed stage reads the "
+        "stored baseline back instead of measuring again.",
+    )
+    samples_per_prompt: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Answers per prompt; more than 1 reports pass@k (k = this number, the "
+        "unbiased estimator) besides the mean accuracy.",
+    )
+    temperature: float = Field(default=0.0, ge=0, le=2, description="0 (default): greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling.")
+
+
 class Algorithm(ApiModel):
     """RL hyperparameters. Defaults: the paper's FRE stage (OpenRLHF names in brackets)."""
 
@@ -501,6 +579,12 @@ class Stage(ApiModel):
             check=lambda s: s.critic is None or s.algorithm.advantage_estimator == "gae",
             field="critic",
         ),
+        Rule(
+            cel="!has(self.evaluation) || self.reward.accuracyWeight > 0.0",
+            message="evaluation reports accuracy, which reward.accuracyWeight 0 leaves unscored",
+            check=lambda s: s.evaluation is None or s.reward.accuracy_weight > 0,
+            field="evaluation",
+        ),
     )
 
     name: StageName
@@ -516,6 +600,11 @@ class Stage(ApiModel):
     )
     resources: Resources = Field(default_factory=Resources)
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    evaluation: Evaluation | None = Field(
+        default=None,
+        description="Held-out evaluation; unset: the stage reports its training reward only.",
+        json_schema_extra={NO_DEFAULT: True},
+    )
     init_from: CheckpointUri | None = Field(
         default=None,
         description="Weights to start from. Default: the model (first stage) or the previous "

@@ -24,6 +24,38 @@ class Condition(ApiModel):
     observed_generation: int | None = Field(default=None, ge=0)
 
 
+class EvaluationPoint(ApiModel):
+    """A held-out set measured at one step (step 0: the stage's starting weights)."""
+
+    step: int = Field(ge=0)
+    accuracy: float = Field(description="Mean accuracy over every sample.")
+    pass_at_k: float | None = Field(
+        default=None, description="Unbiased pass@k (k = evaluation.samplesPerPrompt > 1)."
+    )
+    k: int = Field(default=1, ge=1)
+    format_rate: float | None = Field(
+        default=None, description="Share of samples in the rewarded format."
+    )
+    response_length: float = Field(description="Mean generated tokens per sample.")
+    prompts: int = Field(ge=0)
+
+
+class DatasetEvaluationStatus(ApiModel):
+    """One held-out set's results in a stage."""
+
+    dataset: str = Field(max_length=63)
+    baseline: EvaluationPoint | None = Field(
+        default=None, description="The stage's starting weights, before its first step."
+    )
+    latest: EvaluationPoint | None = None
+    final: EvaluationPoint | None = Field(default=None, description="After the last step.")
+    gain: float | None = Field(
+        default=None,
+        description="Accuracy gained over the baseline: final's (latest's until then) minus "
+        "baseline's.",
+    )
+
+
 class StageStatus(ApiModel):
     """One stage's record."""
 
@@ -54,6 +86,15 @@ class StageStatus(ApiModel):
         description="Dataset rows the pre-flight check left out (dataset.onBadRow: skip); "
         "the trainer's log names them.",
     )
+    evaluation: list[DatasetEvaluationStatus] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Held-out results per evaluation dataset (spec's evaluation).",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["dataset"],
+        },
+    )
 
 
 class LMMR1RunStatus(ApiModel):
@@ -68,6 +109,13 @@ class LMMR1RunStatus(ApiModel):
     reward: float | None = None
     accuracy: float | None = None
     tokens_per_second: float | None = None
+    eval_accuracy: float | None = Field(
+        default=None,
+        description="The current stage's newest held-out accuracy (its first evaluation dataset).",
+    )
+    eval_gain: float | None = Field(
+        default=None, description="That accuracy minus the stage's baseline."
+    )
     last_checkpoint: str | None = Field(default=None, max_length=2048)
     restarts: int | None = Field(default=None, ge=0)
     start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})

@@ -13,6 +13,8 @@ from lmmr1_trainer.config import (
     CheckpointConfig,
     CriticConfig,
     DatasetConfig,
+    EvaluationConfig,
+    EvaluationDatasetConfig,
     ProgressConfig,
     RewardConfig,
     RolloutConfig,
@@ -26,6 +28,25 @@ CONFIG_KEY = "stage.yaml"
 ROLLOUT_KEY = "rollout.yaml"
 # The trainer reaches its verifier sidecar at its own pod IP; the pod fills this in.
 VERIFIER_URL = f"http://${{POD_IP}}:{naming.VERIFIER_PORT}"
+
+
+def evaluation(ctx: StageContext) -> EvaluationConfig | None:
+    """The stage's evaluation, resolved: each set's type, the cadence's default."""
+    stage = ctx.stage
+    spec = stage.evaluation
+    if spec is None:
+        return None
+    return EvaluationConfig(
+        datasets=[
+            EvaluationDatasetConfig(**{**d.model_dump(), "type": d.type or stage.type})
+            for d in spec.datasets
+        ],
+        every_steps=spec.every_steps or stage.checkpoint.every_steps,
+        before_training=spec.before_training,
+        samples_per_prompt=spec.samples_per_prompt,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+    )
 
 
 def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
@@ -74,6 +95,7 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
             configmap=naming.progress_configmap(ctx.name), namespace=ctx.namespace
         ),
         s3=S3Settings(endpoint=ctx.s3_endpoint, region=ctx.s3_region),
+        evaluation=evaluation(ctx),
     )
 
 
