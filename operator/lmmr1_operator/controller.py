@@ -237,6 +237,7 @@ class Controller:
             self._create(self.kube.ensure, obj, refused)
         self._refused[(namespace, name)] = refused
         self.metrics.observe_phase(namespace, name, plan.status.get("phase"))
+        self.metrics.observe_evaluation(namespace, name, plan.status.get("stages") or [])
 
     @staticmethod
     def _create(create: Callable[[Obj], object], obj: Obj, refused: list[CreateFailure]) -> None:

@@ -1,12 +1,26 @@
-"""Prometheus metrics: runs by phase, reconcile durations, stage restarts."""
+"""Prometheus metrics: runs by phase, reconcile durations, stage restarts, and each stage's
+held-out evaluation (from the run's status)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+POINTS = ("baseline", "latest", "final")
+# status.stages[].evaluation[].<point>.<field> -> the gauge's name suffix.
+EVALUATION_FIELDS = {
+    "accuracy": "accuracy",
+    "passAtK": "pass_at_k",
+    "formatRate": "format_rate",
+    "responseLength": "response_length_tokens",
+    "prompts": "prompts",
+    "step": "step",
+}
+_EVAL_LABELS = ["namespace", "run", "stage", "dataset", "point"]
 
 
 class Metrics:
@@ -27,6 +41,23 @@ class Metrics:
         self.leader = Gauge(
             "lmmr1_leader", "1 on the replica that holds the leader lease", registry=self.registry
         )
+        self.evaluation = {
+            key: Gauge(
+                f"lmmr1_evaluation_{suffix}",
+                f"Held-out evaluation: {suffix.replace('_', ' ')} of a stage's evaluation "
+                "dataset at its baseline (starting weights), latest and final evaluation",
+                _EVAL_LABELS,
+                registry=self.registry,
+            )
+            for key, suffix in EVALUATION_FIELDS.items()
+        }
+        self.evaluation_gain = Gauge(
+            "lmmr1_evaluation_gain",
+            "Held-out accuracy gained over the stage's starting weights (final, else latest)",
+            ["namespace", "run", "stage", "dataset"],
+            registry=self.registry,
+        )
+        self._evaluated: dict[tuple[str, str], set[tuple[str, ...]]] = {}
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         self._serving = False
@@ -43,6 +74,34 @@ class Metrics:
         with self._lock:
             self._phases.pop((namespace, name), None)
             self._publish()
+            self._drop_evaluation(namespace, name, set())
+
+    def observe_evaluation(self, namespace: str, name: str, stages: list[dict[str, Any]]) -> None:
+        """The evaluation results of the run's status (`status.stages`, camelCase)."""
+        with self._lock:
+            seen: set[tuple[str, ...]] = set()
+            for stage in stages:
+                for entry in stage.get("evaluation") or []:
+                    base = (namespace, name, stage["name"], entry["dataset"])
+                    for point in POINTS:
+                        result = entry.get(point) or {}
+                        for key, gauge in self.evaluation.items():
+                            if result.get(key) is not None:
+                                gauge.labels(*base, point).set(float(result[key]))
+                                seen.add((key, *base, point))
+                    if entry.get("gain") is not None:
+                        self.evaluation_gain.labels(*base).set(float(entry["gain"]))
+                        seen.add(("gain", *base))
+            self._drop_evaluation(namespace, name, seen)
+            self._evaluated[(namespace, name)] = seen
+
+    def _drop_evaluation(self, namespace: str, name: str, keep: set[tuple[str, ...]]) -> None:
+        """Remove the run's series that its status no longer has (or all of them)."""
+        for series in self._evaluated.pop((namespace, name), set()) - keep:
+            key, labels = series[0], series[1:]
+            gauge = self.evaluation_gain if key == "gain" else self.evaluation[key]
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
 
     def _publish(self) -> None:
         for phase in PHASES:

@@ -18,6 +18,7 @@ from lmmr1_operator.api.spec import LMMR1RunSpec, resolved_rollout_mode, stall_t
 from lmmr1_operator.api.status import LMMR1RunStatus, StageStatus
 from lmmr1_operator.children import access, rollout, stage_config, trainer
 from lmmr1_operator.children.context import StageContext, init_weights
+from lmmr1_operator.evaluation import headline, stage_evaluation
 from lmmr1_operator.naming import ROLLOUT_PORT
 from lmmr1_operator.settings import OperatorSettings
 from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
@@ -319,6 +320,9 @@ class _Decision:
         record.initial_reward = progress.initial_reward
         record.rollout_engine = progress.rollout_engine or record.rollout_engine
         record.skipped_rows = progress.skipped_rows
+        if progress.evaluation is not None:
+            record.evaluation = stage_evaluation(progress.evaluation)
+            status.eval_accuracy, status.eval_gain = headline(record.evaluation)
 
     def stalled(self, ctx: StageContext) -> bool:
         """The stall watchdog: restart the stage (reason Stalled) when its trainer runs but
@@ -465,6 +469,7 @@ class _Decision:
         self.status.step = self.status.total_steps = None
         self.status.last_progress_time = None
         self.status.progress = self.status.reward = self.status.accuracy = None
+        self.status.eval_accuracy = self.status.eval_gain = None
         self.record()
 
     def done(self) -> Plan:

@@ -86,8 +86,8 @@ class StageStatus(ApiModel):
         description="Dataset rows the pre-flight check left out (dataset.onBadRow: skip); "
         "the trainer's log names them.",
     )
-    evaluation: list[DatasetEvaluationStatus] = Field(
-        default_factory=list,
+    evaluation: list[DatasetEvaluationStatus] | None = Field(
+        default=None,
         max_length=8,
         description="Held-out results per evaluation dataset (spec's evaluation).",
         json_schema_extra={
