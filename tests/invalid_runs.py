@@ -62,6 +62,17 @@ def _gae_critic(field: str, value: Any) -> Callable[[Run], None]:
     return mutate
 
 
+def _evaluating(**settings: Any) -> Callable[[Run], None]:
+    """Stage 0 evaluates on one held-out set, with `settings` on top."""
+
+    def mutate(run: Run) -> None:
+        dataset = {"name": "heldout", "uri": "s3://bucket/heldout.jsonl"}
+        run["spec"]["stages"][0]["evaluation"] = {"datasets": [dataset], **settings}
+
+    return mutate
+
+
+EVAL = "spec.stages[0].evaluation"
 ALGO = "spec.stages[0].algorithm"
 RESOURCES = "spec.stages[0].resources"
 
@@ -354,6 +365,56 @@ INVALID: list[Invalid] = [
         _set("spec.nodeSelector", {"gpu": 1}),
         "spec.nodeSelector.gpu",
         "must be of type string",
+    ),
+    Invalid(
+        "evaluation-dataset-names-repeat",
+        _evaluating(
+            datasets=[
+                {"name": "math", "uri": "s3://bucket/a.jsonl"},
+                {"name": "math", "uri": "s3://bucket/b.jsonl"},
+            ]
+        ),
+        f"{EVAL}.datasets",
+        "evaluation dataset names must be unique",
+    ),
+    Invalid(
+        "evaluation-pass-at-k-greedy",
+        _evaluating(samplesPerPrompt=8),
+        f"{EVAL}.temperature",
+        "set temperature > 0 for pass@k",
+    ),
+    Invalid(
+        "evaluation-without-datasets",
+        _evaluating(datasets=[]),
+        f"{EVAL}.datasets",
+        "at least 1 items",
+    ),
+    Invalid(
+        "evaluation-dataset-bad-name",
+        _evaluating(datasets=[{"name": "Math_500", "uri": "s3://bucket/a.jsonl"}]),
+        f"{EVAL}.datasets[0].name",
+        "should match",
+    ),
+    Invalid(
+        "evaluation-dataset-bad-uri",
+        _evaluating(datasets=[{"name": "math", "uri": "/data/heldout.jsonl"}]),
+        f"{EVAL}.datasets[0].uri",
+        "must be a URI starting with s3://",
+    ),
+    Invalid(
+        "evaluation-every-zero-steps",
+        _evaluating(everySteps=0),
+        f"{EVAL}.everySteps",
+        "greater than or equal to 1",
+    ),
+    Invalid(
+        "evaluation-without-accuracy",
+        lambda run: (
+            _evaluating()(run),
+            _set("spec.stages[0].reward.accuracyWeight", 0)(run),
+        ),
+        "spec.stages[0].evaluation",
+        "reward.accuracyWeight 0 leaves unscored",
     ),
     Invalid(
         "run-name-too-long",
