@@ -72,6 +72,12 @@ def _evaluating(**settings: Any) -> Callable[[Run], None]:
     return mutate
 
 
+def _evaluating_unscored(run: Run) -> None:
+    """Stage 0 evaluates, but its reward gives accuracy no weight."""
+    _evaluating()(run)
+    _set("spec.stages[0].reward.accuracyWeight", 0)(run)
+
+
 EVAL = "spec.stages[0].evaluation"
 ALGO = "spec.stages[0].algorithm"
 RESOURCES = "spec.stages[0].resources"
@@ -409,10 +415,7 @@ INVALID: list[Invalid] = [
     ),
     Invalid(
         "evaluation-without-accuracy",
-        lambda run: (
-            _evaluating()(run),
-            _set("spec.stages[0].reward.accuracyWeight", 0)(run),
-        ),
+        _evaluating_unscored,
         "spec.stages[0].evaluation",
         "reward.accuracyWeight 0 leaves unscored",
     ),
