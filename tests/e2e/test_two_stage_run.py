@@ -1,7 +1,9 @@
 """End to end: the operator (installed by its chart) runs examples/run-tiny.yaml on the
 process node with the real trainer (generating with its colocated vLLM engine) and verifier
 on CPU — FRE, then MGT from FRE's final checkpoint — and survives its trainer being killed
-mid-stage."""
+mid-stage. Each stage evaluates its held-out set before its first step, every 4 steps and
+after its last: the results reach the status, the operator's metrics and S3, and the
+restarted FRE trainer reads its stored baseline back."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import re
 import signal
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,49 @@ def committed_steps(s3_client: Any, stage_uri: str) -> list[int]:
     return sorted(steps)
 
 
+def operator_metrics(testbed: TestBedState) -> str:
+    """The operator's /metrics (its pod IP: the process node's pods have no Service)."""
+    pods = json.loads(
+        driver.cli(
+            testbed,
+            "kubectl",
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "-o",
+            "json",
+        ).stdout
+    )
+    ip = next(p["status"]["podIP"] for p in pods["items"] if p["status"].get("phase") == "Running")
+    with urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def gauge(text: str, name: str, **labels: str) -> float | None:
+    """One sample of the exposition text whose labels include `labels`."""
+    for line in text.splitlines():
+        found = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if found and all(f'{k}="{v}"' in found.group(1) for k, v in labels.items()):
+            return float(found.group(2))
+    return None
+
+
+def evaluation_files(s3_client: Any, stage_uri: str) -> dict[int, dict[str, Any]]:
+    """The stage's result files, <stage uri>/evaluation/step-<N>.json, by step."""
+    bucket, _, prefix = stage_uri.removeprefix("s3://").partition("/")
+    found = {}
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/evaluation/")
+    for item in listed.get("Contents", []):
+        step = re.fullmatch(rf"{re.escape(prefix)}/evaluation/step-(\d+)\.json", item["Key"])
+        if step:
+            body = s3_client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            found[int(step.group(1))] = json.loads(body)
+    return found
+
+
 # Three trainer starts, each with its colocated vLLM engine (measured 30-40 s to start in a
 # pod on a loaded 2-core machine, most of it vLLM inspecting the model class in a fresh
 # HOME), plus two stages of steps: more than the suite's default 600 s.
@@ -86,6 +132,7 @@ def run_and_check(testbed: TestBedState, s3_client: Any) -> None:
     run = driver.example_run(episodes=4, maxSteps=6)
     for stage in run["spec"]["stages"]:
         stage["checkpoint"] = {"everySteps": 2, "keepLast": 2}
+        stage["evaluation"]["everySteps"] = 4  # FRE: 0, 4, 8, 10; MGT: 0, 4, 6
     run["spec"]["stages"][0]["algorithm"]["maxSteps"] = 10  # a window to kill it in
     driver.apply_run(testbed, NAMESPACE, run)
 
@@ -117,6 +164,27 @@ def run_and_check(testbed: TestBedState, s3_client: Any) -> None:
     assert len(committed) >= 2, (fre_uri, committed)
     expected = committed[-1]
 
+    # Mid-stage: the baseline and a middle evaluation are in the status and the metrics.
+    (middle,) = seen["stages"][0]["evaluation"]
+    assert middle["dataset"] == "arithmetic" and middle["baseline"]["step"] == 0, middle
+    assert middle["latest"]["step"] in (4, 8) and middle["latest"]["prompts"] == 16, middle
+    fre_labels = {"namespace": NAMESPACE, "run": "tiny", "stage": "fre", "dataset": "arithmetic"}
+
+    def middle_scraped() -> str | None:
+        text = operator_metrics(testbed)
+        step = gauge(text, "lmmr1_evaluation_step", **fre_labels, point="latest")
+        return text if step is not None and step >= 4 else None
+
+    scraped = wait_for(
+        "the middle evaluation in the operator's metrics",
+        middle_scraped,
+        timeout=60,
+        state=testbed,
+        namespace=NAMESPACE,
+    )
+    baseline = gauge(scraped, "lmmr1_evaluation_accuracy", **fre_labels, point="baseline")
+    assert baseline == pytest.approx(middle["baseline"]["accuracy"])
+
     watch = driver.follow(testbed, NAMESPACE, "tiny", timeout=900)
     status = watch.status
     logs = driver.trainer_logs(testbed, NAMESPACE, "tiny")
@@ -133,8 +201,56 @@ def run_and_check(testbed: TestBedState, s3_client: Any) -> None:
     assert fre["finalCheckpoint"].endswith("/fre/step-10")
     assert mgt["initCheckpoint"] == fre["finalCheckpoint"]
     assert mgt["finalCheckpoint"].endswith("/mgt/step-6")
+    check_evaluation(testbed, s3_client, status, logs)
     for final in (fre["finalCheckpoint"], mgt["finalCheckpoint"]):
         bucket, _, prefix = final.removeprefix("s3://").partition("/")
         manifest = s3_client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")
         files = json.loads(manifest["Body"].read())["files"]
         assert any(f["path"].endswith("model.safetensors") for f in files)
+
+
+def check_evaluation(
+    testbed: TestBedState, s3_client: Any, status: dict[str, Any], logs: str
+) -> None:
+    """Each stage's baseline, middle and final results: in S3 beside the checkpoints they
+    measured (read back), in the status with the gain, in the operator's metrics."""
+    metrics = operator_metrics(testbed)
+    for record, dataset, steps, start in (
+        (status["stages"][0], "arithmetic", [0, 4, 8, 10], "s3://lmmr1-demo/models/tiny-qwen25vl"),
+        (status["stages"][1], "counting", [0, 4, 6], status["stages"][0]["finalCheckpoint"]),
+    ):
+        stage_uri = record["finalCheckpoint"].rsplit("/step-", 1)[0]
+        files = evaluation_files(s3_client, stage_uri)
+        assert sorted(files) == steps, (record["name"], sorted(files))
+        assert files[0]["weights"] == start  # the baseline measured the stage's start
+        assert files[4]["checkpoint"] == f"{stage_uri}/step-4"  # pruned since; its result stays
+        assert files[steps[-1]]["checkpoint"] == record["finalCheckpoint"]
+        for step, body in files.items():
+            entry = body["datasets"][dataset]
+            assert body["step"] == step and entry["rows"] == 16, body
+            assert entry["metrics"]["prompts"] == 16 and entry["metrics"]["k"] == 1
+            assert body["settings"] == {"samples_per_prompt": 1, "temperature": 0.0, "top_p": 1.0}
+        (entry,) = record["evaluation"]
+        assert entry["dataset"] == dataset
+        baseline, final = files[0]["datasets"][dataset], files[steps[-1]]["datasets"][dataset]
+        assert entry["baseline"]["accuracy"] == pytest.approx(baseline["metrics"]["accuracy"])
+        assert entry["final"]["step"] == steps[-1] == entry["latest"]["step"]
+        assert entry["final"]["accuracy"] == pytest.approx(final["metrics"]["accuracy"])
+        gain = final["metrics"]["accuracy"] - baseline["metrics"]["accuracy"]
+        assert entry["gain"] == pytest.approx(gain)
+        labels = {
+            "namespace": NAMESPACE,
+            "run": "tiny",
+            "stage": record["name"],
+            "dataset": dataset,
+        }
+        for point, expected in (("baseline", baseline), ("final", final)):
+            value = gauge(metrics, "lmmr1_evaluation_accuracy", **labels, point=point)
+            assert value == pytest.approx(expected["metrics"]["accuracy"]), (point, metrics[-2000:])
+        assert gauge(metrics, "lmmr1_evaluation_gain", **labels) == pytest.approx(gain)
+    # Measured once per stage: the restarted FRE trainer read its baseline back from S3.
+    assert len(re.findall(r"evaluation at step 0 \(", logs)) == 2, logs[-3000:]
+    records = [json.loads(line.split("lmmr1-train step ", 1)[1]) for line in logs.splitlines()
+               if "lmmr1-train step {" in line]  # fmt: skip
+    assert any("eval_seconds" in r and r["step"] == 4 for r in records)
+    assert any("baseline_eval_seconds" in r for r in records)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from lmmr1_testbed import bed
 from lmmr1_testbed.demo import driver, plot, seed
@@ -113,6 +114,27 @@ def window_mean(points: list[tuple[int, float, float]]) -> float:
     return sum(reward for _, reward, _ in points) / len(points) if points else float("nan")
 
 
+def _accuracy(point: dict[str, Any] | None) -> str:
+    return "-" if not point else f"{point['accuracy']:.3f} (step {point['step']})"
+
+
+def evaluation_table(record: dict[str, Any]) -> list[str]:
+    """A stage's held-out results (status.stages[].evaluation): baseline, final and the gain
+    over the stage's starting weights, one row per evaluation dataset."""
+    entries = record.get("evaluation") or []
+    if not entries:
+        return []
+    lines = [f"        {'held-out set':16} {'baseline':>18} {'final':>18} {'gain':>8}"]
+    for entry in entries:
+        gain = entry.get("gain")
+        lines.append(
+            f"        {entry['dataset']:16} {_accuracy(entry.get('baseline')):>18} "
+            f"{_accuracy(entry.get('final') or entry.get('latest')):>18} "
+            f"{'-' if gain is None else f'{gain:+.3f}':>8}"
+        )
+    return lines
+
+
 def summarise(state: TestBedState, name: str, watch: driver.Watch, started: float) -> int:
     status = watch.status
     say("")
@@ -139,6 +161,8 @@ def summarise(state: TestBedState, name: str, watch: driver.Watch, started: floa
         )
         say(f"        final checkpoint {record.get('finalCheckpoint')}")
         say(f"        reward curve {png.relative_to(REPO_ROOT)}")
+        for line in evaluation_table(record):
+            say(line)
     if not ok:
         failed = [c for c in status.get("conditions", []) if c["type"] == "Failed"]
         say(f"   failed: {failed[0]['message'] if failed else 'timed out'}")

@@ -1,5 +1,6 @@
 """Seed the demo's S3 bucket: a tiny Qwen2.5-VL-architecture model and two synthetic
-datasets (text arithmetic for FRE, counting shapes in images for MGT), built locally by the
+datasets (text arithmetic for FRE, counting shapes in images for MGT), each with a small
+held-out set drawn with another seed for the stage's evaluation, built locally by the
 trainer's own tools and uploaded, as a user would upload theirs."""
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ BUCKET = "lmmr1-demo"
 MODEL_PREFIX = "models/tiny-qwen25vl"
 CHECKPOINTS_PREFIX = "checkpoints/"
 DATASETS = {"fre": ("arithmetic", 64), "mgt": ("counting", 64)}
+TRAIN_SEED = 7
+# Held-out sets (examples/run-tiny.yaml's evaluation): another seed, and few rows, so that
+# a greedy evaluation costs less than a training step.
+HELDOUT_SEED = 8
+HELDOUT_ROWS = 16
 
 
 def _run(argv: list[str], env: dict[str, str]) -> None:
@@ -69,25 +75,33 @@ def seed(
     upload_dir(s3, model_dir, BUCKET, MODEL_PREFIX)
     uris = {"model": f"s3://{BUCKET}/{MODEL_PREFIX}"}
     for stage, (task, rows) in DATASETS.items():
-        # Written straight to S3, so the rows name their images by s3:// URI.
-        prefix = f"s3://{BUCKET}/datasets/{stage}"
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "lmmr1_trainer.synthetic",
-                "--task",
-                task,
-                "--count",
-                str(dataset_rows or rows),
-                "--seed",
-                "7",
-                "--out",
-                prefix,
-                "--s3-endpoint",
-                env["AWS_ENDPOINT_URL"],
-            ],
-            env,
+        uris[stage] = _synthetic(env, task, dataset_rows or rows, TRAIN_SEED, stage)
+        uris[f"{stage}-heldout"] = _synthetic(
+            env, task, HELDOUT_ROWS, HELDOUT_SEED, f"{stage}-heldout"
         )
-        uris[stage] = f"{prefix}/train.jsonl"
     return uris
+
+
+def _synthetic(env: dict[str, str], task: str, rows: int, seed: int, folder: str) -> str:
+    """One synthetic dataset under s3://<bucket>/datasets/<folder>/; its JSONL's URI."""
+    # Written straight to S3, so the rows name their images by s3:// URI.
+    prefix = f"s3://{BUCKET}/datasets/{folder}"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "lmmr1_trainer.synthetic",
+            "--task",
+            task,
+            "--count",
+            str(rows),
+            "--seed",
+            str(seed),
+            "--out",
+            prefix,
+            "--s3-endpoint",
+            env["AWS_ENDPOINT_URL"],
+        ],
+        env,
+    )
+    return f"{prefix}/train.jsonl"
