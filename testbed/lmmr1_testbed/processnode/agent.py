@@ -35,7 +35,10 @@ log = logging.getLogger("processnode")
 NODE_LABEL = "lmmr1.io/process-node"
 HOST_IP = "127.0.0.1"
 # Each pod gets its own loopback address from this range (Linux routes all of 127/8 to lo).
-POD_NETWORK = ipaddress.ip_network("127.101.0.0/16")
+# Pods' loopback addresses. Two test beds on one host (parallel checkouts) share the loopback
+# device, so the second takes another range (LMMR1_TESTBED_POD_NETWORK, e.g. 127.102.0.0/16)
+# or its first pod's servers collide with the first bed's on the same address and port.
+POD_NETWORK = ipaddress.ip_network(os.environ.get("LMMR1_TESTBED_POD_NETWORK", "127.101.0.0/16"))
 
 
 class Api:
