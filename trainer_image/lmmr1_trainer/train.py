@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from lmmr1_trainer.experience import RolloutStats
     from lmmr1_trainer.rollout.colocate import ColocatedRollout
     from lmmr1_trainer.rollout.protocol import Rollouts
+    from lmmr1_trainer.tracking import Tracker
 
 logger = logging.getLogger("lmmr1_trainer.train")
 THREADS_ENV = "LMMR1_TORCH_THREADS"
@@ -129,6 +130,8 @@ class StageTrainer:
         self.rollout_engine: str | None = None  # reported with the progress
         self.log_weight_digest = os.environ.get(WEIGHT_DIGEST_ENV) == "1"
         self.critic: PolicyEngine | None = None  # gae only
+        self.tracker: Tracker | None = None  # rank 0, when the stage tracks experiments
+        self.last_rollout: tuple[list[Any], list[Any]] = ([], [])  # rank 0: rows, samples
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -336,6 +339,7 @@ class StageTrainer:
             self.log_weight_digest = False
         if self.rank == 0:
             self._connect()
+            self._start_tracking()
         self._sync_weights()  # the servers serve init_from (or stale weights) until told
         if self.rank == 0:
             # Ready to train: a first report (the step it starts from) tells the operator's
@@ -350,14 +354,18 @@ class StageTrainer:
             with timed(metrics, "sync_seconds"):
                 self._sync_weights()
             final = self.step == self.total_steps
+            saved = final or self.step % self.config.checkpoint.every_steps == 0
             with timed(metrics, "checkpoint_seconds"):
-                if final or self.step % self.config.checkpoint.every_steps == 0:
+                if saved:
                     self.last_checkpoint = self._save(final)
             if self.rank == 0 and stats is not None:
                 metrics["seconds"] = round(time.monotonic() - started, 3)
                 _print_line(STEP_LOG_PREFIX + json.dumps(metrics))
                 self._report(stats)
+                self._track(metrics, saved)
         if self.rank == 0:
+            if self.tracker is not None:
+                self.tracker.close()
             final_uri = self.store.uri(self.total_steps)
             self.last_checkpoint = final_uri
             self._report(self.last_stats, final=final_uri)
@@ -398,6 +406,7 @@ class StageTrainer:
             )
             if self.initial_reward is None:
                 self.initial_reward = stats.reward
+            self.last_rollout = (batch, samples)
         elif self.colocated is not None:
             self.colocated.follow_step()
         if self.colocated is not None:
@@ -406,6 +415,9 @@ class StageTrainer:
         engine = self.policy.engine
         metrics: dict[str, Any] = {"step": self.step + 1, "total_steps": self.total_steps}
         losses, clips, value_losses, zero_value_losses = [], [], [], []
+        # The policy's entropy, estimated from the log-probs the update computes anyway:
+        # the mean of -log p over the sampled response tokens (sampled from the policy).
+        entropy_sum = response_tokens = 0.0
         with timed(metrics, "update_seconds"):  # old/ref log-probs, then every optimizer update
             micro_batches = prepare_micro_batches(
                 mine,
@@ -443,6 +455,8 @@ class StageTrainer:
                     self.policy.backward_and_step(loss)
                     losses.append(float(loss.detach()))
                     clips.append(float(clip))
+                    entropy_sum -= float((log_probs.detach() * mask).sum())
+                    response_tokens += float(mask.sum())
                     if self.critic is not None and self.config.critic is not None:
                         value, zero = critic_update(self.critic, mb, self.config.critic)
                         value_losses.append(value)
@@ -462,15 +476,16 @@ class StageTrainer:
         # The whole rollout batch's means, not rank 0's share: every rank's micro-batches.
         kls = [mean_kl([mb]) for mb in micro_batches]
         sums = [sum(losses), len(losses), sum(clips), sum(kls), len(kls)]
-        sums += [sum(value_losses), sum(zero_value_losses)]
+        sums += [sum(value_losses), sum(zero_value_losses), entropy_sum, response_tokens]
         totals = torch.tensor(sums, dtype=torch.float64)
-        loss_sum, updates, clip_sum, kl_sum, batches, value_sum, zero_sum = all_reduce_sum(
-            totals, engine.device
-        ).tolist()
+        loss_sum, updates, clip_sum, kl_sum, batches, value_sum, zero_sum, ent_sum, tokens = (
+            all_reduce_sum(totals, engine.device).tolist()
+        )
         metrics.update(
             policy_loss=loss_sum / max(1.0, updates),
             clip_fraction=clip_sum / max(1.0, updates),
             kl=kl_sum / max(1.0, batches),
+            entropy=ent_sum / max(1.0, tokens),
             lr=self.policy.learning_rate(),
         )
         if self.critic is not None:
@@ -480,6 +495,29 @@ class StageTrainer:
                 critic_lr=self.critic.learning_rate(),
             )
         return stats, metrics
+
+    def _start_tracking(self) -> None:
+        from lmmr1_trainer.tracking import Tracker, TrackingConfigError
+
+        try:
+            self.tracker = Tracker.create(self.config, self.workdir)
+        except TrackingConfigError as err:
+            raise ConfigError(str(err)) from err
+
+    def _track(self, metrics: dict[str, Any], saved: bool) -> None:
+        """Rank 0: the step's record (and now and then a table of its samples) to the
+        trackers; at a checkpoint, their local files to storage."""
+        from lmmr1_trainer.tracking import rollout_samples
+
+        if self.tracker is None:
+            return
+        self.tracker.log_step(self.step, metrics)
+        if self.tracker.samples_due(self.step):
+            rows, samples = self.last_rollout
+            limit = self.config.tracking.samples_per_table
+            self.tracker.log_samples(self.step, rollout_samples(self.encoder, rows, samples, limit))
+        if saved:
+            self.tracker.checkpoint()
 
     def _log_weight_digest(self) -> None:
         """Every rank logs a digest of its full weights (replicas must agree; ZeRO <= 2)."""
