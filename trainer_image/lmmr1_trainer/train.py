@@ -360,9 +360,11 @@ class StageTrainer:
                     self.last_checkpoint = self._save(final)
             if self.rank == 0 and stats is not None:
                 metrics["seconds"] = round(time.monotonic() - started, 3)
+                # Tracked before the step is logged: once its line is out, so is the step's
+                # tracking (and at a checkpoint its files), even if the pod dies right after.
+                self._track(metrics, saved)
                 _print_line(STEP_LOG_PREFIX + json.dumps(metrics))
                 self._report(stats)
-                self._track(metrics, saved)
         if self.rank == 0:
             if self.tracker is not None:
                 self.tracker.close()
