@@ -408,7 +408,8 @@ class StageTrainer:
             )
             if self.initial_reward is None:
                 self.initial_reward = stats.reward
-            self.last_rollout = (batch, samples)
+            if self.tracker is not None:  # for the samples table
+                self.last_rollout = (batch, samples)
         elif self.colocated is not None:
             self.colocated.follow_step()
         if self.colocated is not None:
