@@ -380,6 +380,9 @@ def _start_mlflow(directory: Path, host: str, port: int) -> str:
             "--workers=1",
         ],
         run_dir=directory,
+        # No job runner: MLflow 3 starts several huey consumers for its server-side jobs
+        # (prompt optimisation, scorers), which the trainer never asks for.
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     return f"http://{host}:{port}"
 
