@@ -304,6 +304,24 @@ INVALID: list[Invalid] = [
         "should match",
     ),
     Invalid(
+        "wandb-online-without-api-key",
+        _set("spec.tracking", {"wandb": {"project": "lmmr1"}}),
+        "spec.tracking.wandb.apiKeySecret",
+        "online mode needs apiKeySecret",
+    ),
+    Invalid(
+        "mlflow-uri-without-scheme",
+        _set("spec.tracking", {"mlflow": {"trackingUri": "mlflow.mlflow.svc:5000"}}),
+        "spec.tracking.mlflow.trackingUri",
+        "should match",
+    ),
+    Invalid(
+        "negative-sample-table-interval",
+        _set("spec.tracking", {"logSamplesEverySteps": -1}),
+        "spec.tracking.logSamplesEverySteps",
+        "greater than or equal to 0",
+    ),
+    Invalid(
         "negative-backoff",
         _set("spec.backoffLimit", -1),
         "spec.backoffLimit",

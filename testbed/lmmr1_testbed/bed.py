@@ -1,5 +1,6 @@
 """Bring the whole test bed up or down: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, kwok (simulated GPU nodes), the process node, and an S3 server (versitygw).
+kube-scheduler, kwok (simulated GPU nodes), the process node, an S3 server (versitygw) and
+an MLflow tracking server (SQLite backend, artifacts served by the server itself).
 
     python -m lmmr1_testbed up      # or: make cluster-up
     python -m lmmr1_testbed down    # or: make cluster-down
@@ -34,6 +35,7 @@ COMPONENTS = (
     "kube-scheduler",
     "kwok",
     "versitygw",
+    "mlflow",
     "process-node",
 )
 SERVICE_CIDR = "10.96.0.0/16"
@@ -114,7 +116,7 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
     (directory / "bin").symlink_to(bin_dir)  # .testbed/bin/kubectl, .testbed/bin/helm, ...
     ports = {
         name: procs.free_port()
-        for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok", "s3")
+        for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok", "s3", "mlflow")
     }
     host = "127.0.0.1"
     apiserver_url = f"https://{host}:{ports['apiserver']}"
@@ -292,6 +294,9 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
         env={"ROOT_ACCESS_KEY": s3_access_key, "ROOT_SECRET_KEY": s3_secret_key},
     )
 
+    log("starting the MLflow tracking server")
+    mlflow_url = _start_mlflow(directory, host, ports["mlflow"])
+
     state = TestBedState(
         run_dir=str(directory),
         bin_dir=str(bin_dir),
@@ -300,6 +305,7 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
         s3_endpoint=f"http://{host}:{ports['s3']}",
         s3_access_key=s3_access_key,
         s3_secret_key=s3_secret_key,
+        mlflow_url=mlflow_url,
         gpu_nodes=[f"kwok-gpu-{i}" for i in range(gpu_nodes)],
         ports=ports,
     )
@@ -328,6 +334,8 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
     wait_until(
         "versitygw", lambda: procs.port_is_open(host, ports["s3"]), 30, logs / "versitygw.log"
     )
+    # Last: its first start (database migrations) takes tens of seconds on a busy machine.
+    wait_until("MLflow", lambda: _http_ok(f"{mlflow_url}/health"), 180, logs / "mlflow.log")
     wait_until(
         "GPU nodes Ready",
         lambda: _nodes_ready(state, [*state.gpu_nodes, state.process_node]),
@@ -346,9 +354,37 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
     )
     log(
         f"up in {time.monotonic() - started:.1f}s: KUBECONFIG={state.kubeconfig}; "
-        f"S3 at {state.s3_endpoint} (source {directory / 's3.env'})"
+        f"S3 at {state.s3_endpoint} (source {directory / 's3.env'}); MLflow at {mlflow_url}"
     )
     return state
+
+
+def _start_mlflow(directory: Path, host: str, port: int) -> str:
+    """The tracking server the trainer's MLflow back end logs to (the dev virtualenv's
+    `mlflow`): runs and metrics in SQLite, artifacts (the samples tables) stored by the
+    server under <run_dir>/mlflow/artifacts and served to clients over HTTP, so a client
+    needs nothing but the URL."""
+    data = directory / "mlflow"
+    data.mkdir()
+    procs.start(
+        "mlflow",
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            f"--backend-store-uri=sqlite:///{data / 'mlflow.db'}",
+            f"--artifacts-destination={data / 'artifacts'}",
+            f"--host={host}",
+            f"--port={port}",
+            "--workers=1",
+        ],
+        run_dir=directory,
+        # No job runner: MLflow 3 starts several huey consumers for its server-side jobs
+        # (prompt optimisation, scorers), which the trainer never asks for.
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    return f"http://{host}:{port}"
 
 
 def kubectl(

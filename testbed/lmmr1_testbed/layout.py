@@ -71,6 +71,7 @@ class TestBedState:
     s3_access_key: str
     s3_secret_key: str
     s3_region: str = "us-east-1"
+    mlflow_url: str = ""  # the MLflow tracking server (http://127.0.0.1:<port>)
     process_node: str = "lmmr1-process-node"
     gpu_nodes: list[str] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)

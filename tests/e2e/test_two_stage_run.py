@@ -3,7 +3,9 @@ process node with the real trainer (generating with its colocated vLLM engine) a
 on CPU — FRE, then MGT from FRE's final checkpoint — and survives its trainer being killed
 mid-stage. Each stage evaluates its held-out set before its first step, every 4 steps and
 after its last: the results reach the status, the operator's metrics and S3, and the
-restarted FRE trainer reads its stored baseline back."""
+restarted FRE trainer reads its stored baseline back.
+The run tracks its steps in TensorBoard, the test bed's MLflow server and W&B
+(offline) from inside its restricted pods (read-only root filesystem)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 
 from lmmr1_testbed.demo import driver, seed
+from lmmr1_testbed.demo.tracking import tracking_spec
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_testbed.waiting import wait_for
 
@@ -134,6 +137,10 @@ def run_and_check(testbed: TestBedState, s3_client: Any) -> None:
         stage["checkpoint"] = {"everySteps": 2, "keepLast": 2}
         stage["evaluation"]["everySteps"] = 4  # FRE: 0, 4, 8, 10; MGT: 0, 4, 6
     run["spec"]["stages"][0]["algorithm"]["maxSteps"] = 10  # a window to kill it in
+    run["spec"]["tracking"] = {
+        **tracking_spec(testbed),
+        "wandb": {"project": "lmmr1-e2e", "mode": "offline"},
+    }
     driver.apply_run(testbed, NAMESPACE, run)
 
     # Kill the FRE trainer once it has committed two checkpoints (steps 2 and 4, or later
@@ -207,6 +214,7 @@ def run_and_check(testbed: TestBedState, s3_client: Any) -> None:
         manifest = s3_client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")
         files = json.loads(manifest["Body"].read())["files"]
         assert any(f["path"].endswith("model.safetensors") for f in files)
+    check_tracking(testbed, s3_client, fre["finalCheckpoint"].rsplit("/fre/", 1)[0])
 
 
 def check_evaluation(
@@ -254,3 +262,50 @@ def check_evaluation(
                if "lmmr1-train step {" in line]  # fmt: skip
     assert any("eval_seconds" in r and r["step"] == 4 for r in records)
     assert any("baseline_eval_seconds" in r for r in records)
+
+
+def check_tracking(testbed: TestBedState, s3_client: Any, run_uri: str) -> None:
+    """Both stages' steps reached MLflow (one MLflow run per stage, the killed and the
+    resumed attempt of FRE in one), TensorBoard (a file per attempt, each step once) and W&B
+    (an offline run directory per attempt), all from the pods."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    client = MlflowClient(tracking_uri=testbed.mlflow_url)
+    experiment = client.get_experiment_by_name(f"{NAMESPACE}/tiny")
+    assert experiment is not None
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["fre", "mgt"] and all(
+        r.info.status == "FINISHED" for r in runs.values()
+    )
+    for stage, steps in (("fre", 10), ("mgt", 6)):
+        logged = [
+            m.step for m in client.get_metric_history(runs[stage].info.run_id, "train/reward")
+        ]
+        # A kill between two checkpoints redoes the steps after the older one: logged again.
+        assert sorted(set(logged)) == list(range(1, steps + 1)), (stage, logged)
+    assert runs["fre"].data.params["stage"] == "fre"
+
+    bucket, _, prefix = run_uri.removeprefix("s3://").partition("/")
+    with tempfile.TemporaryDirectory() as work:
+        for stage, steps, attempts in (("fre", 10, 2), ("mgt", 6, 1)):
+            listed = s3_client.list_objects_v2(
+                Bucket=bucket, Prefix=f"{prefix}/tensorboard/{stage}/"
+            )
+            keys = [item["Key"] for item in listed.get("Contents", [])]
+            assert len(keys) == attempts, keys
+            folder = Path(work) / stage
+            folder.mkdir()
+            for key in keys:
+                s3_client.download_file(bucket, key, str(folder / key.rsplit("/", 1)[1]))
+            events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+            events.Reload()
+            # Only checkpointed steps' files survive a kill: every step exactly once.
+            assert [e.step for e in events.Scalars("train/reward")] == list(range(1, steps + 1))
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/wandb/fre/")
+    runs_logged = {
+        item["Key"].rsplit("/", 2)[-2]
+        for item in listed.get("Contents", [])
+        if item["Key"].endswith(".wandb")
+    }
+    assert len(runs_logged) == 2, runs_logged  # an offline run directory per attempt

@@ -278,3 +278,33 @@ def test_s3_multipart_round_trip_list_and_delete(
         Delete={"Objects": [{"Key": key}, {"Key": "ckpt/step-2/model.bin"}]},
     )
     assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
+
+
+def test_the_mlflow_tracking_server_answers_its_rest_api(testbed: TestBedState) -> None:
+    """`make cluster-up` starts MLflow (SQLite store, artifacts served by the server): an
+    experiment, a run and a metric made over the REST API are there when read back."""
+    import urllib.request
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{testbed.mlflow_url}/api/2.0/mlflow/{path}",
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json"},
+            method=method,
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return dict(json.loads(response.read() or b"{}"))
+
+    with urllib.request.urlopen(f"{testbed.mlflow_url}/health", timeout=10) as response:
+        assert response.read() == b"OK"
+    name = f"testbed-{Path(testbed.run_dir).name}-{id(call)}"
+    experiment = call("POST", "experiments/create", {"name": name})["experiment_id"]
+    run = call("POST", "runs/create", {"experiment_id": experiment})["run"]["info"]["run_id"]
+    call(
+        "POST",
+        "runs/log-metric",
+        {"run_id": run, "key": "r", "value": 0.5, "timestamp": 1, "step": 3},
+    )
+    got = call("GET", f"metrics/get-history?run_id={run}&metric_key=r")["metrics"]
+    assert [(m["step"], m["value"]) for m in got] == [(3, 0.5)]
+    assert (Path(testbed.run_dir) / "mlflow" / "mlflow.db").stat().st_size > 0

@@ -249,6 +249,11 @@ def test_workload_containers_write_only_to_their_emptydirs(name: str) -> None:
             "LMMR1_MODEL_CACHE",
             "HF_HOME",
             "TRITON_CACHE_DIR",
+            "WANDB_DIR",
+            "WANDB_CACHE_DIR",
+            "WANDB_CONFIG_DIR",
+            "WANDB_DATA_DIR",
+            "WANDB_ARTIFACT_DIR",
         ):
             assert any(Path(env[key]).is_relative_to(w) for w in writable), (key, env[key])
 

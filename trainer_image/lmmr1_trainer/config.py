@@ -213,6 +213,48 @@ class ProgressConfig(_Config):
     namespace: str
 
 
+class TensorBoardConfig(_Config):
+    """TensorBoard event files, written locally by rank 0 and uploaded under `uri` (the
+    operator: `<storage>/<namespace>/<run>/tensorboard/<stage>`) at every checkpoint and at
+    the end. Each attempt writes a new event file beside the earlier ones; TensorBoard
+    merges the files of a folder."""
+
+    uri: str
+
+
+class MlflowConfig(_Config):
+    """An MLflow tracking server. Credentials are not here: the client reads
+    MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD from the environment."""
+
+    tracking_uri: str = Field(pattern=r"^(https?|file)://[^ ]+$")
+    experiment: str = Field(min_length=1, max_length=256)
+
+
+class WandbConfig(_Config):
+    """Weights & Biases. The API key is not here: the client reads WANDB_API_KEY. Offline
+    runs are uploaded under `uri` (when set) for `wandb sync`."""
+
+    project: str = Field(min_length=1, max_length=128)
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+    uri: str | None = None
+
+
+class TrackingConfig(_Config):
+    """Experiment tracking from rank 0 (`lmmr1_trainer.tracking`); every back end optional."""
+
+    tensorboard: TensorBoardConfig | None = None
+    mlflow: MlflowConfig | None = None
+    wandb: WandbConfig | None = None
+    # A table of sampled responses (prompt, response, reward) every this many steps; 0: never.
+    log_samples_every_steps: int = Field(default=10, ge=0)
+    samples_per_table: int = Field(default=8, ge=1)
+
+    @property
+    def enabled(self) -> bool:
+        return any(b is not None for b in (self.tensorboard, self.mlflow, self.wandb))
+
+
 class StageConfig(_Config):
     run: RunRef
     init_from: str = Field(description="Weights to start from: hf://, s3:// or pvc:// URI")
@@ -227,6 +269,7 @@ class StageConfig(_Config):
     progress: ProgressConfig
     s3: S3Settings = S3Settings()
     evaluation: EvaluationConfig | None = None
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
     @classmethod

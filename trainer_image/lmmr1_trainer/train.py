@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from lmmr1_trainer.experience import RolloutStats
     from lmmr1_trainer.rollout.colocate import ColocatedRollout
     from lmmr1_trainer.rollout.protocol import Rollouts
+    from lmmr1_trainer.tracking import Tracker
 
 logger = logging.getLogger("lmmr1_trainer.train")
 THREADS_ENV = "LMMR1_TORCH_THREADS"
@@ -133,6 +134,8 @@ class StageTrainer:
         self.critic: PolicyEngine | None = None  # gae only
         self.evaluator: Evaluator | None = None  # rank 0, with stage.evaluation
         self.evaluated_step: int | None = None  # the last step this process evaluated
+        self.tracker: Tracker | None = None  # rank 0, when the stage tracks experiments
+        self.last_rollout: tuple[list[Any], list[Any]] = ([], [])  # rank 0: rows, samples
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -347,6 +350,7 @@ class StageTrainer:
         if self.rank == 0:
             self._connect()
             self._start_evaluation()
+            self._start_tracking()
         self._sync_weights()  # the servers serve init_from (or stale weights) until told
         if self.rank == 0:
             # Ready to train: a first report (the step it starts from) tells the operator's
@@ -374,6 +378,9 @@ class StageTrainer:
                 baseline_seconds = None
             if self.rank == 0 and stats is not None:
                 metrics["seconds"] = round(time.monotonic() - started, 3)
+                # Tracked before the step is logged: once its line is out, so is the step's
+                # tracking (and at a checkpoint its files), even if the pod dies right after.
+                self._track(metrics, saved)
                 _print_line(STEP_LOG_PREFIX + json.dumps(metrics))
                 self._report(stats)
         if self.config.evaluation is not None and self.evaluated_step != self.total_steps:
@@ -381,6 +388,8 @@ class StageTrainer:
             # if the attempt that died had written it).
             self._evaluate(self.store.uri(self.total_steps))
         if self.rank == 0:
+            if self.tracker is not None:
+                self.tracker.close()
             final_uri = self.store.uri(self.total_steps)
             self.last_checkpoint = final_uri
             self._report(self.last_stats, final=final_uri)
@@ -439,7 +448,7 @@ class StageTrainer:
         attempt stored that step's result (then rank 0 reads it back). The other ranks
         generate their share (colocate) in the one `generate` call an evaluation makes."""
         from lmmr1_trainer.collectives import broadcast_object
-        from lmmr1_trainer.evaluation import stored
+        from lmmr1_trainer.evaluation import stored, tracker_metrics
 
         results = None
         if self.rank == 0:
@@ -448,6 +457,8 @@ class StageTrainer:
         if measure and self.rank == 0 and self.evaluator is not None:
             weights = checkpoint or f"{self.config.checkpoint.uri} (policy after step {self.step})"
             results, _ = self.evaluator.evaluate(self.step, weights, checkpoint)
+            if self.tracker is not None:  # measured now (a result read back was tracked then)
+                self.tracker.log_evaluation(self.step, tracker_metrics(results))
         elif measure and self.colocated is not None:
             self.colocated.follow_step()
         if self.rank == 0 and results is not None:
@@ -486,6 +497,8 @@ class StageTrainer:
             )
             if self.initial_reward is None:
                 self.initial_reward = stats.reward
+            if self.tracker is not None:  # for the samples table
+                self.last_rollout = (batch, samples)
         elif self.colocated is not None:
             self.colocated.follow_step()
         if self.colocated is not None:
@@ -494,6 +507,9 @@ class StageTrainer:
         engine = self.policy.engine
         metrics: dict[str, Any] = {"step": self.step + 1, "total_steps": self.total_steps}
         losses, clips, value_losses, zero_value_losses = [], [], [], []
+        # The policy's entropy, estimated from the log-probs the update computes anyway:
+        # the mean of -log p over the sampled response tokens (sampled from the policy).
+        entropy_sum = response_tokens = 0.0
         with timed(metrics, "update_seconds"):  # old/ref log-probs, then every optimizer update
             micro_batches = prepare_micro_batches(
                 mine,
@@ -531,6 +547,8 @@ class StageTrainer:
                     self.policy.backward_and_step(loss)
                     losses.append(float(loss.detach()))
                     clips.append(float(clip))
+                    entropy_sum -= float((log_probs.detach() * mask).sum())
+                    response_tokens += float(mask.sum())
                     if self.critic is not None and self.config.critic is not None:
                         value, zero = critic_update(self.critic, mb, self.config.critic)
                         value_losses.append(value)
@@ -550,15 +568,16 @@ class StageTrainer:
         # The whole rollout batch's means, not rank 0's share: every rank's micro-batches.
         kls = [mean_kl([mb]) for mb in micro_batches]
         sums = [sum(losses), len(losses), sum(clips), sum(kls), len(kls)]
-        sums += [sum(value_losses), sum(zero_value_losses)]
+        sums += [sum(value_losses), sum(zero_value_losses), entropy_sum, response_tokens]
         totals = torch.tensor(sums, dtype=torch.float64)
-        loss_sum, updates, clip_sum, kl_sum, batches, value_sum, zero_sum = all_reduce_sum(
-            totals, engine.device
-        ).tolist()
+        loss_sum, updates, clip_sum, kl_sum, batches, value_sum, zero_sum, ent_sum, tokens = (
+            all_reduce_sum(totals, engine.device).tolist()
+        )
         metrics.update(
             policy_loss=loss_sum / max(1.0, updates),
             clip_fraction=clip_sum / max(1.0, updates),
             kl=kl_sum / max(1.0, batches),
+            entropy=ent_sum / max(1.0, tokens),
             lr=self.policy.learning_rate(),
         )
         if self.critic is not None:
@@ -568,6 +587,29 @@ class StageTrainer:
                 critic_lr=self.critic.learning_rate(),
             )
         return stats, metrics
+
+    def _start_tracking(self) -> None:
+        from lmmr1_trainer.tracking import Tracker, TrackingConfigError
+
+        try:
+            self.tracker = Tracker.create(self.config, self.workdir)
+        except TrackingConfigError as err:
+            raise ConfigError(str(err)) from err
+
+    def _track(self, metrics: dict[str, Any], saved: bool) -> None:
+        """Rank 0: the step's record (and now and then a table of its samples) to the
+        trackers; at a checkpoint, their local files to storage."""
+        from lmmr1_trainer.tracking import rollout_samples
+
+        if self.tracker is None:
+            return
+        self.tracker.log_step(self.step, metrics)
+        if self.tracker.samples_due(self.step):
+            rows, samples = self.last_rollout
+            limit = self.config.tracking.samples_per_table
+            self.tracker.log_samples(self.step, rollout_samples(self.encoder, rows, samples, limit))
+        if saved:
+            self.tracker.checkpoint()
 
     def _log_weight_digest(self) -> None:
         """Every rank logs a digest of its full weights (replicas must agree; ZeRO <= 2)."""

@@ -677,6 +677,87 @@ class PodSecurity(ApiModel):
     )
 
 
+class TensorBoardTracking(ApiModel):
+    """TensorBoard event files beside the checkpoints."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Write TensorBoard event files to <storage.uri>/<namespace>/<run>/"
+        "tensorboard/<stage>/ (uploaded at each checkpoint and at the end; each attempt adds "
+        "a file, which TensorBoard merges): `tensorboard --logdir s3://…/<namespace>/<run>/"
+        "tensorboard` shows every stage.",
+    )
+
+
+class MlflowTracking(ApiModel):
+    """An MLflow tracking server: one MLflow run per stage (a restarted stage continues its
+    run), params = the stage's hyperparameters, samples tables as JSON artifacts."""
+
+    tracking_uri: str = Field(
+        max_length=MAX_URI,
+        pattern=r"^https?://[^/ ]+(/[^ ]*)?$",
+        description="The tracking server's URL, e.g. http://mlflow.mlflow.svc:5000.",
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Experiment name; default: <namespace>/<run>.",
+    )
+    credentials_secret: DnsName | None = Field(
+        default=None,
+        description="Secret with MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD (given to the trainer as environment variables).",
+    )
+
+
+class WandbTracking(ApiModel):
+    """Weights & Biases: one W&B run per stage, grouped by the LMMR1Run."""
+
+    rules = (
+        Rule(
+            cel="self.mode == 'offline' || has(self.apiKeySecret)",
+            message="online mode needs apiKeySecret (a Secret with key WANDB_API_KEY); "
+            "use mode offline to log without an account",
+            check=lambda w: w.mode == "offline" or w.api_key_secret is not None,
+            field="apiKeySecret",
+        ),
+    )
+
+    project: str = Field(
+        min_length=1, max_length=128, pattern=r"^[^/# ?%:]+$", description="W&B project."
+    )
+    entity: str | None = Field(
+        default=None, max_length=128, pattern=r"^[^/# ?%:]+$", description="W&B team or user."
+    )
+    mode: Literal["online", "offline"] = Field(
+        default="online",
+        description="offline: the run is written to <storage.uri>/<namespace>/<run>/wandb/"
+        "<stage>/ for a later `wandb sync`.",
+    )
+    api_key_secret: DnsName | None = Field(
+        default=None, description="Secret with key WANDB_API_KEY (needed online)."
+    )
+
+
+class Tracking(ApiModel):
+    """Experiment tracking from the trainer's rank 0, each back end optional. Every step
+    logs reward (and its format and accuracy parts), accuracy, response length, KL,
+    entropy, policy loss, learning rate and phase timings. A back end that fails while the
+    run trains (its server down) is logged and skipped; it never stops training."""
+
+    tensorboard: TensorBoardTracking | None = None
+    mlflow: MlflowTracking | None = None
+    wandb: WandbTracking | None = None
+    log_samples_every_steps: int = Field(
+        default=10,
+        ge=0,
+        le=100_000,
+        description="Log a table of sampled responses (prompt, response, reward) every this "
+        "many steps; 0: never.",
+    )
+
+
 _IMMUTABLE = "cannot change once the run exists; create a new run instead"
 
 
@@ -752,6 +833,10 @@ class LMMR1RunSpec(ApiModel):
     )
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    tracking: Tracking | None = Field(
+        default=None,
+        description="Experiment tracking (TensorBoard, MLflow, W&B); none by default.",
+    )
 
 
 def stall_timeout(spec: LMMR1RunSpec, index: int) -> int:

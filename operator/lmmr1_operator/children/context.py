@@ -35,6 +35,12 @@ class StageContext:
         base = self.spec.storage.uri.rstrip("/")
         return f"{base}/{self.namespace}/{self.name}/{self.stage.name}"
 
+    def tracking_uri(self, kind: str) -> str:
+        """Where a tracker's files go, beside the checkpoints: one folder per kind (so that
+        `tensorboard --logdir <…>/tensorboard` shows every stage of the run), one per stage."""
+        base = self.spec.storage.uri.rstrip("/")
+        return f"{base}/{self.namespace}/{self.name}/{kind}/{self.stage.name}"
+
     @property
     def s3_endpoint(self) -> str | None:
         return self.spec.storage.endpoint or self.settings.default_s3_endpoint

@@ -141,7 +141,8 @@ def writable_mounts() -> list[dict[str, Any]]:
 def writable_env() -> list[dict[str, Any]]:
     """Point every cache the pods' code and libraries write at the cache emptyDir: the
     model cache (lmmr1_trainer.models), Hugging Face, Triton and torch extensions (vLLM,
-    DeepSpeed), XDG caches, and HOME (the image's home is on the read-only root)."""
+    DeepSpeed), XDG caches, W&B's directories (the tracker puts its runs under the scratch
+    directory itself) and HOME (the image's home is on the read-only root)."""
     return [
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "TMPDIR", "value": SCRATCH_DIR},
@@ -150,6 +151,11 @@ def writable_env() -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
         {"name": "TORCH_EXTENSIONS_DIR", "value": f"{CACHE_DIR}/torch_extensions"},
+        {"name": "WANDB_DIR", "value": f"{SCRATCH_DIR}/wandb"},
+        {"name": "WANDB_CACHE_DIR", "value": f"{CACHE_DIR}/wandb"},
+        {"name": "WANDB_CONFIG_DIR", "value": f"{CACHE_DIR}/wandb/config"},
+        {"name": "WANDB_DATA_DIR", "value": f"{CACHE_DIR}/wandb/data"},
+        {"name": "WANDB_ARTIFACT_DIR", "value": f"{CACHE_DIR}/wandb/artifacts"},
     ]
 
 

@@ -15,13 +15,17 @@ from lmmr1_trainer.config import (
     DatasetConfig,
     EvaluationConfig,
     EvaluationDatasetConfig,
+    MlflowConfig,
     ProgressConfig,
     RewardConfig,
     RolloutConfig,
     RunRef,
     S3Settings,
     StageConfig,
+    TensorBoardConfig,
+    TrackingConfig,
     TrainerTopology,
+    WandbConfig,
 )
 
 CONFIG_KEY = "stage.yaml"
@@ -96,6 +100,38 @@ def render(ctx: StageContext, rollout_urls: list[str]) -> StageConfig:
         ),
         s3=S3Settings(endpoint=ctx.s3_endpoint, region=ctx.s3_region),
         evaluation=evaluation(ctx),
+        tracking=tracking(ctx),
+    )
+
+
+def tracking(ctx: StageContext) -> TrackingConfig:
+    """The run's `tracking` for this stage: where its files go, the experiment's name.
+    Credentials stay in their Secrets (the trainer's env, `children.trainer`)."""
+    spec = ctx.spec.tracking
+    if spec is None:
+        return TrackingConfig()
+    tensorboard = spec.tensorboard is not None and spec.tensorboard.enabled
+    return TrackingConfig(
+        tensorboard=TensorBoardConfig(uri=ctx.tracking_uri("tensorboard")) if tensorboard else None,
+        mlflow=(
+            MlflowConfig(
+                tracking_uri=spec.mlflow.tracking_uri,
+                experiment=spec.mlflow.experiment or f"{ctx.namespace}/{ctx.name}",
+            )
+            if spec.mlflow
+            else None
+        ),
+        wandb=(
+            WandbConfig(
+                project=spec.wandb.project,
+                entity=spec.wandb.entity,
+                mode=spec.wandb.mode,
+                uri=ctx.tracking_uri("wandb") if spec.wandb.mode == "offline" else None,
+            )
+            if spec.wandb
+            else None
+        ),
+        log_samples_every_steps=spec.log_samples_every_steps,
     )
 
 

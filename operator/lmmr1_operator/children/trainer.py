@@ -50,6 +50,7 @@ def _env(ctx: StageContext) -> list[dict[str, Any]]:
         {"name": "NNODES", "value": str(topology.nodes)},
         *pods.writable_env(),
         *pods.s3_env(ctx),
+        *_tracking_env(ctx),
     ]
     if topology.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
@@ -58,6 +59,37 @@ def _env(ctx: StageContext) -> list[dict[str, Any]]:
             {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
             {"name": "NCCL_DEBUG", "value": "WARN"},
         ]
+    return env
+
+
+# The MLflow client reads a token, or a user name and password: the Secret holds either.
+MLFLOW_SECRET_KEYS = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+WANDB_SECRET_KEY = "WANDB_API_KEY"
+
+
+def _secret_env(secret: str, key: str, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": key, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _tracking_env(ctx: StageContext) -> list[dict[str, Any]]:
+    """The tracking servers' credentials, by reference to the user's Secrets (never in the
+    stage's ConfigMap). Rank 0 alone logs, but every rank has the same container."""
+    tracking = ctx.spec.tracking
+    env: list[dict[str, Any]] = []
+    if tracking is None:
+        return env
+    if tracking.mlflow is not None and tracking.mlflow.credentials_secret:
+        secret = tracking.mlflow.credentials_secret
+        env += [_secret_env(secret, key, optional=True) for key in MLFLOW_SECRET_KEYS]
+    if tracking.wandb is not None and tracking.wandb.api_key_secret:
+        env.append(_secret_env(tracking.wandb.api_key_secret, WANDB_SECRET_KEY))
     return env
 
 

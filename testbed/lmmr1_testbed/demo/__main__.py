@@ -5,9 +5,10 @@
 
 Starts the test bed (control plane, process node, S3), seeds S3 with a tiny
 Qwen2.5-VL-architecture model and synthetic data, installs the operator with the project's
-Helm chart, applies manifests/examples/run-tiny.yaml with kubectl, and follows the run
-through FRE and MGT until it ends. The pods are the operator's real pods, run by the process
-node with the same trainer code a GPU cluster runs, on CPU.
+Helm chart, applies manifests/examples/run-tiny.yaml with kubectl (with TensorBoard and the
+test bed's MLflow server as its experiment tracking), follows the run through FRE and MGT
+until it ends, and says where its tracking data went. The pods are the operator's real pods,
+run by the process node with the same trainer code a GPU cluster runs, on CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from lmmr1_testbed import bed
 from lmmr1_testbed.demo import driver, plot, seed
+from lmmr1_testbed.demo.tracking import tracking_spec, tracking_summary
 from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 
 NAMESPACE = "lmmr1-demo"
@@ -77,6 +79,7 @@ def _demo(state: TestBedState, args: argparse.Namespace, started: float) -> int:
         region_name=state.s3_region,
     )
     run = driver.example_run()
+    run["spec"]["tracking"] = tracking_spec(state)  # TensorBoard and the test bed's MLflow
     driver.delete_run(state, NAMESPACE, run["metadata"]["name"])
     say("== 2/5 seeding S3: tiny Qwen2.5-VL model, synthetic FRE (text) and MGT (image) data")
     with tempfile.TemporaryDirectory() as work:
@@ -106,7 +109,9 @@ def _demo(state: TestBedState, args: argparse.Namespace, started: float) -> int:
 
     say("== 5/5 following the run (kubectl get lmmr1runs)")
     watch = driver.follow(state, NAMESPACE, name, timeout=args.timeout, on_change=show)
-    return summarise(state, name, watch, started)
+    code = summarise(state, name, watch, started)
+    tracking_summary(state, s3, run, NAMESPACE, say)
+    return code
 
 
 def window_mean(points: list[tuple[int, float, float]]) -> float:
