@@ -284,6 +284,13 @@ def check_tracking(testbed: TestBedState, s3_client: Any, run_uri: str) -> None:
         ]
         # A kill between two checkpoints redoes the steps after the older one: logged again.
         assert sorted(set(logged)) == list(range(1, steps + 1)), (stage, logged)
+    # Each evaluation a trainer measured (a result read back from S3 is not logged again).
+    for stage, dataset, steps in (
+        ("fre", "arithmetic", [0, 4, 8, 10]),
+        ("mgt", "counting", [0, 4, 6]),
+    ):
+        history = client.get_metric_history(runs[stage].info.run_id, f"eval/{dataset}/accuracy")
+        assert sorted(m.step for m in history) == steps, (stage, history)
     assert runs["fre"].data.params["stage"] == "fre"
 
     bucket, _, prefix = run_uri.removeprefix("s3://").partition("/")

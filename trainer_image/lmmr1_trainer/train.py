@@ -432,13 +432,21 @@ class StageTrainer:
         return evaluation is not None and due(self.step, self.total_steps, evaluation.every_steps)
 
     def _baseline(self) -> float | None:
-        """Every rank: measure the starting weights before the first step (read back when a
-        restarted stage stored it already); the seconds it took."""
+        """Every rank, before this attempt's first step: the evaluation of the weights it
+        starts from; the seconds it took. At step 0 the baseline; resumed from a checkpoint
+        whose evaluation was due, that evaluation, since the attempt that committed the
+        checkpoint may have died before measuring it (read back when it did not)."""
         evaluation = self.config.evaluation
-        if evaluation is None or not evaluation.before_training or self.step != 0:
+        if evaluation is None:
+            return None
+        if self.step == 0 and evaluation.before_training:
+            weights = self.config.init_from
+        elif 0 < self.step < self.total_steps and self._evaluation_due():
+            weights = self.store.uri(self.step)  # the checkpoint this attempt resumed from
+        else:  # nothing due (the final step's evaluation follows the loop)
             return None
         started = time.monotonic()
-        self._evaluate(self.config.init_from)
+        self._evaluate(weights)
         if self.rank == 0:
             self._report(None)
         return time.monotonic() - started
