@@ -46,7 +46,7 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def sokoban_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """100 SFT steps on Sokoban frames answered with moves: measured 2 of 8 samples well
-    formed (one of them solving its level) with 48 new tokens."""
+    formed (one of them solving its level) with 48 new tokens; some others were cut short."""
     out = tmp_path_factory.mktemp("tiny-vl-sokoban")
     return build_tiny_model(out, warm_start_steps=100, warm_start_task="sokoban")
 
@@ -69,6 +69,7 @@ def _dataset(out: Path) -> Path:
     return out / "train.jsonl"
 
 
+@pytest.mark.timeout(1200)  # the warm start and the stage on a few shared CPU cores
 def test_a_sokoban_stage_scores_replays_and_finishes(
     sokoban_model: Path, sokoban_verifier: Service, tmp_path: Path
 ) -> None:
@@ -91,7 +92,8 @@ def test_a_sokoban_stage_scores_replays_and_finishes(
             rollout_batch_size=2,
             train_batch_size=8,
             micro_train_batch_size=4,
-            max_generation_length=48,
+            max_generation_length=64,
+            learning_rate=1e-4,  # the harness's 1e-3 garbles the tiny model's answers at once
             max_steps=STEPS,
         )
         stage["reward"]["verifier"] = "sokoban"
