@@ -290,11 +290,11 @@ def test_bad_requests_get_a_4xx_json_error(service: str) -> None:
                 service,
                 "POST",
                 "/v1/rewards",
-                b'{"samples": [{"response": "x", "label": "1", "task": "sokoban"}]}',
-                Content_Length="65",
+                b'{"samples": [{"response": "x", "label": "1", "task": "tetris"}]}',
+                Content_Length="64",
             ),
             422,
-            "samples.0.task: unknown task 'sokoban'",
+            "samples.0.task: unknown task 'tetris'",
         ),
     }
     for name, ((status, body), expected_status, message) in cases.items():

@@ -17,6 +17,7 @@ from lmmr1_operator.api.script_flags import SCRIPT_VALUES, SCRIPTS
 from lmmr1_operator.reconcile import Observed, decide
 from lmmr1_operator.settings import OperatorSettings
 from lmmr1_trainer.config import StageConfig
+from lmmr1_trainer.verifier.rewards import load_verifiers, registered_tasks
 
 RECIPES = crd.REPO_ROOT / "manifests" / "examples" / "recipes"
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -86,3 +87,22 @@ def test_the_operator_renders_the_manifest_into_a_stage_the_trainer_accepts(scri
     assert stage.algorithm.learning_rate == spec_stage["algorithm"]["learningRate"]
     assert stage.dataset.uri == spec_stage["dataset"]["uri"]
     assert stage.init_from == spec_stage.get("initFrom", run["spec"]["model"]["uri"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_verifier_a_manifest_names_is_built_into_the_image(script: str) -> None:
+    """No plug-in is needed: the sidecar's `--default-task` names a built-in verifier (a
+    task it does not know stops the sidecar with exit 78)."""
+    run = manifest(script)
+    spec = LMMR1RunSpec.model_validate(run["spec"])
+    load_verifiers()
+    verifier = spec.stages[0].reward.verifier
+    assert verifier in registered_tasks()
+    run["metadata"].update(namespace="default", uid="uid-1", generation=1)
+    settings = OperatorSettings(trainer_image="trainer:1", rollout_image="rollout:1")
+    plan = decide(Observed(run=run, now=NOW, token="tok", service_account="default"), settings)
+    job = next(o for o in plan.ensure if o["kind"] == "Job")
+    [sidecar] = job["spec"]["template"]["spec"]["initContainers"]
+    command = sidecar["command"]
+    assert command[command.index("--default-task") + 1] == verifier
+    assert (script == "train_sokoban") == (verifier == "sokoban")

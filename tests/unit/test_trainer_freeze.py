@@ -184,3 +184,16 @@ def test_frozen_parameters_keep_their_values_and_get_no_optimizer_state(
     assert reloaded["optimizer_numel"] == result["optimizer_numel"]
     for name in before:
         assert torch.equal(reloaded["weights"][name], after[name]), name
+
+
+def test_the_critic_trains_its_whole_backbone_whatever_the_policy_freezes() -> None:
+    """LMM-R1's Sokoban script: gae with --freeze_prefix visual. OpenRLHF freezes the actor
+    only; applied to the critic (`backbone.visual…`) the prefix matched nothing and the stage
+    stopped at start with exit 78."""
+    from lmmr1_trainer.config import AlgorithmConfig, CriticConfig
+    from lmmr1_trainer.critic import critic_settings
+
+    algo = AlgorithmConfig(advantage_estimator="gae", freeze_prefix=["visual"])
+    settings = critic_settings(algo, CriticConfig(learning_rate=5e-6))
+    assert (settings.freeze_prefix, settings.learning_rate) == ([], 5e-6)
+    assert algo.freeze_prefix == ["visual"]

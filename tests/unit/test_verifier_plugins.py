@@ -66,6 +66,13 @@ def bad_score(request: AccuracyRequest, settings: AccuracySettings) -> AccuracyO
     return AccuracyOutcome(7.0, AccuracyStatus.OK)
 
 
+@register_verifier("test-task-reward", owns_format=True, bounded=False)
+def task_reward(request: AccuracyRequest, settings: AccuracySettings) -> AccuracyOutcome:
+    """A task reward (any finite number, the label's) with a format rule of its own."""
+    formatted = 1.0 if request.text.startswith("ok") else 0.0
+    return AccuracyOutcome(float(request.label or 0), AccuracyStatus.OK, format_score=formatted)
+
+
 def _inline(**overrides: object) -> Verifier:
     return Verifier(
         VerifierConfig.model_validate(
@@ -88,7 +95,7 @@ def test_a_name_cannot_be_registered_twice() -> None:
 
 def test_unknown_task_names_the_registered_ones() -> None:
     with pytest.raises(UnknownTaskError, match=r"registered: .*choice.*math"):
-        get_verifier("sokoban")
+        get_verifier("tetris")
 
 
 def test_a_plugin_task_scores_through_the_engine() -> None:
@@ -110,8 +117,8 @@ def test_a_plugin_can_be_the_default_task() -> None:
 
 
 def test_an_unknown_default_task_is_refused_at_start() -> None:
-    with pytest.raises(UnknownTaskError, match="sokoban"):
-        _inline(accuracy={"default_task": "sokoban"})
+    with pytest.raises(UnknownTaskError, match="tetris"):
+        _inline(accuracy={"default_task": "tetris"})
 
 
 def test_a_missing_plugin_module_is_a_clear_error() -> None:
@@ -136,3 +143,20 @@ def test_identical_answers_in_a_batch_are_verified_once() -> None:
     results = _inline(profile="lenient").score(batch)
     assert [r.reward for r in results] == [1.5] * 16 + [0.5] * 16
     assert sorted(CALLS) == ["a", "b"]
+
+
+def test_a_task_reward_is_any_finite_number_and_its_format_its_own() -> None:
+    [big, negative, nan, formatted] = _inline(profile="lenient").score(
+        [
+            Sample("x", "12.5", task="test-task-reward"),
+            Sample("x", "-3", task="test-task-reward"),
+            Sample("x", "nan", task="test-task-reward"),
+            # Well formed by the paper's rule, but this task's rule decides: 0.
+            Sample("<think>t</think><answer>1</answer>", "2", task="test-task-reward"),
+        ]
+    )
+    assert (big.reward, big.format_reward, negative.reward) == (12.5, 0.0, -3.0)
+    assert (nan.reward, nan.status, nan.detail) == (0.0, "error", "score not finite")
+    assert (formatted.format_score, formatted.reward) == (0.0, 2.0)
+    [own_format] = _inline().score([Sample("ok, not tagged", "1", task="test-task-reward")])
+    assert (own_format.format_reward, own_format.reward) == (0.5, 1.5)

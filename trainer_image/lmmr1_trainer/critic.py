@@ -71,9 +71,12 @@ def load_critic(model_dir: Path, dtype: torch.dtype, seed: int) -> CriticModel:
 
 def critic_settings(algo: AlgorithmConfig, critic: CriticConfig) -> AlgorithmConfig:
     """The policy's engine settings with the critic's learning rate and warm-up (unset: the
-    policy's, as OpenRLHF's one --lr_warmup_ratio serves both)."""
+    policy's, as OpenRLHF's one --lr_warmup_ratio serves both). `freeze_prefix` is the
+    policy's alone, as OpenRLHF's --freeze_prefix freezes the actor only: the critic trains
+    its whole backbone (its names, `backbone.*`, would not match the policy's prefixes)."""
     warmup = critic.warmup_ratio if critic.warmup_ratio is not None else algo.warmup_ratio
-    return algo.model_copy(update={"learning_rate": critic.learning_rate, "warmup_ratio": warmup})
+    update = {"learning_rate": critic.learning_rate, "warmup_ratio": warmup, "freeze_prefix": []}
+    return algo.model_copy(update=update)
 
 
 def response_values(critic: Any, batch: SequenceBatch) -> Tensor:

@@ -89,7 +89,8 @@ SCRIPT_FLAGS: tuple[ScriptFlag, ...] = (
         "--remote_rm_url",
         f"{STAGE}.reward.verifier",
         "the rule-based verifier runs as a sidecar of each trainer pod; format 0.5 + accuracy "
-        "1.0; reward.profile lmm-r1 (default) scores exactly as the scripts' math_verifier.py",
+        "1.0; reward.profile lmm-r1 (default) scores exactly as the scripts' math_verifier.py; "
+        "reward.verifier sokoban as train_sokoban.sh's sokoban_verifier.py",
     ),
     ScriptFlag("--actor_num_nodes", f"{STAGE}.resources.trainer.nodes", "1"),
     ScriptFlag("--actor_num_gpus_per_node", f"{STAGE}.resources.trainer.gpusPerNode", "8"),

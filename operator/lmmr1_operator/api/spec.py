@@ -401,7 +401,9 @@ class Reward(ApiModel):
         default="math",
         pattern=r"^[a-z][a-z0-9_.-]*$",
         max_length=64,
-        description="Verifier task: math (default), choice, numeric or a registered plug-in name.",
+        description="Verifier task: math (default), choice, numeric, sokoban (LMM-R1's Sokoban "
+        "reward: the label is the level, the answer's moves are replayed in it) or a "
+        "registered plug-in name.",
     )
     format_weight: float = Field(default=0.5, ge=0, le=100)
     accuracy_weight: float = Field(default=1.0, ge=0, le=100)

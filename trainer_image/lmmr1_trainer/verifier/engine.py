@@ -31,6 +31,7 @@ from lmmr1_trainer.verifier.rewards import (
     get_verifier,
     load_verifiers,
     run_verification,
+    verifier_traits,
 )
 from lmmr1_trainer.verifier.templates import ExtractedResponse, extract_response
 
@@ -127,7 +128,8 @@ class Verifier:
         return samples
 
     def _accuracy_request(self, sample: Sample, task: str) -> AccuracyRequest:
-        if self.config.accuracy.answer_source is AnswerSource.ANSWER_BLOCK:
+        reads_answer_block = self.config.accuracy.answer_source is AnswerSource.ANSWER_BLOCK
+        if reads_answer_block and not verifier_traits(task).owns_format:
             block = answer_block(sample.response)
             if block is not None:
                 return AccuracyRequest(task, block, sample.label, from_answer_block=True)
@@ -168,7 +170,12 @@ class Verifier:
         for sample, task, maybe_outcome in zip(samples, tasks, outcomes, strict=True):
             assert maybe_outcome is not None
             too_long = maybe_outcome.status is AccuracyStatus.RESPONSE_TOO_LONG
-            format_raw = 0.0 if too_long else self.format_reward.score(sample.response)
+            if too_long:
+                format_raw = 0.0
+            elif verifier_traits(task).owns_format:  # its own rule; 0 on a timeout or error
+                format_raw = maybe_outcome.format_score or 0.0
+            else:
+                format_raw = self.format_reward.score(sample.response)
             flags = () if sample.marker_found else (NO_RESPONSE_MARKER,)
             results.append(
                 combine(

@@ -3,8 +3,12 @@
 A sample's reward is `format.weight * format_score + accuracy.weight * accuracy_score`
 (the paper: 0.5 and 1.0). The format score is computed in the server process (cheap string
 checks); the accuracy score comes from a verifier chosen by task name, run in a worker
-process. Task-specific verifiers (Sokoban, agent tasks, …) plug in with `register_verifier`
-in a module listed in `VerifierConfig.plugins`; it is imported by the server and every worker.
+process. Task-specific verifiers (agent tasks, …) plug in with `register_verifier` in a
+module listed in `VerifierConfig.plugins`; it is imported by the server and every worker.
+A task with an answer format of its own (the built-in `sokoban`) registers with
+`owns_format=True`: it scores the format itself (`AccuracyOutcome.format_score`, weighted by
+the format weight) and reads the whole response; with `bounded=False` its score is a task
+reward (any finite number, e.g. an environment's return) instead of an accuracy in [0, 1].
 
 This module is pure: it imports neither math-verify nor anything heavy.
 """
@@ -12,6 +16,7 @@ This module is pure: it imports neither math-verify nor anything heavy.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,7 +25,11 @@ from typing import Protocol, TypeVar
 from lmmr1_trainer.verifier.config import AccuracySettings, FormatRule, UnparseableLabelPolicy
 from lmmr1_trainer.verifier.format import format_score
 
-BUILTIN_VERIFIER_MODULES = ("lmmr1_trainer.verifier.accuracy", "lmmr1_trainer.verifier.choice")
+BUILTIN_VERIFIER_MODULES = (
+    "lmmr1_trainer.verifier.accuracy",
+    "lmmr1_trainer.verifier.choice",
+    "lmmr1_trainer.verifier.sokoban",
+)
 AUTO_TASK = "auto"
 
 
@@ -57,6 +66,8 @@ class AccuracyOutcome:
     status: AccuracyStatus
     extracted: str | None = None  # the answer as read from the response, for inspection
     detail: str | None = None  # a short reason for errors and timeouts
+    # Set by verifiers that own the format (`VerifierTraits.owns_format`): 1.0 or 0.0.
+    format_score: float | None = None
 
 
 class AccuracyVerifier(Protocol):
@@ -65,8 +76,17 @@ class AccuracyVerifier(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class VerifierTraits:
+    """How the engine treats a verifier (see the module docstring)."""
+
+    owns_format: bool = False  # it sets `format_score` and reads the whole response
+    bounded: bool = True  # its score is in [0, 1]; False: any finite number
+
+
 _VerifierT = TypeVar("_VerifierT", bound=AccuracyVerifier)
 _REGISTRY: dict[str, AccuracyVerifier] = {}
+_TRAITS: dict[str, VerifierTraits] = {}
 
 
 class UnknownTaskError(KeyError):
@@ -76,8 +96,10 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
-def register_verifier(name: str) -> Callable[[_VerifierT], _VerifierT]:
-    """Decorator: register an accuracy verifier under a task name (e.g. "sokoban")."""
+def register_verifier(
+    name: str, *, owns_format: bool = False, bounded: bool = True
+) -> Callable[[_VerifierT], _VerifierT]:
+    """Decorator: register an accuracy verifier under a task name (e.g. "choice")."""
     if not name or name == AUTO_TASK:
         raise ValueError(f"invalid verifier name {name!r}")
 
@@ -86,6 +108,7 @@ def register_verifier(name: str) -> Callable[[_VerifierT], _VerifierT]:
         if existing is not None and existing is not verifier:
             raise ValueError(f"a verifier is already registered as {name!r}")
         _REGISTRY[name] = verifier
+        _TRAITS[name] = VerifierTraits(owns_format=owns_format, bounded=bounded)
         return verifier
 
     return decorate
@@ -97,6 +120,11 @@ def get_verifier(name: str) -> AccuracyVerifier:
     except KeyError:
         known = ", ".join(sorted(_REGISTRY)) or "none"
         raise UnknownTaskError(f"unknown task {name!r}; registered: {known}, or auto") from None
+
+
+def verifier_traits(name: str) -> VerifierTraits:
+    """The traits a task's verifier registered with (the defaults for an unknown task)."""
+    return _TRAITS.get(name, VerifierTraits())
 
 
 def registered_tasks() -> tuple[str, ...]:
@@ -124,8 +152,13 @@ def run_verification(request: AccuracyRequest, settings: AccuracySettings) -> Ac
         raise
     except BaseException as exc:  # math-verify's TimeoutException is a BaseException
         return AccuracyOutcome(0.0, AccuracyStatus.ERROR, detail=f"{type(exc).__name__}")
-    if not 0.0 <= outcome.score <= 1.0:
+    traits = verifier_traits(request.task)
+    if traits.bounded and not 0.0 <= outcome.score <= 1.0:
         return AccuracyOutcome(0.0, AccuracyStatus.ERROR, detail="score outside [0, 1]")
+    if not math.isfinite(outcome.score):
+        return AccuracyOutcome(0.0, AccuracyStatus.ERROR, detail="score not finite")
+    if outcome.format_score is not None and not 0.0 <= outcome.format_score <= 1.0:
+        return AccuracyOutcome(0.0, AccuracyStatus.ERROR, detail="format score outside [0, 1]")
     return outcome
 
 
