@@ -43,6 +43,8 @@ def test_examples_apply_and_kubectl_get_prints_the_columns(
                     "accuracy": 0.5,
                     "restarts": 1,
                     "lastCheckpoint": "s3://b/c/fre/step-10",
+                    "evalAccuracy": 0.625,
+                    "evalGain": 0.125,
                 }
             }
         ),
@@ -52,12 +54,21 @@ def test_examples_apply_and_kubectl_get_prints_the_columns(
     row = next(line.split() for line in table if line.startswith(name))
     assert row[1:6] == ["Running", "fre", "12", "30%", "0.75"]
     wide = kubectl("get", "lmr", "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[-4:] == ["TOTAL", "ACCURACY", "CHECKPOINT", "RESTARTS"]
-    assert next(line for line in wide if line.startswith(name)).split()[-4:] == [
+    assert wide[0].split()[-6:] == [
+        "TOTAL",
+        "ACCURACY",
+        "CHECKPOINT",
+        "RESTARTS",
+        "EVAL",
+        "EVAL-GAIN",
+    ]
+    assert next(line for line in wide if line.startswith(name)).split()[-6:] == [
         "40",
         "0.5",
         "s3://b/c/fre/step-10",
         "1",
+        "0.625",
+        "0.125",
     ]
 
 
