@@ -137,12 +137,16 @@ def test_a_resumed_stage_tracks_every_step_once_in_tensorboard_mlflow_and_wandb(
     assert rewards == [(s, pytest.approx(records[s]["reward"], abs=1e-6)) for s in (1, 2, 3)]
     assert "samples/text_summary" in events.Tags()["tensors"]  # the samples table
 
-    # W&B offline: one run id, a run directory per attempt (uploaded at its checkpoints and
-    # at the end). What wandb's core had not yet written to disk when the killed attempt
-    # uploaded its directory is not there (measured: nothing of steps 1-2): offline W&B
-    # keeps what a finished attempt logged; a killed one's steps are in TensorBoard/MLflow.
+    # W&B offline: one run id, a run directory per attempt that uploaded one. wandb's core
+    # writes its record log in the background (0.31 has no flush), so what a killed attempt
+    # uploaded at its checkpoints may hold none of its steps, or (measured under CI load) no
+    # run file at all: offline W&B keeps what a finished attempt logged; a killed attempt's
+    # steps are in TensorBoard and MLflow (asserted above). The resumed attempt's file is the
+    # newest, holds its step and continues the same run.
     run_files = sorted((store / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(run_files) == 2 and len({f.name for f in run_files}) == 1, run_files
+    assert 1 <= len(run_files) <= 2 and len({f.name for f in run_files}) == 1, run_files
+    wandb_id = run_files[-1].stem.removeprefix("run-")
+    assert any(f"wandb offline run {wandb_id} in " in line for line in lines), lines[-20:]
     resumed = history(run_files[-1])
     assert [(row["_step"], row["train/reward"]) for row in resumed] == [
         (3, pytest.approx(records[3]["reward"]))
