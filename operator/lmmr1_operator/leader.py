@@ -5,6 +5,12 @@ The holder renews every `renew_seconds`; a replica takes the lease over once it 
 been renewed for `lease_seconds` (its holder died) or when the holder released it on a
 clean shutdown. Writes carry the lease's resourceVersion, so two replicas can never both
 believe they took it.
+
+"Not renewed for `lease_seconds`" is judged as client-go's leader election judges it: by
+this replica's own monotonic clock, from when it last saw the lease record change, never by
+comparing the holder's renewTime with the local wall clock. Nodes' clocks disagree: a
+holder whose clock runs behind would look expired while renewing (two leaders), and one
+whose clock runs ahead would keep the lease long after it died.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ class LeaderElector:
         self.lease_seconds = lease_seconds
         self.renew_seconds = renew_seconds
         self._leading_until = 0.0  # monotonic deadline of our current term
+        # The lease record as last read, and when (monotonic) it was first seen so.
+        self._observed: tuple[Any, ...] | None = None
+        self._observed_at = 0.0
         self.stopping = threading.Event()
 
     def is_leader(self) -> bool:
@@ -90,16 +99,22 @@ class LeaderElector:
                 if create_err.status == 409:  # another replica was faster
                     return False
                 raise
+            self._observed = None  # our own write: re-read as a change next time
             log.info("became the leader (lease %s/%s created)", self.namespace, self.name)
             return True
         spec = lease.spec or client.V1LeaseSpec()
         holder = spec.holder_identity
-        renewed = spec.renew_time or spec.acquire_time
-        expired = (
-            holder is None
-            or renewed is None
-            or (_now() - renewed).total_seconds() > (spec.lease_duration_seconds or 0)
+        now = time.monotonic()
+        record = (
+            holder,
+            spec.renew_time,
+            spec.acquire_time,
+            spec.lease_transitions,
+            spec.lease_duration_seconds,
         )
+        if record != self._observed:  # renewed (or changed hands) since the last read
+            self._observed, self._observed_at = record, now
+        expired = holder is None or now - self._observed_at > (spec.lease_duration_seconds or 0)
         if holder != self.identity and not expired:
             return False
         mine = holder == self.identity
