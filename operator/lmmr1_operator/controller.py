@@ -94,7 +94,7 @@ class Controller:
         """What the run's children look like, and which children are stale (of an earlier
         stage or attempt, left by a restart or by an operator that died mid-way)."""
         meta = run["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         spec = LMMR1RunSpec.model_validate(run["spec"])
         status = run.get("status") or {}
         index = min(status.get("stageIndex") or 0, len(spec.stages) - 1)
@@ -109,44 +109,63 @@ class Controller:
                 and labels.get(naming.LABEL_ATTEMPT) == attempt
             )
 
-        def alive(obj: Obj) -> bool:
-            return not obj["metadata"].get("deletionTimestamp")
+        # Children count only if this run owns them (see `naming.owned_by`); another's of
+        # the same name (a deleted run's awaiting collection, an orphan) is reported.
+        taken: dict[tuple[str, str], CreateFailure] = {}
+
+        def mine(kind: str, obj: Obj | None) -> Obj | None:
+            if obj is None or naming.owned_by(obj, uid):
+                return obj
+            child = obj["metadata"]["name"]
+            taken[(kind, child)] = CreateFailure(kind, child, "NameTaken", naming.name_taken(obj))
+            return None
+
+        def alive(kind: str, obj: Obj) -> bool:
+            return mine(kind, obj) is not None and not obj["metadata"].get("deletionTimestamp")
 
         owned = {naming.LABEL_RUN: name, naming.LABEL_MANAGED: naming.MANAGER}
         rollout_pods = [
             p
             for p in self.kube.list("Pod", namespace, {**owned, naming.LABEL_ROLE: "rollout"})
-            if alive(p)
+            if alive("Pod", p)
         ]
-        jobs = [j for j in self.kube.list("Job", namespace, owned) if alive(j)]
+        jobs = [j for j in self.kube.list("Job", namespace, owned) if alive("Job", j)]
         stale = [("Pod", p["metadata"]["name"]) for p in rollout_pods if not current(p)]
         stale += [("Job", j["metadata"]["name"]) for j in jobs if not current(j)]
         job = next((j for j in jobs if current(j)), None)
         trainer_pods: list[Obj] = []
-        refused = list(self._refused.get((namespace, name), []))
+        refused = [f for f in self._refused.get((namespace, name), []) if f.reason != "NameTaken"]
         if job is not None:
-            uid = job["metadata"]["uid"]
+            job_uid = job["metadata"]["uid"]
             trainer_pods = [
                 p
                 for p in self.kube.list("Pod", namespace, {"job-name": job["metadata"]["name"]})
-                if any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences", []))
+                if naming.owned_by(p, job_uid)
             ]
             # Pods the Job controller could not create (Pod Security, a quota): only its
             # FailedCreate Events say so; read them only while the Job is short of pods.
             if len(trainer_pods) < int(job.get("spec", {}).get("parallelism") or 1):
                 why = podstate.job_create_failure(
-                    job, trainer_pods, self.kube.events(namespace, uid, "FailedCreate")
+                    job, trainer_pods, self.kube.events(namespace, job_uid, "FailedCreate")
                 )
                 if why:
                     refused.append(
                         CreateFailure("Job", job["metadata"]["name"], "FailedCreate", why)
                     )
-        config = self.kube.get("ConfigMap", namespace, naming.stage_config(name, stage))
-        token_secret = self.kube.get("Secret", namespace, naming.token_secret(name))
+        config = mine(
+            "ConfigMap", self.kube.get("ConfigMap", namespace, naming.stage_config(name, stage))
+        )
+        token_secret = mine("Secret", self.kube.get("Secret", namespace, naming.token_secret(name)))
         secret = spec.storage.credentials_secret or self.settings.default_s3_secret
         missing = None
         if secret and self.kube.get("Secret", namespace, secret) is None:
             missing = secret
+        mine_progress = self.progress(
+            mine(
+                "ConfigMap", self.kube.get("ConfigMap", namespace, naming.progress_configmap(name))
+            )
+        )
+        refused += [f for key, f in taken.items() if key not in {(r.kind, r.name) for r in refused}]
         seen = Observed(
             run=run,
             now=dt.datetime.now(dt.UTC),
@@ -157,14 +176,14 @@ class Controller:
             job=job,
             trainer_pods=trainer_pods,
             config=config,
-            progress=self.progress(namespace, name),
+            progress=mine_progress,
             stage_children_exist=bool(rollout_pods or jobs or config),
             create_failures=refused,
         )
         return seen, stale
 
-    def progress(self, namespace: str, name: str) -> Progress | None:
-        configmap = self.kube.get("ConfigMap", namespace, naming.progress_configmap(name))
+    @staticmethod
+    def progress(configmap: Obj | None) -> Progress | None:
         raw = ((configmap or {}).get("data") or {}).get(PROGRESS_KEY)
         if not raw or raw == "{}":
             return None
@@ -172,9 +191,9 @@ class Controller:
             return Progress.model_validate_json(raw)
         except ValidationError as err:
             log.warning(
-                "run %s/%s: ignoring malformed progress report: %s",
-                namespace,
-                name,
+                "ignoring malformed progress report %s/%s: %s",
+                configmap["metadata"]["namespace"],  # type: ignore[index]
+                configmap["metadata"]["name"],  # type: ignore[index]
                 err.errors()[0]["msg"],
             )
             return None
@@ -202,7 +221,7 @@ class Controller:
         it was read, nothing happens and the next pass decides again on fresh data. Events
         and deletions follow only a successful status write, so none happens twice."""
         meta = run["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         if plan.delete_run:
             log.info("run %s/%s: ttlSecondsAfterFinished passed, deleting it", namespace, name)
             self.kube.delete_run(namespace, name)
@@ -227,7 +246,8 @@ class Controller:
             for kind, role in _STAGE_CHILDREN:
                 labels = {naming.LABEL_RUN: name, naming.LABEL_ROLE: role}
                 for obj in self.kube.list(kind, namespace, labels):
-                    self.kube.delete(kind, namespace, obj["metadata"]["name"])
+                    if naming.owned_by(obj, uid):
+                        self.kube.delete(kind, namespace, obj["metadata"]["name"])
         else:
             for obj in plan.replace:
                 self._create(self.kube.replace, obj, refused)

@@ -14,6 +14,8 @@ from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
+from lmmr1_operator import naming
+
 Obj = dict[str, Any]
 log = logging.getLogger("lmmr1.kube")
 
@@ -101,10 +103,15 @@ class Kube:
         return True
 
     def replace(self, obj: Obj) -> None:
-        """Create `obj`, or overwrite an existing object's `data` with it."""
+        """Create `obj`, or overwrite an existing object's `data` with it: only an object of
+        the same owner (raises CreateRefused, reason NameTaken, for anyone else's)."""
         meta = obj["metadata"]
         if self.ensure(obj):
             return
+        existing = self.get(obj["kind"], meta["namespace"], meta["name"])
+        owner = meta["ownerReferences"][0]["uid"]
+        if existing is not None and not naming.owned_by(existing, owner):
+            raise CreateRefused(obj["kind"], meta["name"], "NameTaken", naming.name_taken(existing))
         self._resource(obj["kind"]).patch(
             name=meta["name"],
             namespace=meta["namespace"],

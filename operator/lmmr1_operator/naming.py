@@ -78,6 +78,31 @@ def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def owned_by(obj: dict[str, Any] | None, uid: str) -> bool:
+    """Whether `obj` is a child of the run with this UID. Children are matched by owner,
+    never by name or label alone: a run deleted and created again under the same name must
+    not adopt the old run's children (its progress report, its Job) while the garbage
+    collector removes them."""
+    if obj is None:
+        return False
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def name_taken(obj: dict[str, Any]) -> str:
+    """Why a child cannot be created: an object of its name exists that is not this run's."""
+    meta = obj["metadata"]
+    owners = ", ".join(
+        f"{ref.get('kind')} {ref.get('name')} uid {ref.get('uid')}"
+        for ref in meta.get("ownerReferences") or []
+    )
+    return (
+        f"{meta['name']} already exists and is not this run's (owned by {owners or 'nothing'}); "
+        "a deleted run's children go once the garbage collector removes them, an orphaned "
+        "one must be deleted by hand"
+    )
+
+
 def child_metadata(run: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {
         "name": name,

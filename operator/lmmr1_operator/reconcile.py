@@ -440,6 +440,19 @@ class _Decision:
         if final is None:
             self.restart(self.context(), "the trainer exited 0 without a final checkpoint")
             return
+        prefix = f"{self.context().checkpoint_uri}/"
+        if not _strictly_under(final, prefix):
+            # The report comes from the tenant's pod; the operator reads S3 to confirm it, so
+            # it never looks outside the place this stage writes to.
+            record.phase = "Failed"
+            self.finish(
+                False,
+                "CheckpointOutsideStorage",
+                f"stage {record.name}: the trainer reported final checkpoint {final!r}, "
+                f"which is not under this stage's checkpoint prefix {prefix!r} "
+                "(spec.storage.uri/<namespace>/<run>/<uid>/<stage>/)",
+            )
+            return
         if self.seen.final_checkpoint_committed is None:
             self.plan.check_final_checkpoint = final
             return
@@ -479,6 +492,15 @@ class _Decision:
         status["conditions"] = [c.wire() for c in self.status.conditions]
         self.plan.status = status
         return self.plan
+
+
+def _strictly_under(uri: str, prefix: str) -> bool:
+    """`uri` names something below `prefix` (a folder URI ending in "/"), with no `.` or `..`
+    segment that could lead out of it."""
+    if not uri.startswith(prefix):
+        return False
+    rest = uri[len(prefix) :].split("/")
+    return all(part not in ("", ".", "..") for part in rest)
 
 
 def decide(seen: Observed, settings: OperatorSettings) -> Plan:

@@ -129,7 +129,8 @@ class Bed:
         )
 
     def commit(self, run: str, stage: str, step: int) -> str:
-        prefix = f"runs/{self.ns}/{run}/{stage}/step-{step}"
+        uid = self.run(run)["metadata"]["uid"]
+        prefix = f"runs/{self.ns}/{run}/{uid}/{stage}/step-{step}"
         self.s3.put_object(Bucket=self.bucket, Key=f"{prefix}/model.safetensors", Body=b"w")
         self.s3.put_object(Bucket=self.bucket, Key=f"{prefix}/manifest.json", Body=b"{}")
         return f"s3://{self.bucket}/{prefix}"
@@ -486,6 +487,65 @@ def test_deleting_a_run_removes_every_child_but_keeps_checkpoints(bed: Bed) -> N
     )
     listed = bed.s3.list_objects_v2(Bucket=bed.bucket, Prefix=f"runs/{bed.ns}/doomed/")
     assert listed["KeyCount"] == 2
+
+
+def test_a_run_created_again_under_its_name_adopts_nothing_of_the_old_one(bed: Bed) -> None:
+    """The old run is deleted with `--cascade=orphan`: its Job, config and progress report
+    stay, without an owner. A new run of the same name (another UID) must neither read the
+    old report nor take the old Job as its trainer: it says which names are taken, and once
+    they are deleted it starts its own stage, checkpointing under its own UID."""
+    bed.apply_run("again", stages=1)
+    old_trainer = bed.running_trainer("again", "fre")
+    old_uid = bed.run("again")["metadata"]["uid"]
+    bed.report("again", stage="fre", step=5, total_steps=8, reward=0.5, accuracy=0.25)
+    bed.wait("old progress", lambda: bed.status("again").get("step") == 5, 20)
+    bed.kubectl("delete", "lmr", "again", "--cascade=orphan", "--wait=true", "--timeout=60s")
+    bed.apply_run("again", stages=1)
+    new_uid = bed.run("again")["metadata"]["uid"]
+    assert new_uid != old_uid
+    refused = bed.wait(
+        "names taken",
+        lambda: (c := condition(bed, "again", "ChildrenCreated", "False")) and c,
+        30,
+    )
+    assert "again-fre-trainer already exists and is not this run's" in refused["message"]
+    assert "again-progress already exists and is not this run's" in refused["message"]
+    status = bed.status("again")
+    assert status.get("step") is None and status.get("reward") is None  # not the old report
+    assert (
+        bed.pods("lmmr1.io/run=again,lmmr1.io/role=trainer")[0]["metadata"]["uid"]
+        == (
+            old_trainer["metadata"]["uid"]  # left alone: not the new run's to delete
+        )
+    )
+    # The user deletes the orphans (a deleted run's children the garbage collector takes).
+    orphans = "jobs,configmaps,secrets,services,networkpolicies,roles,rolebindings"
+    for kind in orphans.split(","):
+        for obj in json.loads(
+            bed.kubectl("get", kind, "-l", "lmmr1.io/run=again", "-o", "json").stdout
+        )["items"]:
+            if not obj["metadata"].get("ownerReferences"):
+                bed.kubectl("delete", kind, obj["metadata"]["name"], "--wait=true")
+    trainer = bed.wait(
+        "the new run's trainer",
+        lambda: next(
+            (
+                p
+                for p in bed.pods("lmmr1.io/run=again,lmmr1.io/role=trainer")
+                if p["metadata"]["uid"] != old_trainer["metadata"]["uid"]
+                and p["status"].get("phase") == "Running"
+            ),
+            None,
+        ),
+        60,
+    )
+    job = json.loads(bed.kubectl("get", "job", "again-fre-trainer", "-o", "json").stdout)
+    assert [o["uid"] for o in job["metadata"]["ownerReferences"]] == [new_uid]
+    assert trainer["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    bed.wait("children created", lambda: condition(bed, "again", "ChildrenCreated") is not None, 30)
+    assert bed.commit("again", "fre", 1).endswith(f"/again/{new_uid}/fre/step-1")
+    config = json.loads(bed.kubectl("get", "configmap", "again-fre-config", "-o", "json").stdout)
+    assert f"/runs/{bed.ns}/again/{new_uid}/fre" in config["data"]["stage.yaml"]
 
 
 def condition(bed: Bed, run: str, kind: str, status: str = "True") -> Any:

@@ -206,12 +206,12 @@ def test_stage_config_round_trips_through_the_trainers_model() -> None:
     run = run_obj()
     run["spec"]["stages"][1]["resources"] = {"rollout": {"mode": "separate"}}
     run["spec"]["stages"][1]["algorithm"] = {"freezePrefix": ["visual", "model.layers.0"]}
-    ctx = context(run, index=1, finals=["s3://bucket/ckpt/ns/r/fre/step-20"])
+    ctx = context(run, index=1, finals=["s3://bucket/ckpt/ns/r/uid-1/fre/step-20"])
     configmap = stage_config.configmap(ctx, ["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
     loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
-    assert loaded.init_from == "s3://bucket/ckpt/ns/r/fre/step-20"
+    assert loaded.init_from == "s3://bucket/ckpt/ns/r/uid-1/fre/step-20"
     assert loaded.run.stage == "mgt" and loaded.dataset.type == "multimodal"
-    assert loaded.checkpoint.uri == "s3://bucket/ckpt/ns/r/mgt"
+    assert loaded.checkpoint.uri == "s3://bucket/ckpt/ns/r/uid-1/mgt"
     assert loaded.rollout.urls == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
     assert loaded.rollout.mode == "separate"
     assert loaded.progress.configmap == "r-progress"
@@ -350,7 +350,7 @@ def test_every_claim_the_stage_reads_is_mounted_read_only_where_the_trainer_look
     }
     assert local_path("pvc://models/qwen2.5-vl-3b").parent == Path(f"{DEFAULT_PVC_ROOT}/models")
     # The second stage starts from the first one's checkpoint (s3://), not the model.
-    finals: list[str | None] = ["s3://bucket/ckpt/ns/r/fre/step-9"]
+    finals: list[str | None] = ["s3://bucket/ckpt/ns/r/uid-1/fre/step-9"]
     mgt = trainer.job(context(run, 1, finals))["spec"]["template"]["spec"]
     assert claims(mgt, mgt["containers"][0]) == {"geo-images.v2": "/mnt/pvc/geo-images.v2"}
     server = rollout.pod(context(run, 1, finals), 0)["spec"]

@@ -174,7 +174,7 @@ def test_a_stalled_trainer_is_torn_down_with_its_network_policy_and_counted() ->
         "metadata": {
             "name": "r-fre-trainer-0",
             "labels": {**job["metadata"]["labels"], "job-name": "r-fre-trainer"},
-            "ownerReferences": [{"uid": job["metadata"]["uid"]}],
+            "ownerReferences": [{"uid": job["metadata"]["uid"], "controller": True}],
         },
         "status": {"phase": "Running"},
     }
@@ -188,3 +188,51 @@ def test_a_stalled_trainer_is_torn_down_with_its_network_policy_and_counted() ->
     for child in (("Job", "r-fre-trainer"), ("NetworkPolicy", "r-fre-trainer")):
         assert child not in kube.objects, child
     assert ctl.metrics.registry.get_sample_value("lmmr1_stage_restarts_total") == 1
+
+
+def test_a_run_created_again_under_its_old_name_adopts_none_of_the_old_runs_children() -> None:
+    """The old run's Job and progress report (a final checkpoint!) wait for the garbage
+    collector, or were orphaned: the new run (another UID) reads neither, says which names
+    are taken, and creates its own children once they are gone."""
+    old = new_run()
+    old["metadata"]["uid"] = "uid-old"
+    ctl_old, kube, _ = controller(old)
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    ctl_old.reconcile("ns", "r")
+    old_job = kube.objects[("Job", "r-fre-trainer")]
+    assert old_job["metadata"]["ownerReferences"][0]["uid"] == "uid-old"
+    report = '{"stage": "fre", "step": 40, "total_steps": 40, "final_checkpoint": ' + (
+        '"s3://bucket/ckpt/ns/r/uid-old/fre/step-40", "updated_at": "2026-01-01T12:00:00Z"}'
+    )
+    progress = kube.objects[("ConfigMap", naming.progress_configmap("r"))]
+    progress["data"] = {"progress.json": report}
+    # The run is deleted and created again: same name, new UID, the children still there.
+    again = new_run()
+    kube.objects[("LMMR1Run", "r")] = again
+    ctl = Controller(kube, OperatorSettings(), Metrics(), lambda *_: None)  # type: ignore[arg-type]
+    seen, stale = ctl.observe(again)
+    assert seen.job is None and seen.progress is None and seen.config is None and not stale
+    ctl.reconcile("ns", "r")
+    status = kube.objects[("LMMR1Run", "r")]["status"]
+    assert not status.get("step") and status["stages"][0]["phase"] != "Succeeded"
+    created = condition(kube, "ChildrenCreated")
+    assert created["reason"] == "CreateFailed" and "NameTaken" not in created["message"]
+    assert (
+        "Job r-fre-trainer: r-fre-trainer already exists and is not this run's"
+        in (created["message"])
+    )
+    assert "uid uid-old" in created["message"]
+    assert kube.objects[("Job", "r-fre-trainer")] is old_job  # neither adopted nor deleted
+    # The garbage collector removes the old run's children: the new run creates its own.
+    for key in [
+        k for k, o in kube.objects.items() if k[0] != "LMMR1Run" and _owner(o) == "uid-old"
+    ]:
+        del kube.objects[key]
+    ctl.reconcile("ns", "r")
+    assert _owner(kube.objects[("Job", "r-fre-trainer")]) == "uid-r"
+    assert condition(kube, "ChildrenCreated")["status"] == "True"
+
+
+def _owner(obj: Obj) -> str | None:
+    refs = obj["metadata"].get("ownerReferences") or []
+    return refs[0]["uid"] if refs else None

@@ -215,7 +215,7 @@ def test_progress_reaches_the_status() -> None:
 
 def test_a_finished_stage_is_verified_in_s3_then_the_next_stage_starts_from_it() -> None:
     run, _ = started()
-    final = "s3://bucket/ckpt/ns/r/fre/step-40"
+    final = "s3://bucket/ckpt/ns/r/uid-1/fre/step-40"
     progress = Progress(
         stage="fre",
         step=40,
@@ -256,7 +256,7 @@ def test_the_last_stage_finishing_succeeds_the_run() -> None:
         stage="mgt",
         step=4,
         total_steps=4,
-        final_checkpoint="s3://b/mgt/step-4",
+        final_checkpoint="s3://bucket/ckpt/ns/r/uid-1/mgt/step-4",
         updated_at="2026-01-01T12:00:00Z",
     )
     plan = decide(
@@ -277,7 +277,7 @@ def test_a_completed_trainer_without_a_committed_checkpoint_restarts() -> None:
         stage="fre",
         step=40,
         total_steps=40,
-        final_checkpoint="s3://b/x",
+        final_checkpoint="s3://bucket/ckpt/ns/r/uid-1/fre/step-40",
         updated_at="2026-01-01T12:00:00Z",
     )
     plan = decide(
@@ -622,7 +622,7 @@ def test_a_refusal_keeps_the_api_servers_message_and_ignores_what_retrying_fixes
 
 # -- the stall watchdog (issue 13) --------------------------------------------------------
 
-CHECKPOINT = "s3://bucket/ckpt/ns/r/fre/step-20"
+CHECKPOINT = "s3://bucket/ckpt/ns/r/uid-1/fre/step-20"
 
 
 def trainer_pods(*phases: str) -> list[dict[str, Any]]:
@@ -756,3 +756,36 @@ def test_a_stage_may_set_its_own_stall_timeout_and_zero_turns_the_watchdog_off()
     assert stalls(600, 60, 61) and not stalls(60, 600, 61)  # the stage's own wins
     assert not stalls(0, None, 86_400 * 7) and not stalls(60, 0, 86_400 * 7)
     assert stalls(0, 60, 61)
+
+
+def test_a_final_checkpoint_outside_the_stages_prefix_fails_the_run_without_reading_s3() -> None:
+    """The report comes from the tenant's pod and the operator confirms it in S3: it must
+    never look outside `<storage.uri>/<namespace>/<run>/<uid>/<stage>/`."""
+    for final in (
+        "s3://other-tenant/ckpt/ns/r/uid-1/fre/step-40",
+        "s3://bucket/ckpt/ns/r/fre/step-40",  # a path without the run's UID: another run's
+        "s3://bucket/ckpt/ns/r/uid-1/fre/../../uid-0/fre/step-40",
+        "s3://bucket/ckpt/ns/r/uid-1/fre/",
+    ):
+        run, _ = started()
+        progress = Progress(
+            stage="fre",
+            step=40,
+            total_steps=40,
+            final_checkpoint=final,
+            updated_at="2026-01-01T12:00:00Z",
+        )
+        plan = decide(seen(run, job=job(complete=True), progress=progress), SETTINGS)
+        assert plan.check_final_checkpoint is None, final
+        assert plan.status["phase"] == "Failed", final
+        failed = next(c for c in plan.status["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "CheckpointOutsideStorage"
+        assert "s3://bucket/ckpt/ns/r/uid-1/fre/" in failed["message"]
+
+
+def test_checkpoints_of_a_run_created_again_under_the_same_name_go_elsewhere() -> None:
+    again = new_run()
+    again["metadata"]["uid"] = "uid-2"
+    plan = decide(seen(again), SETTINGS)
+    uris = (stage_yaml(started()[1])["checkpoint"]["uri"], stage_yaml(plan)["checkpoint"]["uri"])
+    assert uris == ("s3://bucket/ckpt/ns/r/uid-1/fre", "s3://bucket/ckpt/ns/r/uid-2/fre")

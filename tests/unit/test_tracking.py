@@ -57,11 +57,13 @@ def test_a_run_without_tracking_tracks_nothing() -> None:
 
 def test_the_stage_config_says_where_tracking_goes_and_holds_no_secret() -> None:
     run = run_obj(tracking=TRACKING)
-    ctx = context(run, index=1, finals=["s3://bucket/ckpt/ns/r/fre/step-9"])
+    ctx = context(run, index=1, finals=["s3://bucket/ckpt/ns/r/uid-1/fre/step-9"])
     tracking = stage_config.render(ctx, []).tracking
-    assert tracking.tensorboard == TensorBoardConfig(uri="s3://bucket/ckpt/ns/r/tensorboard/mgt")
-    # Beside the stage's checkpoints (s3://bucket/ckpt/ns/r/mgt), per run and stage.
-    assert ctx.checkpoint_uri == "s3://bucket/ckpt/ns/r/mgt"
+    assert tracking.tensorboard == TensorBoardConfig(
+        uri="s3://bucket/ckpt/ns/r/uid-1/tensorboard/mgt"
+    )
+    # Beside the stage's checkpoints (s3://bucket/ckpt/ns/r/uid-1/mgt), per run and stage.
+    assert ctx.checkpoint_uri == "s3://bucket/ckpt/ns/r/uid-1/mgt"
     assert tracking.mlflow == MlflowConfig(
         tracking_uri="http://mlflow.mlflow.svc:5000", experiment="ns/r"
     )
@@ -76,7 +78,9 @@ def test_the_stage_config_says_where_tracking_goes_and_holds_no_secret() -> None
 def test_offline_wandb_goes_beside_the_checkpoints_and_needs_no_key() -> None:
     run = run_obj(tracking={"wandb": {"project": "lmmr1", "mode": "offline"}})
     tracking = stage_config.render(context(run), []).tracking
-    assert tracking.wandb is not None and tracking.wandb.uri == "s3://bucket/ckpt/ns/r/wandb/fre"
+    assert (
+        tracking.wandb is not None and tracking.wandb.uri == "s3://bucket/ckpt/ns/r/uid-1/wandb/fre"
+    )
     assert tracking.mlflow is None and tracking.tensorboard is None
     assert "WANDB_API_KEY" not in {e["name"] for e in _trainer_container(run)["env"]}
 

@@ -73,7 +73,7 @@ SCRIPT_FLAGS: tuple[ScriptFlag, ...] = (
     ScriptFlag(
         "--ckpt_path, --save_path",
         "spec.storage.uri",
-        "checkpoints go to S3 under <uri>/<namespace>/<run>/<stage>/step-N",
+        "checkpoints go to S3 under <uri>/<namespace>/<run>/<uid>/<stage>/step-N",
     ),
     ScriptFlag(
         "--save_hf_ckpt",

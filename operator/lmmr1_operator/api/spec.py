@@ -93,7 +93,7 @@ ModelUri = Annotated[
 StorageUri = Annotated[
     str,
     _uri_check(*_STORAGE),
-    _uri_field(*_STORAGE, "Checkpoints go under <uri>/<namespace>/<run>/<stage>/step-<N>/."),
+    _uri_field(*_STORAGE, "Checkpoints go under <uri>/<namespace>/<run>/<uid>/<stage>/step-<N>/."),
 ]
 DatasetUri = Annotated[
     str,
@@ -684,10 +684,10 @@ class TensorBoardTracking(ApiModel):
 
     enabled: bool = Field(
         default=False,
-        description="Write TensorBoard event files to <storage.uri>/<namespace>/<run>/"
+        description="Write TensorBoard event files to <storage.uri>/<namespace>/<run>/<uid>/"
         "tensorboard/<stage>/ (uploaded at each checkpoint and at the end; each attempt adds "
         "a file, which TensorBoard merges): `tensorboard --logdir s3://…/<namespace>/<run>/"
-        "tensorboard` shows every stage.",
+        "<uid>/tensorboard` shows every stage.",
     )
 
 
@@ -734,7 +734,7 @@ class WandbTracking(ApiModel):
     )
     mode: Literal["online", "offline"] = Field(
         default="online",
-        description="offline: the run is written to <storage.uri>/<namespace>/<run>/wandb/"
+        description="offline: the run is written to <storage.uri>/<namespace>/<run>/<uid>/wandb/"
         "<stage>/ for a later `wandb sync`.",
     )
     api_key_secret: DnsName | None = Field(

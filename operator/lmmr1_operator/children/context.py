@@ -31,15 +31,25 @@ class StageContext:
         return str(self.run["metadata"]["namespace"])
 
     @property
-    def checkpoint_uri(self) -> str:
+    def uid(self) -> str:
+        return str(self.run["metadata"]["uid"])
+
+    @property
+    def run_uri(self) -> str:
+        """Everything this run writes lives under here. The run's UID is part of it: a run
+        deleted and created again under the same name starts afresh instead of silently
+        resuming the old run's checkpoints (an explicit initFrom continues from them)."""
         base = self.spec.storage.uri.rstrip("/")
-        return f"{base}/{self.namespace}/{self.name}/{self.stage.name}"
+        return f"{base}/{self.namespace}/{self.name}/{self.uid}"
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return f"{self.run_uri}/{self.stage.name}"
 
     def tracking_uri(self, kind: str) -> str:
         """Where a tracker's files go, beside the checkpoints: one folder per kind (so that
         `tensorboard --logdir <…>/tensorboard` shows every stage of the run), one per stage."""
-        base = self.spec.storage.uri.rstrip("/")
-        return f"{base}/{self.namespace}/{self.name}/{kind}/{self.stage.name}"
+        return f"{self.run_uri}/{kind}/{self.stage.name}"
 
     @property
     def s3_endpoint(self) -> str | None:

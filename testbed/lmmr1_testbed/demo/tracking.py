@@ -35,7 +35,9 @@ def tracking_summary(
     its MLflow experiment, with each stage's run and how many steps it logged."""
     name = run["metadata"]["name"]
     bucket, prefix = _bucket_and_prefix(run["spec"]["storage"]["uri"])
-    tensorboard = "/".join(p for p in (prefix, namespace, name, "tensorboard") if p)
+    tensorboard = "/".join(
+        p for p in (prefix, namespace, name, run["metadata"]["uid"], "tensorboard") if p
+    )
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=tensorboard + "/")
     files: dict[str, int] = {}
     for item in listed.get("Contents", []):
