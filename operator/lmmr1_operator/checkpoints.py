@@ -23,7 +23,8 @@ def manifest_exists(
     uri: str, endpoint: str | None, region: str | None, secret: dict[str, Any] | None
 ) -> bool:
     """True if `uri`'s manifest exists. Credentials: the run's Secret, else the operator's own
-    identity (IRSA / workload identity). Raises on S3 errors other than "not found"."""
+    identity (IRSA / workload identity). Raises on S3 errors other than "not found". Called
+    off the reconcile path (`verification`)."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import ClientError
@@ -40,11 +41,13 @@ def manifest_exists(
         aws_access_key_id=key_id,
         aws_secret_access_key=secret_key,
         # Bounded: a slow or unreachable S3 must not stall the operator's loop.
+        # Bounded (at most about 30 s): a check runs off the reconcile path, but its answer
+        # (or its error, shown on the run) should not be long in coming.
         config=Config(
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"max_attempts": 2, "mode": "standard"},
             s3={"addressing_style": "path"},
             connect_timeout=5,
-            read_timeout=15,
+            read_timeout=10,
         ),
     )
     bucket, prefix = split_s3(uri)

@@ -23,6 +23,7 @@ from lmmr1_operator.kube import CreateRefused, Kube
 from lmmr1_operator.metrics import Metrics
 from lmmr1_operator.reconcile import RESTART_REASONS, CreateFailure, Observed, Plan, decide
 from lmmr1_operator.settings import OperatorSettings
+from lmmr1_operator.verification import CheckpointVerifier
 from lmmr1_trainer.config import PROGRESS_KEY, Progress
 
 Obj = dict[str, Any]
@@ -43,12 +44,20 @@ _STAGE_CHILDREN = (
 
 class Controller:
     def __init__(
-        self, kube: Kube, settings: OperatorSettings, metrics: Metrics, post_event: EventSink
+        self,
+        kube: Kube,
+        settings: OperatorSettings,
+        metrics: Metrics,
+        post_event: EventSink,
+        requeue: Callable[[str, str], None] | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
         self.post_event = post_event
+        # Final-checkpoint checks run off the reconcile path; each answer reconciles its
+        # run again (through `requeue`: the handlers check leadership first).
+        self.verifier = CheckpointVerifier(requeue or self.reconcile)
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # What the API server refused on each run's last pass (an observation like any
@@ -67,6 +76,7 @@ class Controller:
                 if run is None or run["metadata"].get("deletionTimestamp"):
                     self.metrics.forget(namespace, name)
                     self._refused.pop((namespace, name), None)
+                    self.verifier.forget(namespace, name)
                     return
                 before = self._refused.get((namespace, name), [])
                 self._reconcile(run)
@@ -81,11 +91,21 @@ class Controller:
     def _reconcile(self, run: Obj) -> None:
         seen, stale = self.observe(run)
         plan = decide(seen, self.settings)
-        if plan.check_final_checkpoint:
-            committed = self.checkpoint_committed(run, plan.check_final_checkpoint)
-            plan = decide(
-                dataclasses.replace(seen, final_checkpoint_committed=committed), self.settings
+        uri = plan.check_final_checkpoint
+        if uri:
+            meta = run["metadata"]
+            verdict = self.verifier.verdict(
+                (meta["namespace"], meta["name"], meta["uid"]),
+                uri,
+                lambda: self.checkpoint_committed(run, uri),
             )
+            if verdict is not None:
+                checked = dataclasses.replace(
+                    seen,
+                    final_checkpoint_committed=verdict.committed,
+                    final_checkpoint_error=verdict.error or None,
+                )
+                plan = decide(checked, self.settings)
         self.act(run, plan, stale)
 
     # -- observe -----------------------------------------------------------------------

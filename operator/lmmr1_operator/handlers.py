@@ -92,7 +92,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     metrics = _State.metrics
     metrics.serve(SETTINGS.bind_address, SETTINGS.metrics_port)
     kube = Kube(api_client, SETTINGS.identity)
-    _State.controller = Controller(kube, SETTINGS, metrics, kube.post_event)
+    _State.controller = Controller(
+        kube,
+        SETTINGS,
+        metrics,
+        kube.post_event,
+        requeue=lambda namespace, name: _reconcile(namespace, name, "checkpoint checked"),
+    )
     _State.leader = LeaderElector(
         api_client,
         SETTINGS.operator_namespace,
@@ -117,6 +123,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.cleanup()
 def shutdown(**_: Any) -> None:
     _State.stopping.set()
+    if _State.controller is not None:
+        _State.controller.verifier.shutdown()
     if _State.leader is not None:
         _State.leader.stopping.set()
         _State.leader.release()

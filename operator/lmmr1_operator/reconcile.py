@@ -21,6 +21,7 @@ from lmmr1_operator.children.context import StageContext, init_weights
 from lmmr1_operator.evaluation import headline, stage_evaluation
 from lmmr1_operator.naming import ROLLOUT_PORT
 from lmmr1_operator.settings import OperatorSettings
+from lmmr1_operator.verification import RETRY_AFTER_S
 from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
 
 Obj = dict[str, Any]
@@ -61,6 +62,7 @@ class Observed:
     config: Obj | None = None
     progress: Progress | None = None
     final_checkpoint_committed: bool | None = None  # checked only once the Job completed
+    final_checkpoint_error: str | None = None  # the check itself failed (S3 unreachable, ...)
     stage_children_exist: bool = False
     # What the API server refused on the operator's last attempt to create children, and
     # why the current trainer Job has no pods (its FailedCreate Events).
@@ -453,12 +455,25 @@ class _Decision:
                 "(spec.storage.uri/<namespace>/<run>/<uid>/<stage>/)",
             )
             return
+        if self.seen.final_checkpoint_error:
+            # The stage's work is done and kept; only the confirmation waits for S3.
+            message = (
+                f"stage {record.name}: cannot confirm final checkpoint {final} in S3 yet "
+                f"(checked again every {RETRY_AFTER_S:.0f}s): {self.seen.final_checkpoint_error}"
+            )
+            if not cond.is_true(self.status.conditions, cond.BLOCKED):
+                self.event("CheckpointUnverified", message, "Warning")
+            self.condition(cond.BLOCKED, True, "CheckpointUnverified", message)
+            self.plan.check_final_checkpoint = final
+            return
         if self.seen.final_checkpoint_committed is None:
             self.plan.check_final_checkpoint = final
             return
         if not self.seen.final_checkpoint_committed:
             self.restart(self.context(), f"final checkpoint {final} has no manifest in S3")
             return
+        if cond.is_true(self.status.conditions, cond.BLOCKED):
+            self.condition(cond.BLOCKED, False, "CheckpointVerified", f"final checkpoint {final}")
         record.phase, record.completion_time, record.final_checkpoint = (
             "Succeeded",
             self.now,

@@ -789,3 +789,39 @@ def test_checkpoints_of_a_run_created_again_under_the_same_name_go_elsewhere() -
     plan = decide(seen(again), SETTINGS)
     uris = (stage_yaml(started()[1])["checkpoint"]["uri"], stage_yaml(plan)["checkpoint"]["uri"])
     assert uris == ("s3://bucket/ckpt/ns/r/uid-1/fre", "s3://bucket/ckpt/ns/r/uid-2/fre")
+
+
+def test_a_final_checkpoint_s3_cannot_confirm_blocks_with_its_error_then_goes_on() -> None:
+    run, _ = started()
+    progress = Progress(
+        stage="fre",
+        step=40,
+        total_steps=40,
+        final_checkpoint="s3://bucket/ckpt/ns/r/uid-1/fre/step-40",
+        updated_at="2026-01-01T12:00:00Z",
+    )
+    world = seen(
+        run,
+        job=job(complete=True),
+        progress=progress,
+        final_checkpoint_error="ConnectTimeoutError: Connect timeout on endpoint URL",
+    )
+    plan = decide(world, SETTINGS)
+    blocked = next(c for c in plan.status["conditions"] if c["type"] == "Blocked")
+    assert (blocked["status"], blocked["reason"]) == ("True", "CheckpointUnverified")
+    assert "ConnectTimeoutError" in blocked["message"] and "step-40" in blocked["message"]
+    assert [e[:2] for e in plan.events] == [("Warning", "CheckpointUnverified")]
+    assert plan.check_final_checkpoint and plan.status["stageIndex"] == 0
+    assert plan.status["restarts"] == 0 and not plan.delete_stage  # the stage's work is kept
+    again = decide(replace(world, run=with_status(run, plan)), SETTINGS)
+    assert not again.events  # one Warning, not one per pass
+    verified = replace(
+        world,
+        run=with_status(run, plan),
+        final_checkpoint_error=None,
+        final_checkpoint_committed=True,
+    )
+    plan = decide(verified, SETTINGS)
+    assert plan.status["stageIndex"] == 1
+    blocked = next(c for c in plan.status["conditions"] if c["type"] == "Blocked")
+    assert blocked["status"] == "False"
