@@ -14,6 +14,9 @@ BLOCKED = "Blocked"  # True while pods cannot make progress (missing Secret, bad
 # False while the API server refuses to create a child (Pod Security, a quota, a missing
 # ServiceAccount, ...), or the trainer Job's pods; set once something was refused.
 CHILDREN_CREATED = "ChildrenCreated"
+# False while the operator's passes on the run fail (an API or S3 error it retries); set
+# once one failed.
+RECONCILED = "Reconciled"
 
 
 def set_condition(

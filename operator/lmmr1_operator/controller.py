@@ -63,6 +63,8 @@ class Controller:
         # What the API server refused on each run's last pass (an observation like any
         # other: every pass tries again, so a new leader finds out for itself).
         self._refused: dict[tuple[str, str], list[CreateFailure]] = {}
+        # The error that ended each run's last pass: the next pass shows it on the run.
+        self._errors: dict[tuple[str, str], str] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -76,10 +78,16 @@ class Controller:
                 if run is None or run["metadata"].get("deletionTimestamp"):
                     self.metrics.forget(namespace, name)
                     self._refused.pop((namespace, name), None)
+                    self._errors.pop((namespace, name), None)
                     self.verifier.forget(namespace, name)
                     return
                 before = self._refused.get((namespace, name), [])
-                self._reconcile(run)
+                try:
+                    self._reconcile(run)
+                except Exception as err:
+                    self.metrics.reconcile_errors.labels(type(err).__name__).inc()
+                    self._errors[(namespace, name)] = f"{type(err).__name__}: {err}"
+                    raise
                 if self._refused.get((namespace, name), []) != before:
                     # A child was refused (or is no longer): show it now, not a pass later.
                     run = self.kube.get("LMMR1Run", namespace, name)
@@ -199,6 +207,7 @@ class Controller:
             progress=mine_progress,
             stage_children_exist=bool(rollout_pods or jobs or config),
             create_failures=refused,
+            reconcile_error=self._errors.pop((namespace, name), None),
         )
         return seen, stale
 
@@ -279,8 +288,9 @@ class Controller:
         self.metrics.observe_phase(namespace, name, plan.status.get("phase"))
         self.metrics.observe_evaluation(namespace, name, plan.status.get("stages") or [])
 
-    @staticmethod
-    def _create(create: Callable[[Obj], object], obj: Obj, refused: list[CreateFailure]) -> None:
+    def _create(
+        self, create: Callable[[Obj], object], obj: Obj, refused: list[CreateFailure]
+    ) -> None:
         """Create one child; a refusal is noted (the run's status and a Warning Event show
         it on the next decision) and the other children are still created."""
         try:
@@ -296,6 +306,7 @@ class Controller:
                 err.message,
             )
             refused.append(CreateFailure(err.kind, err.name, err.reason, err.message))
+            self.metrics.create_failures.labels(err.kind, err.reason).inc()
 
 
 def _comparable(status: Obj) -> str:

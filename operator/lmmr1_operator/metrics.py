@@ -38,6 +38,18 @@ class Metrics:
             "Stages restarted from their last checkpoint",
             registry=self.registry,
         )
+        self.reconcile_errors = Counter(
+            "lmmr1_reconcile_errors_total",
+            "Reconciles that raised (an API or S3 error); shown on the run's next pass",
+            ["error"],
+            registry=self.registry,
+        )
+        self.create_failures = Counter(
+            "lmmr1_child_create_failures_total",
+            "Children the API server refused to create",
+            ["kind", "reason"],
+            registry=self.registry,
+        )
         self.leader = Gauge(
             "lmmr1_leader", "1 on the replica that holds the leader lease", registry=self.registry
         )

@@ -27,6 +27,7 @@ from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
 Obj = dict[str, Any]
 MAX_BACKOFF_S = 300.0
 MAX_REFUSAL_CHARS = 1000
+MAX_ERROR_CHARS = 1000
 # Event reasons of a stage restart: a failed pod or Job, or the stall watchdog.
 RESTARTING = "StageRestarting"
 STALLED = "Stalled"
@@ -67,6 +68,7 @@ class Observed:
     # What the API server refused on the operator's last attempt to create children, and
     # why the current trainer Job has no pods (its FailedCreate Events).
     create_failures: list[CreateFailure] = field(default_factory=list)
+    reconcile_error: str | None = None  # what ended the operator's previous pass, if raised
 
 
 @dataclass
@@ -147,6 +149,7 @@ class _Decision:
     def decide(self) -> Plan:
         status = self.status
         status.observed_generation = self.generation
+        self.show_reconcile_error()
         if status.phase in ("Succeeded", "Failed"):
             self.after_finish()
             return self.done()
@@ -192,6 +195,22 @@ class _Decision:
         status.retry_after = None
         self.run_stage()
         return self.done()
+
+    def show_reconcile_error(self) -> None:
+        """An exception in the operator's previous pass (an API or S3 error; it is retried)
+        shows on the run, not only in the operator's log: a condition, one Warning Event
+        per distinct error."""
+        error = self.seen.reconcile_error
+        previous = cond.get(self.status.conditions, cond.RECONCILED)
+        if error:
+            message = f"the operator's last pass failed and is retried: {error[:MAX_ERROR_CHARS]}"
+            if previous is None or previous.message != message:
+                self.event("ReconcileError", message, "Warning")
+            self.condition(cond.RECONCILED, False, "ReconcileError", message)
+        elif previous is not None and previous.status == "False":
+            self.condition(
+                cond.RECONCILED, True, "Reconciled", "the operator's last pass succeeded"
+            )
 
     def after_finish(self) -> None:
         if self.seen.stage_children_exist:

@@ -6,10 +6,13 @@ ends pods with an exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -546,6 +549,53 @@ def test_a_run_created_again_under_its_name_adopts_nothing_of_the_old_one(bed: B
     assert bed.commit("again", "fre", 1).endswith(f"/again/{new_uid}/fre/step-1")
     config = json.loads(bed.kubectl("get", "configmap", "again-fre-config", "-o", "json").stdout)
     assert f"/runs/{bed.ns}/again/{new_uid}/fre" in config["data"]["stage.yaml"]
+
+
+@contextmanager
+def endpoint_that_hangs() -> Iterator[str]:
+    """An S3 endpoint (a tenant's choice) that accepts connections and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.5)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+def test_an_s3_endpoint_that_hangs_blocks_only_its_own_run_with_a_clear_condition(
+    bed: Bed,
+) -> None:
+    """The operator confirms a final checkpoint in S3 before the next stage starts from it.
+    A run whose endpoint never answers waits, says why (Blocked, CheckpointUnverified, a
+    Warning Event) and keeps its stage; another run goes on to its next stage meanwhile."""
+    with endpoint_that_hangs() as url:
+        storage = {"uri": f"s3://{bed.bucket}/runs", "endpoint": url, "credentialsSecret": "s3"}
+        bed.apply_run("hangs", storage=storage)
+        bed.apply_run("flows")
+        bed.finish_stage("hangs", "fre")
+        bed.finish_stage("flows", "fre")
+        bed.wait("flows in stage mgt", lambda: bed.status("flows").get("stage") == "mgt", 60)
+        blocked = bed.wait("hangs blocked", lambda: condition(bed, "hangs", "Blocked"), 120)
+        assert blocked["reason"] == "CheckpointUnverified", blocked
+        assert f"/hangs/{bed.run('hangs')['metadata']['uid']}/fre/step-4" in blocked["message"]
+        assert url in blocked["message"], blocked  # botocore's timeout names the endpoint
+        status = bed.status("hangs")
+        assert (status["stage"], status.get("restarts") or 0) == ("fre", 0)
+        assert bed.event_messages("hangs", "CheckpointUnverified")
 
 
 def condition(bed: Bed, run: str, kind: str, status: str = "True") -> Any:

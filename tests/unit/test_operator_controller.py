@@ -236,3 +236,37 @@ def test_a_run_created_again_under_its_old_name_adopts_none_of_the_old_runs_chil
 def _owner(obj: Obj) -> str | None:
     refs = obj["metadata"].get("ownerReferences") or []
     return refs[0]["uid"] if refs else None
+
+
+def test_an_exception_while_acting_is_counted_and_shown_on_the_run_by_the_next_pass() -> None:
+    ctl, kube, posted = controller(new_run())
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    broken = kube.ensure
+
+    def ensure(obj: Obj) -> bool:
+        if obj["kind"] == "Job":
+            raise RuntimeError("connection reset by peer")
+        return broken(obj)
+
+    kube.ensure = ensure  # type: ignore[method-assign]
+    try:
+        ctl.reconcile("ns", "r")
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the pass's error was swallowed")
+    assert (
+        ctl.metrics.registry.get_sample_value(
+            "lmmr1_reconcile_errors_total", {"error": "RuntimeError"}
+        )
+        == 1
+    )
+    kube.ensure = broken  # type: ignore[method-assign]
+    ctl.reconcile("ns", "r")
+    shown = condition(kube, "Reconciled")
+    assert (shown["status"], shown["reason"]) == ("False", "ReconcileError")
+    assert "RuntimeError: connection reset by peer" in shown["message"]
+    assert [p[1] for p in posted].count("ReconcileError") == 1
+    ctl.reconcile("ns", "r")
+    assert condition(kube, "Reconciled")["status"] == "True"
+    assert ("Job", "r-fre-trainer") in kube.objects

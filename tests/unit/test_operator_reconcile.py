@@ -825,3 +825,20 @@ def test_a_final_checkpoint_s3_cannot_confirm_blocks_with_its_error_then_goes_on
     assert plan.status["stageIndex"] == 1
     blocked = next(c for c in plan.status["conditions"] if c["type"] == "Blocked")
     assert blocked["status"] == "False"
+
+
+def test_an_error_in_the_operators_last_pass_shows_on_the_run_once_then_clears() -> None:
+    run, _ = started()
+    error = "ApiException: (500) Reason: Internal Server Error"
+    plan = decide(seen(run, reconcile_error=error), SETTINGS)
+    reconciled = next(c for c in plan.status["conditions"] if c["type"] == "Reconciled")
+    assert (reconciled["status"], reconciled["reason"]) == ("False", "ReconcileError")
+    assert error in reconciled["message"]
+    assert ("Warning", "ReconcileError") in [e[:2] for e in plan.events]
+    run = with_status(run, plan)
+    again = decide(seen(run, reconcile_error=error), SETTINGS)
+    assert "ReconcileError" not in [e[1] for e in again.events]  # one Event per error
+    healed = decide(seen(with_status(run, again)), SETTINGS)
+    assert conditions(healed)["Reconciled"] == "True"
+    # A run that never failed a pass carries no such condition.
+    assert "Reconciled" not in conditions(decide(seen(new_run()), SETTINGS))
