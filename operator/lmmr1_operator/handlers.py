@@ -3,13 +3,16 @@ reconcile it; all decisions live in `reconcile.decide` (pure).
 
 Only watch-event handlers are used: kopf never writes to a run (no finalizer, no
 bookkeeping annotations), so deleting a run never waits for the operator. Time-driven
-work (restart back-off, deadlines, the stall watchdog, TTL, missed events) is a resync loop
-over every run: no kopf timer is needed for a timeout to fire without a cluster event.
+work (restart back-off, deadlines, the stall watchdog, TTL) is a resync loop over the
+unfinished runs the watch has shown (`RunIndex`; finished ones only when their TTL is due
+or their last pass failed): no kopf timer is needed for a timeout to fire without a
+cluster event, and no run is listed from the API for it.
 Both run only on the replica that holds the leader Lease.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from typing import Any, cast
@@ -25,6 +28,7 @@ from lmmr1_operator.controller import Controller
 from lmmr1_operator.kube import Kube
 from lmmr1_operator.leader import LeaderElector
 from lmmr1_operator.metrics import Metrics
+from lmmr1_operator.runindex import RunIndex
 from lmmr1_operator.settings import OperatorSettings
 
 log = logging.getLogger("lmmr1.handlers")
@@ -38,6 +42,7 @@ class _State:
     # failure, and a second server on the same port would fail every retry.
     metrics = Metrics()
     stopping = threading.Event()
+    runs = RunIndex()  # fed by the runs' watch events; what the resync loop visits
 
 
 def _reconcile(namespace: str, name: str, why: str) -> None:
@@ -48,28 +53,20 @@ def _reconcile(namespace: str, name: str, why: str) -> None:
         controller.reconcile(namespace, name)
     except Exception:  # the resync loop retries; a transient API or S3 error heals itself
         log.exception("reconciling %s/%s (%s) failed", namespace, name, why)
+        _State.runs.passed(namespace, name, ok=False)
+    else:
+        _State.runs.passed(namespace, name, ok=True)
 
 
-def _resync_loop(api_client: client.ApiClient) -> None:
-    custom = client.CustomObjectsApi(api_client)
+def _resync_loop() -> None:
+    """Time-driven work (back-off, deadlines, the stall watchdog, TTL): every unfinished run
+    each `resync_seconds`, from the watch's index (`RunIndex`), with no API call to list."""
     while not _State.stopping.wait(SETTINGS.resync_seconds):
         leader = _State.leader
         if leader is None or not leader.is_leader():
             continue
-        try:
-            if SETTINGS.watch_namespace:
-                listed = custom.list_namespaced_custom_object(
-                    GROUP, VERSION, SETTINGS.watch_namespace, PLURAL
-                )
-            else:
-                listed = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
-            runs = cast(dict[str, Any], listed)
-        except Exception as err:
-            log.warning("listing runs failed: %s", err)
-            continue
-        for run in runs.get("items", []):
-            meta = run["metadata"]
-            _reconcile(meta["namespace"], meta["name"], "resync")
+        for namespace, name in _State.runs.due(dt.datetime.now(dt.UTC)):
+            _reconcile(namespace, name, "resync")
 
 
 @kopf.on.startup()
@@ -107,7 +104,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         on_change=metrics.leader.set,
     )
     threading.Thread(target=_State.leader.run, name="leader-election", daemon=True).start()
-    threading.Thread(target=_resync_loop, args=(api_client,), name="resync", daemon=True).start()
+    threading.Thread(target=_resync_loop, name="resync", daemon=True).start()
     log.info(
         "lmmr1 operator %s started: lease %s/%s, %s, resync every %.1fs",
         SETTINGS.identity,
@@ -131,9 +128,18 @@ def shutdown(**_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_run_event(namespace: str | None, name: str, type: str | None, **_: Any) -> None:
-    if namespace and type != "DELETED":
-        _reconcile(namespace, name, "run changed")
+def on_run_event(
+    namespace: str | None, name: str, type: str | None, body: kopf.Body, **_: Any
+) -> None:
+    if not namespace:
+        return
+    if type == "DELETED":
+        _State.runs.remove(namespace, name)
+        return
+    # Every replica keeps the index (kopf lists the runs when it starts watching), so a new
+    # leader knows every run at once.
+    _State.runs.update(cast(dict[str, Any], dict(body)))
+    _reconcile(namespace, name, "run changed")
 
 
 @kopf.on.event("", "v1", "configmaps", labels={naming.LABEL_ROLE: "progress"})
