@@ -65,6 +65,9 @@ class Controller:
         self._refused: dict[tuple[str, str], list[CreateFailure]] = {}
         # The error that ended each run's last pass: the next pass shows it on the run.
         self._errors: dict[tuple[str, str], str] = {}
+        # The resourceVersion of each run's last status write by this operator: the watch
+        # event it causes carries nothing new, so it triggers no pass (`wrote`).
+        self._written: dict[tuple[str, str], str] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -79,6 +82,7 @@ class Controller:
                     self.metrics.forget(namespace, name)
                     self._refused.pop((namespace, name), None)
                     self._errors.pop((namespace, name), None)
+                    self._written.pop((namespace, name), None)
                     self.verifier.forget(namespace, name)
                     return
                 before = self._refused.get((namespace, name), [])
@@ -95,6 +99,13 @@ class Controller:
                         self._reconcile(run)
             finally:
                 self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+
+    def wrote(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether the run at `resource_version` is this operator's own last status write
+        (then its watch event needs no pass: the pass that wrote it decided on the rest)."""
+        return resource_version is not None and self._written.get((namespace, name)) == (
+            resource_version
+        )
 
     def _reconcile(self, run: Obj) -> None:
         seen, stale = self.observe(run)
@@ -258,9 +269,11 @@ class Controller:
             return
         if _comparable(run.get("status") or {}) != _comparable(plan.status):
             try:
-                self.kube.patch_status(
+                version = self.kube.patch_status(
                     namespace, name, plan.status, resource_version=meta["resourceVersion"]
                 )
+                if version:
+                    self._written[(namespace, name)] = version
             except ConflictError:
                 log.debug("run %s/%s changed while reconciling; deciding again", namespace, name)
                 return

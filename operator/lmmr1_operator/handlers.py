@@ -139,6 +139,11 @@ def on_run_event(
     # Every replica keeps the index (kopf lists the runs when it starts watching), so a new
     # leader knows every run at once.
     _State.runs.update(cast(dict[str, Any], dict(body)))
+    controller = _State.controller
+    if controller is not None and controller.wrote(
+        namespace, name, body.metadata.get("resourceVersion")
+    ):
+        return  # the operator's own status write: nothing the pass that wrote it did not see
     _reconcile(namespace, name, "run changed")
 
 

@@ -135,15 +135,17 @@ class Kube:
 
     def patch_status(
         self, namespace: str, name: str, status: Obj, resource_version: str | None = None
-    ) -> None:
+    ) -> str | None:
         """Merge-patch the run's status; with `resource_version`, only if the run is still
-        at that version (else kubernetes.dynamic.exceptions.ConflictError)."""
+        at that version (else kubernetes.dynamic.exceptions.ConflictError). The run's new
+        resourceVersion."""
         body: Obj = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        self._resource("LMMR1Run").status.patch(
+        patched = self._resource("LMMR1Run").status.patch(
             name=name, namespace=namespace, body=body, content_type=MERGE_PATCH
         )
+        return str(patched.metadata.resourceVersion)
 
     def delete_run(self, namespace: str, name: str) -> None:
         self.delete("LMMR1Run", namespace, name)

@@ -68,11 +68,12 @@ class FakeKube:
 
     def patch_status(
         self, namespace: str, name: str, status: Obj, resource_version: str | None = None
-    ) -> None:
+    ) -> str:
         run = self.objects[("LMMR1Run", name)]
         run["status"] = {k: v for k, v in status.items() if v is not None}
         self.version += 1
         run["metadata"]["resourceVersion"] = str(self.version)
+        return str(self.version)
 
     def events(self, namespace: str, uid: str, reason: str) -> list[Obj]:
         return [e for e in self.events_by_uid.get(uid, []) if e["reason"] == reason]
@@ -270,3 +271,14 @@ def test_an_exception_while_acting_is_counted_and_shown_on_the_run_by_the_next_p
     ctl.reconcile("ns", "r")
     assert condition(kube, "Reconciled")["status"] == "True"
     assert ("Job", "r-fre-trainer") in kube.objects
+
+
+def test_the_watch_event_of_the_operators_own_status_write_is_recognised() -> None:
+    ctl, kube, _ = controller(new_run())
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    ctl.reconcile("ns", "r")
+    written = kube.objects[("LMMR1Run", "r")]["metadata"]["resourceVersion"]
+    assert ctl.wrote("ns", "r", written)
+    # Anyone else's change (a user's edit, a later version) is not the operator's write.
+    assert not ctl.wrote("ns", "r", str(int(written) + 1))
+    assert not ctl.wrote("ns", "other", written) and not ctl.wrote("ns", "r", None)
