@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import wandb
 from tests.trainer_harness import (
     build_tiny_model,
     free_port,
@@ -66,6 +68,18 @@ def _stage(model: Path, verifier: Service, tmp_path: Path, tracking: dict[str, A
     return write_stage(tmp_path / "stage.yaml", stage)
 
 
+@pytest.fixture
+def wandb_service_in_this_process() -> Iterator[None]:
+    """A wandb service in the test process, as `wandb.setup()` in a launcher (or an earlier
+    in-process test) leaves one: its WANDB_SERVICE reaches the trainers' environment, and
+    each trainer must still log through a core of its own (else the resumed attempt logged
+    nothing: the killed attempt's run stayed open in the shared core)."""
+    wandb.setup().ensure_service()
+    yield
+    wandb.teardown()
+
+
+@pytest.mark.usefixtures("wandb_service_in_this_process")
 def test_a_resumed_stage_tracks_every_step_once_in_tensorboard_mlflow_and_wandb(
     testbed: TestBedState, tiny_model: Path, verifier: Service, tmp_path: Path
 ) -> None:
@@ -87,6 +101,7 @@ def test_a_resumed_stage_tracks_every_step_once_in_tensorboard_mlflow_and_wandb(
         },
     )
     env = {"WANDB_MODE": "offline"}
+    assert os.environ.get("WANDB_SERVICE")  # see `wandb_service_in_this_process`
     (tmp_path / "run").mkdir()
     first = step_records(run_until_killed(config, tmp_path / "run", KILL_AFTER_STEP, env))
     lines = run_trainer_output(config, tmp_path / "run", env)
@@ -137,17 +152,15 @@ def test_a_resumed_stage_tracks_every_step_once_in_tensorboard_mlflow_and_wandb(
     assert rewards == [(s, pytest.approx(records[s]["reward"], abs=1e-6)) for s in (1, 2, 3)]
     assert "samples/text_summary" in events.Tags()["tensors"]  # the samples table
 
-    # W&B offline: one run id, a run directory per attempt that uploaded one. wandb's core
-    # writes its record log in the background (0.31 has no flush), so what a killed attempt
-    # uploaded at its checkpoints may hold none of its steps, or (measured under CI load) no
-    # run file at all: offline W&B keeps what a finished attempt logged; a killed attempt's
-    # steps are in TensorBoard and MLflow (asserted above). The resumed attempt's file is the
-    # newest, holds its step and continues the same run.
+    # W&B offline: one run id, a run directory per attempt (uploaded at its checkpoints and
+    # at the end). What wandb's core had not yet written to disk when the killed attempt
+    # uploaded its directory is not there (measured: nothing of steps 1-2): offline W&B
+    # keeps what a finished attempt logged; a killed one's steps are in TensorBoard/MLflow.
     run_files = sorted((store / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert 1 <= len(run_files) <= 2 and len({f.name for f in run_files}) == 1, run_files
+    assert len(run_files) == 2 and len({f.name for f in run_files}) == 1, run_files
     wandb_id = run_files[-1].stem.removeprefix("run-")
     assert any(f"wandb offline run {wandb_id} in " in line for line in lines), lines[-20:]
-    resumed = history(run_files[-1])
+    resumed = history(run_files[-1])  # named by its start time: the resumed attempt's
     assert [(row["_step"], row["train/reward"]) for row in resumed] == [
         (3, pytest.approx(records[3]["reward"]))
     ]

@@ -255,6 +255,12 @@ class WandbBackend:
             ("WANDB_ARTIFACT_DIR", "artifacts"),
         ):
             os.environ.setdefault(variable, str(self.local_dir / sub))
+        # wandb.setup() in a parent process (a launcher, a notebook, a test runner) leaves
+        # WANDB_SERVICE in the environment, and wandb.init would then log through the
+        # parent's wandb-core: a killed attempt's run stays open there, and the next
+        # attempt's init under the same id writes nothing of its own. Each trainer process
+        # owns its core, which dies with it.
+        os.environ.pop("WANDB_SERVICE", None)
         ref = self.run_ref
         self.run = self.wandb.init(
             project=self.config.project,
