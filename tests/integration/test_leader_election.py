@@ -102,9 +102,9 @@ def test_a_released_lease_is_taken_at_once_and_a_live_leader_is_never_doubled(
     first, second = _elector(coordination, name), _elector(coordination, name)
     second.identity = "second-replica"
     assert first._try_acquire_or_renew()  # no lease yet: created
-    first._leading_until = time.monotonic() + LEASE_SECONDS
     for _ in range(2 * LEASE_SECONDS):
         assert first._try_acquire_or_renew()
+        first._leading_until = time.monotonic() + LEASE_SECONDS  # as `run` keeps its term
         assert not second._try_acquire_or_renew()
         time.sleep(1)
     first.release()  # a clean shutdown hands over without waiting for expiry
