@@ -624,8 +624,8 @@ def test_every_child_of_a_run_is_admitted_in_a_restricted_namespace(bed: Bed) ->
 def test_a_pod_the_namespace_refuses_shows_on_the_run(bed: Bed) -> None:
     """A run that asks for root in a `restricted` namespace: the API server refuses its pods,
     and the run says so (condition and Warning Event), not only the operator's log."""
-    committed = bed.commit("asroot", "fre", 2)
     bed.apply_run("asroot", stages=1, securityContext={"runAsUser": 0})
+    committed = bed.commit("asroot", "fre", 2)  # as if an earlier attempt had committed it
     refused = bed.wait(
         "ChildrenCreated=False", lambda: condition(bed, "asroot", "ChildrenCreated", "False")
     )
@@ -642,7 +642,6 @@ def test_a_pod_the_namespace_refuses_shows_on_the_run(bed: Bed) -> None:
 def test_an_image_the_node_cannot_pull_blocks_the_run_with_its_reason(bed: Bed) -> None:
     """On the process node, as on a cluster without the image: the rollout pod waits in
     ErrImagePull/ImagePullBackOff, and the run shows Blocked with the pull error."""
-    committed = bed.commit("nopull", "fre", 2)
     bed.apply_run(
         "nopull",
         stages=1,
@@ -651,6 +650,7 @@ def test_an_image_the_node_cannot_pull_blocks_the_run_with_its_reason(bed: Bed) 
         nodeSelector={"lmmr1.io/process-node": "true"},
         tolerations=[{"key": "lmmr1.io/process-node", "operator": "Exists"}],
     )
+    committed = bed.commit("nopull", "fre", 2)  # as if an earlier attempt had committed it
     blocked = bed.wait("Blocked", lambda: condition(bed, "nopull", "Blocked"), 90)
     assert blocked["reason"] == "ImagePullError"
     assert "lmmr1-trainer:0.1.0" in blocked["message"]
