@@ -40,7 +40,6 @@ def manifest_exists(
         region_name=region or "us-east-1",
         aws_access_key_id=key_id,
         aws_secret_access_key=secret_key,
-        # Bounded: a slow or unreachable S3 must not stall the operator's loop.
         # Bounded (at most about 30 s): a check runs off the reconcile path, but its answer
         # (or its error, shown on the run) should not be long in coming.
         config=Config(

@@ -199,12 +199,13 @@ class Controller:
         missing = None
         if secret and self.kube.get("Secret", namespace, secret) is None:
             missing = secret
-        mine_progress = self.progress(
+        progress = self.progress(
             mine(
                 "ConfigMap", self.kube.get("ConfigMap", namespace, naming.progress_configmap(name))
             )
         )
-        refused += [f for key, f in taken.items() if key not in {(r.kind, r.name) for r in refused}]
+        known = {(r.kind, r.name) for r in refused}
+        refused += [f for key, f in taken.items() if key not in known]
         seen = Observed(
             run=run,
             now=dt.datetime.now(dt.UTC),
@@ -215,7 +216,7 @@ class Controller:
             job=job,
             trainer_pods=trainer_pods,
             config=config,
-            progress=mine_progress,
+            progress=progress,
             stage_children_exist=bool(rollout_pods or jobs or config),
             create_failures=refused,
             reconcile_error=self._errors.pop((namespace, name), None),
@@ -224,7 +225,9 @@ class Controller:
 
     @staticmethod
     def progress(configmap: Obj | None) -> Progress | None:
-        raw = ((configmap or {}).get("data") or {}).get(PROGRESS_KEY)
+        if configmap is None:
+            return None
+        raw = (configmap.get("data") or {}).get(PROGRESS_KEY)
         if not raw or raw == "{}":
             return None
         try:
@@ -232,8 +235,8 @@ class Controller:
         except ValidationError as err:
             log.warning(
                 "ignoring malformed progress report %s/%s: %s",
-                configmap["metadata"]["namespace"],  # type: ignore[index]
-                configmap["metadata"]["name"],  # type: ignore[index]
+                configmap["metadata"]["namespace"],
+                configmap["metadata"]["name"],
                 err.errors()[0]["msg"],
             )
             return None

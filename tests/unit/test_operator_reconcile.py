@@ -89,6 +89,17 @@ def job(complete: bool = False, failed: bool = False) -> dict[str, Any]:
     return {"metadata": {"name": "r-fre-trainer", "uid": "j"}, "status": {"conditions": conditions}}
 
 
+def finished_report(final: str, stage: str = "fre") -> Progress:
+    """The trainer's last progress report: its stage done at step 40 with `final`."""
+    return Progress(
+        stage=stage,
+        step=40,
+        total_steps=40,
+        final_checkpoint=final,
+        updated_at="2026-01-01T12:00:00Z",
+    )
+
+
 def kinds(objs: list[dict[str, Any]]) -> list[str]:
     return [f"{o['kind']}/{o['metadata']['name']}" for o in objs]
 
@@ -216,13 +227,7 @@ def test_progress_reaches_the_status() -> None:
 def test_a_finished_stage_is_verified_in_s3_then_the_next_stage_starts_from_it() -> None:
     run, _ = started()
     final = "s3://bucket/ckpt/ns/r/uid-1/fre/step-40"
-    progress = Progress(
-        stage="fre",
-        step=40,
-        total_steps=40,
-        final_checkpoint=final,
-        updated_at="2026-01-01T12:00:00Z",
-    )
+    progress = finished_report(final)
     world = seen(run, job=job(complete=True), progress=progress, stage_children_exist=True)
     plan = decide(world, SETTINGS)
     assert plan.check_final_checkpoint == final and plan.status["stageIndex"] == 0
@@ -273,13 +278,7 @@ def test_the_last_stage_finishing_succeeds_the_run() -> None:
 
 def test_a_completed_trainer_without_a_committed_checkpoint_restarts() -> None:
     run, _ = started()
-    progress = Progress(
-        stage="fre",
-        step=40,
-        total_steps=40,
-        final_checkpoint="s3://bucket/ckpt/ns/r/uid-1/fre/step-40",
-        updated_at="2026-01-01T12:00:00Z",
-    )
+    progress = finished_report("s3://bucket/ckpt/ns/r/uid-1/fre/step-40")
     plan = decide(
         seen(run, job=job(complete=True), progress=progress, final_checkpoint_committed=False),
         SETTINGS,
@@ -768,13 +767,7 @@ def test_a_final_checkpoint_outside_the_stages_prefix_fails_the_run_without_read
         "s3://bucket/ckpt/ns/r/uid-1/fre/",
     ):
         run, _ = started()
-        progress = Progress(
-            stage="fre",
-            step=40,
-            total_steps=40,
-            final_checkpoint=final,
-            updated_at="2026-01-01T12:00:00Z",
-        )
+        progress = finished_report(final)
         plan = decide(seen(run, job=job(complete=True), progress=progress), SETTINGS)
         assert plan.check_final_checkpoint is None, final
         assert plan.status["phase"] == "Failed", final
@@ -793,13 +786,7 @@ def test_checkpoints_of_a_run_created_again_under_the_same_name_go_elsewhere() -
 
 def test_a_final_checkpoint_s3_cannot_confirm_blocks_with_its_error_then_goes_on() -> None:
     run, _ = started()
-    progress = Progress(
-        stage="fre",
-        step=40,
-        total_steps=40,
-        final_checkpoint="s3://bucket/ckpt/ns/r/uid-1/fre/step-40",
-        updated_at="2026-01-01T12:00:00Z",
-    )
+    progress = finished_report("s3://bucket/ckpt/ns/r/uid-1/fre/step-40")
     world = seen(
         run,
         job=job(complete=True),
