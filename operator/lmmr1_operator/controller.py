@@ -19,9 +19,17 @@ from pydantic import ValidationError
 
 from lmmr1_operator import checkpoints, naming, podstate
 from lmmr1_operator.api.spec import LMMR1RunSpec
+from lmmr1_operator.api.status import StageStatus
 from lmmr1_operator.kube import CreateRefused, Kube
 from lmmr1_operator.metrics import Metrics
-from lmmr1_operator.reconcile import RESTART_REASONS, CreateFailure, Observed, Plan, decide
+from lmmr1_operator.reconcile import (
+    DISRUPTED,
+    RESTART_REASONS,
+    CreateFailure,
+    Observed,
+    Plan,
+    decide,
+)
 from lmmr1_operator.settings import OperatorSettings
 from lmmr1_operator.verification import CheckpointVerifier
 from lmmr1_trainer.config import PROGRESS_KEY, Progress
@@ -139,7 +147,9 @@ class Controller:
         index = min(status.get("stageIndex") or 0, len(spec.stages) - 1)
         stage = spec.stages[index].name
         records = status.get("stages") or []
-        attempt = str(records[index].get("restarts", 0) if index < len(records) else 0)
+        attempt = str(
+            StageStatus.model_validate(records[index]).attempt if index < len(records) else 0
+        )
 
         def current(obj: Obj) -> bool:
             labels = obj["metadata"].get("labels") or {}
@@ -163,10 +173,12 @@ class Controller:
             return mine(kind, obj) is not None and not obj["metadata"].get("deletionTimestamp")
 
         owned = {naming.LABEL_RUN: name, naming.LABEL_MANAGED: naming.MANAGER}
+        # A rollout pod on its way out because Kubernetes disrupted it stays in view: the
+        # stage restarts for it (a disruption), not only once a new one has replaced it.
         rollout_pods = [
             p
             for p in self.kube.list("Pod", namespace, {**owned, naming.LABEL_ROLE: "rollout"})
-            if alive("Pod", p)
+            if alive("Pod", p) or (mine("Pod", p) is not None and podstate.disruption(p))
         ]
         jobs = [j for j in self.kube.list("Job", namespace, owned) if alive("Job", j)]
         stale = [("Pod", p["metadata"]["name"]) for p in rollout_pods if not current(p)]
@@ -284,6 +296,8 @@ class Controller:
             self.post_event(run, kind, reason, message)
             if reason in RESTART_REASONS:
                 self.metrics.restarts.inc()
+            elif reason == DISRUPTED:
+                self.metrics.disruptions.inc()
         for kind, child in stale:
             self.kube.delete(kind, namespace, child)
         refused: list[CreateFailure] = []

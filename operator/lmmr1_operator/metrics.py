@@ -1,5 +1,5 @@
-"""Prometheus metrics: runs by phase, reconcile durations, stage restarts, and each stage's
-held-out evaluation (from the run's status)."""
+"""Prometheus metrics: runs by phase, reconcile durations, stage restarts and disruptions,
+and each stage's held-out evaluation (from the run's status)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ class Metrics:
             "lmmr1_child_create_failures_total",
             "Children the API server refused to create",
             ["kind", "reason"],
+            registry=self.registry,
+        )
+        self.disruptions = Counter(
+            "lmmr1_stage_disruptions_total",
+            "Stages restarted from their last checkpoint because Kubernetes ended a pod "
+            "(DisruptionTarget: preemption, eviction, a lost node); not in restarts",
             registry=self.registry,
         )
         self.leader = Gauge(

@@ -68,11 +68,38 @@ def failed_containers(pod: Obj) -> list[tuple[str, int, str]]:
     for status in _statuses(pod):
         state = (status.get("state") or {}).get("terminated") or {}
         if state.get("exitCode"):
-            message = " ".join(str(state.get("message") or "").split())
-            if len(message) > MAX_FAILURE_MESSAGE:
-                message = message[: MAX_FAILURE_MESSAGE - 3] + "..."
+            message = _readable(state.get("message"))
             out.append((str(status.get("name", "")), int(state["exitCode"]), message))
     return out
+
+
+def _readable(message: object) -> str:
+    """A message on one line, cut to MAX_FAILURE_MESSAGE characters."""
+    text = " ".join(str(message or "").split())
+    if len(text) > MAX_FAILURE_MESSAGE:
+        text = text[: MAX_FAILURE_MESSAGE - 3] + "..."
+    return text
+
+
+# The pod condition Kubernetes sets on a pod it is about to end for reasons of its own
+# (reasons PreemptionByScheduler, DeletionByTaintManager, EvictionByEvictionAPI,
+# DeletionByPodGC, TerminationByKubelet): a disruption, not the workload's failure.
+DISRUPTION_TARGET = "DisruptionTarget"
+
+
+def disruption(pod: Obj) -> tuple[str, str] | None:
+    """(reason, message) of the pod's DisruptionTarget condition once the pod is ending
+    because of it (Failed, or terminating); None otherwise. A pod that only carries the
+    condition still runs: the deletion that follows it may not come (Kubernetes removes a
+    condition no deletion followed), so it is not counted yet."""
+    status = pod.get("status", {})
+    ending = phase(pod) == "Failed" or bool(pod.get("metadata", {}).get("deletionTimestamp"))
+    if not ending:
+        return None
+    for condition in status.get("conditions", []):
+        if condition.get("type") == DISRUPTION_TARGET and condition.get("status") == "True":
+            return str(condition.get("reason") or ""), _readable(condition.get("message"))
+    return None
 
 
 def job_condition(job: Obj | None, kind: str) -> bool:
@@ -82,6 +109,24 @@ def job_condition(job: Obj | None, kind: str) -> bool:
         c.get("type") == kind and c.get("status") == "True"
         for c in job.get("status", {}).get("conditions", [])
     )
+
+
+def job_disruption(job: Obj | None) -> str | None:
+    """The message of the Job's Failed (or FailureTarget) condition when its pod failure
+    policy failed it for a disrupted pod ("Pod ns/name has condition DisruptionTarget
+    matching FailJob rule at index 0"): the Job says so after the pod itself is gone."""
+    if job is None:
+        return None
+    for condition in job.get("status", {}).get("conditions", []):
+        message = str(condition.get("message") or "")
+        if (
+            condition.get("type") in ("Failed", "FailureTarget")
+            and condition.get("status") == "True"
+            and condition.get("reason") == "PodFailurePolicy"
+            and f"has condition {DISRUPTION_TARGET} " in message
+        ):
+            return message
+    return None
 
 
 def why_stuck(pods: list[Obj]) -> tuple[str, str] | None:

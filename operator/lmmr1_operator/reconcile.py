@@ -32,6 +32,9 @@ MAX_ERROR_CHARS = 1000
 RESTARTING = "StageRestarting"
 STALLED = "Stalled"
 RESTART_REASONS = (RESTARTING, STALLED)
+# Condition and Event reason of a restart after Kubernetes ended a pod (DisruptionTarget):
+# not counted against backoffLimit, as a Job's podFailurePolicy rule `action: Ignore`.
+DISRUPTED = "Disrupted"
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class _Decision:
         )
 
     def finish(self, succeeded: bool, reason: str, message: str) -> None:
+        if self.status.suspended_since is not None:  # a deadline shortened while suspended
+            self.status.suspended_seconds = int(self.suspended_seconds())
+            self.status.suspended_since = None
         self.status.phase = "Succeeded" if succeeded else "Failed"
         self.status.completion_time = self.now
         self.condition(cond.RUNNING, False, reason, message)
@@ -136,7 +142,7 @@ class _Decision:
     def context(self) -> StageContext:
         finals = [s.final_checkpoint for s in self.status.stages]
         return StageContext(
-            attempt=self.record().restarts,
+            attempt=self.record().attempt,
             run=self.seen.run,
             spec=self.spec,
             index=self.index,
@@ -161,20 +167,24 @@ class _Decision:
             self.event(
                 "Created", f"run accepted with stages {', '.join(s.name for s in self.spec.stages)}"
             )
-        start = _parse(status.start_time)
         deadline = self.spec.active_deadline_seconds
-        if deadline and start and (self.seen.now - start).total_seconds() > deadline:
+        active = self.active_seconds()
+        if deadline and active is not None and active > deadline:
+            suspended = self.suspended_seconds()
             self.finish(
                 False,
                 "DeadlineExceeded",
-                f"activeDeadlineSeconds={deadline} passed; stopped at stage "
-                f"{self.record().name} step {status.step or 0}",
+                f"activeDeadlineSeconds={deadline} passed ({active:.0f}s active"
+                + (f", {suspended:.0f}s suspended not counted" if suspended else "")
+                + f"); stopped at stage {self.record().name} step {status.step or 0}",
             )
             return self.done()
         if self.spec.suspend:
             self.suspend()
             return self.done()
         if status.phase == "Suspended":
+            status.suspended_seconds = int(self.suspended_seconds())
+            status.suspended_since = None
             status.phase = "Running" if (status.step or self.index) else "Pending"
             self.condition(cond.SUSPENDED, False, "Resumed", "resumed from the last checkpoint")
             self.event("Resumed", f"stage {self.record().name} resumes from its last checkpoint")
@@ -220,7 +230,24 @@ class _Decision:
         if ttl is not None and finished and (self.seen.now - finished).total_seconds() >= ttl:
             self.plan.delete_run = True
 
+    def suspended_seconds(self) -> float:
+        """Time the run spent suspended: earlier suspensions and the current one so far."""
+        since = _parse(self.status.suspended_since)
+        current = (self.seen.now - since).total_seconds() if since else 0.0
+        return (self.status.suspended_seconds or 0) + max(current, 0.0)
+
+    def active_seconds(self) -> float | None:
+        """What activeDeadlineSeconds counts: time since the run started, less the time it
+        spent suspended (its clock stops while suspended; a Job's restarts from zero on
+        resume instead). None before the run started."""
+        start = _parse(self.status.start_time)
+        if start is None:
+            return None
+        return (self.seen.now - start).total_seconds() - self.suspended_seconds()
+
     def suspend(self) -> None:
+        if self.status.suspended_since is None:
+            self.status.suspended_since = self.now
         if self.status.phase != "Suspended":
             self.event(
                 "Suspended",
@@ -402,6 +429,25 @@ class _Decision:
                     f"{detail or f'see the {container} log'}",
                 )
                 return True
+        # A pod Kubernetes ended (preempted, evicted, its node gone) is no failure of the
+        # stage's, whatever its containers exited with; nor are the other ranks' failures
+        # that follow when a peer vanishes under them. Nothing is counted.
+        disrupted = [(p, found) for p in pods if (found := podstate.disruption(p)) is not None]
+        if disrupted:
+            self.disrupted(
+                ctx,
+                ", ".join(
+                    f"pod {p['metadata']['name']} ended by Kubernetes ({reason}"
+                    + (f": {message}" if message else "")
+                    + ")"
+                    for p, (reason, message) in disrupted
+                ),
+            )
+            return True
+        job_disruption = podstate.job_disruption(seen.job)
+        if job_disruption is not None:  # the pod is gone; its Job says what happened
+            self.disrupted(ctx, f"trainer Job failed: {job_disruption}")
+            return True
         failed_pods = [p for p in pods if podstate.phase(p) == "Failed"]
         if not failed_pods and not podstate.job_condition(seen.job, "Failed"):
             return False
@@ -424,6 +470,8 @@ class _Decision:
         return True
 
     def restart(self, ctx: StageContext, why: str, reason: str = RESTARTING) -> None:
+        """A failed attempt: restart the stage from its last checkpoint after a back-off
+        that doubles with each restart, or fail the run once backoffLimit is used up."""
         status, record = self.status, self.record()
         restarts = status.restarts or 0
         if restarts >= self.spec.backoff_limit:
@@ -438,10 +486,7 @@ class _Decision:
         status.restarts = restarts + 1
         record.restarts += 1
         delay = min(MAX_BACKOFF_S, self.settings.restart_backoff_seconds * 2**restarts)
-        status.retry_after = _iso(self.seen.now + dt.timedelta(seconds=delay))
-        status.last_progress_time = None  # the next attempt's clock starts when it runs
-        self.plan.delete_stage = True
-        self.condition(cond.RUNNING, False, reason, why)
+        self.tear_down(reason, why, delay)
         self.event(
             reason,
             f"stage {ctx.stage.name}: {why}; restart "
@@ -449,6 +494,30 @@ class _Decision:
             f"{delay:.0f}s from the last checkpoint",
             "Warning",
         )
+
+    def disrupted(self, ctx: StageContext, why: str) -> None:
+        """An attempt Kubernetes ended: restart the stage from its last checkpoint under a
+        new attempt, counted in `disruptions` alone. The back-off neither grows nor counts
+        (status.restarts, which drives both, is left alone), so a run on preemptible
+        capacity is never failed for being preempted."""
+        status, record = self.status, self.record()
+        status.disruptions = (status.disruptions or 0) + 1
+        record.disruptions += 1
+        delay = min(MAX_BACKOFF_S, self.settings.restart_backoff_seconds)
+        self.tear_down(DISRUPTED, why, delay)
+        self.event(
+            DISRUPTED,
+            f"stage {ctx.stage.name}: {why}; restart in {delay:.0f}s from the last "
+            f"checkpoint (disruption {status.disruptions}, not counted against "
+            f"backoffLimit={self.spec.backoff_limit})",
+        )
+
+    def tear_down(self, reason: str, why: str, delay: float) -> None:
+        """Remove the attempt's children; the next one starts once `delay` has passed."""
+        self.status.retry_after = _iso(self.seen.now + dt.timedelta(seconds=delay))
+        self.status.last_progress_time = None  # the next attempt's clock starts when it runs
+        self.plan.delete_stage = True
+        self.condition(cond.RUNNING, False, reason, why)
 
     def complete_stage(self, record: StageStatus) -> None:
         progress = self.seen.progress

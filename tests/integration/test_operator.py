@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from lmmr1_operator import podstate
+from lmmr1_operator.children import trainer
 from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 from lmmr1_testbed.pytest_plugin import Cli
 from lmmr1_testbed.waiting import wait_for
@@ -141,6 +143,55 @@ class Bed:
     def exit(self, pod: dict[str, Any], code: int) -> None:
         self.kubectl(
             "annotate", "pod", pod["metadata"]["name"], f"testbed.lmmr1.io/exit-code={code}"
+        )
+
+    def disrupt(self, pod: dict[str, Any], reason: str, message: str) -> None:
+        """End a pod as Kubernetes does when it preempts or evicts one: the condition
+        DisruptionTarget and a Failed phase, written through pods/status as the scheduler
+        and the kubelet write them (the containers end with SIGTERM's 143)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ended = {
+            "running": None,
+            "terminated": {
+                "exitCode": 143,
+                "reason": "Error",
+                "startedAt": now,
+                "finishedAt": now,
+            },
+        }
+
+        def statuses(containers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [
+                {"name": c["name"], "ready": False, "started": False, "state": ended}
+                for c in containers
+            ]
+
+        spec = pod["spec"]
+        patch = {
+            "status": {
+                "phase": "Failed",
+                "conditions": [
+                    {"type": "Ready", "status": "False", "lastTransitionTime": now},
+                    {
+                        "type": "DisruptionTarget",
+                        "status": "True",
+                        "reason": reason,
+                        "message": message,
+                        "lastTransitionTime": now,
+                    },
+                ],
+                "containerStatuses": statuses(spec["containers"]),
+                "initContainerStatuses": statuses(spec.get("initContainers") or []),
+            }
+        }
+        self.kubectl(
+            "patch",
+            "pod",
+            pod["metadata"]["name"],
+            "--subresource=status",
+            "--type=strategic",
+            "-p",
+            json.dumps(patch),
         )
 
     def finish_stage(self, run: str, stage: str, steps: int = 4) -> str:
@@ -353,6 +404,94 @@ def test_a_failed_trainer_resumes_then_the_run_fails_at_the_backoff_limit(bed: B
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "BackoffLimitExceeded"
     assert bed.events("flaky").count("StageRestarting") == 2
+
+
+def test_a_preempted_trainer_restarts_its_stage_without_counting_a_restart(bed: Bed) -> None:
+    """The scheduler preempts the trainer pod (DisruptionTarget, Failed): the stage restarts
+    under a new attempt with status.restarts unchanged and the disruption counted (condition
+    and Event Disrupted naming the pod and the reason); a plain failure afterwards counts."""
+    bed.apply_run("preempted", stages=1)
+    first = bed.running_trainer("preempted", "fre")
+    name = first["metadata"]["name"]
+    with bed.condition_reasons("preempted", "Running") as reasons:
+        bed.disrupt(first, "PreemptionByScheduler", "Preempted by ns/urgent on node kwok-gpu-0")
+        bed.wait("a disruption", lambda: bed.status("preempted").get("disruptions") == 1, 30)
+        second = bed.running_trainer("preempted", "fre")
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    assert second["metadata"]["labels"]["lmmr1.io/attempt"] == "1"
+    status = bed.status("preempted")
+    assert status.get("restarts", 0) == 0 and status["phase"] != "Failed"
+    assert (status["stages"][0]["restarts"], status["stages"][0]["disruptions"]) == (0, 1)
+    disrupted = [r for r in reasons if r.startswith("Disrupted: ")]
+    assert (
+        disrupted and f"pod {name} ended by Kubernetes (PreemptionByScheduler" in (disrupted[0])
+    ), reasons
+    (message,) = bed.event_messages("preempted", "Disrupted")
+    assert f"pod {name} ended by Kubernetes (PreemptionByScheduler: Preempted by" in message
+    assert "disruption 1, not counted against backoffLimit=2" in message
+    assert "StageRestarting" not in bed.events("preempted")
+    bed.exit(second, 1)
+    bed.wait("a counted restart", lambda: bed.status("preempted").get("restarts") == 1, 30)
+    assert bed.status("preempted")["disruptions"] == 1
+
+
+def test_the_job_controller_names_a_disruption_as_the_operator_reads_it(bed: Bed) -> None:
+    """The trainer Job's pod failure policy on the real Job controller: a disrupted pod
+    fails the Job (reason PodFailurePolicy) with a message `podstate.job_disruption`
+    recognises, which is all the operator has once the pod is gone."""
+    restricted = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "policy-check"},
+        "spec": {
+            "backoffLimit": 0,
+            "podFailurePolicy": trainer.POD_FAILURE_POLICY,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "nodeSelector": {"type": "kwok"},
+                    "containers": [
+                        {
+                            "name": "work",
+                            "image": "example.com/work:1",
+                            "securityContext": restricted,
+                        }
+                    ],
+                }
+            },
+        },
+    }
+    bed.kubectl("apply", "-f", "-", stdin=json.dumps(job))
+    try:
+
+        def running() -> dict[str, Any] | None:
+            pods = bed.pods("job-name=policy-check")
+            return pods[0] if pods and pods[0]["status"].get("phase") == "Running" else None
+
+        pod = bed.wait("the Job's pod Running", running, 30)
+        bed.disrupt(pod, "EvictionByEvictionAPI", "Eviction API: evicting")
+
+        def failed() -> dict[str, Any] | None:
+            found = json.loads(bed.kubectl("get", "job", "policy-check", "-o", "json").stdout)
+            return found if podstate.job_condition(found, "Failed") else None
+
+        ended = bed.wait("the Job Failed", failed, 30)
+        condition = next(c for c in ended["status"]["conditions"] if c["type"] == "Failed")
+        assert condition["reason"] == "PodFailurePolicy", condition
+        message = podstate.job_disruption(ended)
+        assert message == (
+            f"Pod {bed.ns}/{pod['metadata']['name']} has condition DisruptionTarget matching "
+            "FailJob rule at index 0"
+        ), condition
+    finally:
+        bed.kubectl("delete", "job", "policy-check", "--wait=false", check=False)
 
 
 def test_a_config_error_exit_code_fails_at_once(bed: Bed) -> None:

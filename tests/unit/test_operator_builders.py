@@ -130,6 +130,23 @@ def test_trainer_job_is_indexed_with_gpus_sidecar_and_references_only() -> None:
     assert {"name": "dshm", "mountPath": "/dev/shm"} in main["volumeMounts"]
 
 
+def test_a_disrupted_trainer_pod_fails_its_job_at_once_saying_so() -> None:
+    """The Job does not replace a disrupted rank itself (`Ignore`): the operator restarts
+    every rank together. Its pod failure policy names the disruption in the Job's
+    condition, which the operator reads as one (reconcile tests)."""
+    spec = trainer.job(context(run_obj()))["spec"]
+    assert spec["backoffLimit"] == 0
+    assert spec["podFailurePolicy"] == {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            }
+        ]
+    }
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # the policy requires it
+
+
 def test_a_cpu_stage_runs_one_plain_process_with_deepspeed_on_cpu() -> None:
     run = run_obj()
     run["spec"]["stages"][0]["resources"] = {

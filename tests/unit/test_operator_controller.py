@@ -282,3 +282,45 @@ def test_the_watch_event_of_the_operators_own_status_write_is_recognised() -> No
     # Anyone else's change (a user's edit, a later version) is not the operator's write.
     assert not ctl.wrote("ns", "r", str(int(written) + 1))
     assert not ctl.wrote("ns", "other", written) and not ctl.wrote("ns", "r", None)
+
+
+def test_a_disrupted_pod_starts_a_new_attempt_counted_apart_from_restarts() -> None:
+    """A rollout server evicted (terminating, DisruptionTarget): the stage's children go,
+    the Event says Disrupted, lmmr1_stage_disruptions_total counts it (the restarts'
+    counter does not), and the stage comes back under attempt 1, so the evicted pod still
+    terminating is stale, not a second disruption."""
+    ctl, kube, posted = controller(new_run("separate"))
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    ctl.reconcile("ns", "r")
+    server = kube.objects[("Pod", "r-fre-rollout-0")]
+    server["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    server["status"] = {
+        "phase": "Running",
+        "conditions": [
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API: evicting",
+            }
+        ],
+    }
+    evicted = copy.deepcopy(server)
+    ctl.reconcile("ns", "r")
+    status = kube.objects[("LMMR1Run", "r")]["status"]
+    assert (status["restarts"], status.get("disruptions")) == (0, 1)
+    assert [reason for _, reason, _ in posted][-1] == "Disrupted"
+    assert ctl.metrics.registry.get_sample_value("lmmr1_stage_disruptions_total") == 1
+    assert ctl.metrics.registry.get_sample_value("lmmr1_stage_restarts_total") == 0
+    assert ("Pod", "r-fre-rollout-0") not in kube.objects
+    # The evicted pod is still terminating when the back-off is over.
+    kube.objects[("Pod", "r-fre-rollout-0")] = evicted
+    status["retryAfter"] = None
+    ctl.reconcile("ns", "r")
+    status = kube.objects[("LMMR1Run", "r")]["status"]
+    assert status["disruptions"] == 1 and status["phase"] != "Failed"
+    # Deleted as stale, and (this API server deletes at once) created afresh.
+    fresh = kube.objects[("Pod", "r-fre-rollout-0")]["metadata"]
+    assert fresh["labels"]["lmmr1.io/attempt"] == "1" and "deletionTimestamp" not in fresh
+    ctl.reconcile("ns", "r")
+    assert kube.objects[("LMMR1Run", "r")]["status"]["disruptions"] == 1

@@ -829,3 +829,195 @@ def test_an_error_in_the_operators_last_pass_shows_on_the_run_once_then_clears()
     assert conditions(healed)["Reconciled"] == "True"
     # A run that never failed a pass carries no such condition.
     assert "Reconciled" not in conditions(decide(seen(new_run()), SETTINGS))
+
+
+# -- disruptions and the deadline's clock (issue 14) ---------------------------------------
+
+DISRUPTION_REASONS = (
+    "PreemptionByScheduler",
+    "DeletionByTaintManager",
+    "EvictionByEvictionAPI",
+    "DeletionByPodGC",
+    "TerminationByKubelet",
+)
+
+
+def disrupted(
+    name: str = "r-fre-trainer-0-abcde",
+    reason: str = "PreemptionByScheduler",
+    message: str = "Preempted by ns/urgent on node gpu-3",
+    phase: str = "Failed",
+    exit_code: int | None = 143,
+    container: str = "trainer",
+    terminating: bool = False,
+) -> dict[str, Any]:
+    """A pod Kubernetes ended: its DisruptionTarget condition, as the scheduler, the taint
+    manager, the eviction API, the pod GC or the kubelet write it."""
+    ended = pod(name, phase=phase, ready=False, exit_code=exit_code, container=container)
+    ended["status"]["conditions"].append(
+        {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": message}
+    )
+    if terminating:
+        ended["metadata"]["deletionTimestamp"] = "2026-01-01T11:59:00Z"
+    return ended
+
+
+def failed_job(reason: str = "BackoffLimitExceeded", message: str = "") -> dict[str, Any]:
+    failed = job(failed=True)
+    failed["status"]["conditions"][0].update(reason=reason, message=message)
+    return failed
+
+
+def running_condition(plan: Plan) -> dict[str, Any]:
+    return next(c for c in plan.status["conditions"] if c["type"] == "Running")
+
+
+def test_a_disrupted_trainer_pod_restarts_the_stage_without_counting_a_restart() -> None:
+    run = running_stage()
+    world = seen(run, job=failed_job(), trainer_pods=[disrupted()], stage_children_exist=True)
+    plan = decide(world, SETTINGS)
+    assert plan.delete_stage and plan.status["phase"] == "Running"
+    assert (plan.status["restarts"], plan.status.get("disruptions")) == (0, 1)
+    record = plan.status["stages"][0]
+    assert (record["restarts"], record["disruptions"]) == (0, 1)
+    assert plan.status["retryAfter"] == "2026-01-01T12:00:10Z"  # the first back-off's wait
+    running = running_condition(plan)
+    assert (running["status"], running["reason"]) == ("False", "Disrupted")
+    assert "r-fre-trainer-0-abcde" in running["message"]
+    ((kind, reason, message),) = plan.events
+    assert (kind, reason) == ("Normal", "Disrupted")
+    assert (
+        "pod r-fre-trainer-0-abcde ended by Kubernetes (PreemptionByScheduler: Preempted by "
+        "ns/urgent on node gpu-3)" in message
+    )
+    assert "disruption 1, not counted against backoffLimit=3" in message
+    # After the wait, the stage comes back under a new attempt (its old pods are stale).
+    back = decide(seen(with_status(run, plan), now=at(11)), SETTINGS)
+    job_labels = next(o for o in back.ensure if o["kind"] == "Job")["metadata"]["labels"]
+    assert job_labels["lmmr1.io/attempt"] == "1"
+
+
+def test_disruptions_beyond_the_backoff_limit_never_fail_the_run_but_failures_count() -> None:
+    run = running_stage(backoffLimit=1, rollout_mode="separate")
+    now = NOW
+    ended = [disrupted(reason=reason) for reason in DISRUPTION_REASONS]
+    ended.append(
+        disrupted("r-fre-rollout-0", "DeletionByTaintManager", "node lost", container="rollout")
+    )
+    for count, pod_ended in enumerate(ended, start=1):
+        rollout_side = pod_ended["metadata"]["name"].startswith("r-fre-rollout")
+        world = seen(
+            run,
+            now=now,
+            job=job(),
+            trainer_pods=[] if rollout_side else [pod_ended],
+            rollout_pods=[pod_ended] if rollout_side else [],
+        )
+        plan = decide(world, SETTINGS)
+        assert plan.status["phase"] != "Failed", plan.status["conditions"]
+        assert (plan.status["restarts"], plan.status.get("disruptions")) == (0, count)
+        assert plan.events[-1][1] == "Disrupted"
+        wait = dt.datetime.fromisoformat(plan.status["retryAfter"].replace("Z", "+00:00")) - now
+        assert wait.total_seconds() == 10  # no doubling
+        now += dt.timedelta(seconds=11)
+        run = with_status(run, plan)
+    # A plain failure after them still counts: the first restart, the first back-off.
+    crashed = pod("r-fre-trainer-0-abcde", phase="Failed", exit_code=1, container="trainer")
+    plan = decide(seen(run, now=now, job=failed_job(), trainer_pods=[crashed]), SETTINGS)
+    assert (plan.status["restarts"], plan.status["disruptions"]) == (1, len(ended))
+    assert (
+        plan.events[-1][:2] == ("Warning", "StageRestarting")
+        and "restart 1/1 in 10s" in (plan.events[-1][2])
+    )
+    run = with_status(run, plan)
+    again = decide(seen(run, now=now + dt.timedelta(seconds=11), trainer_pods=[crashed]), SETTINGS)
+    assert again.status["phase"] == "Failed"
+    assert _failed_condition(again)["reason"] == "BackoffLimitExceeded"
+
+
+def test_a_pod_on_its_way_out_for_a_disruption_restarts_the_stage_before_it_fails() -> None:
+    """An eviction marks the pod, then deletes it: the stage restarts while the pod still
+    terminates. A pod that only carries the condition (no deletion followed) still runs."""
+    run = running_stage()
+    evicted = disrupted(
+        reason="EvictionByEvictionAPI",
+        message="Eviction API: evicting",
+        phase="Running",
+        exit_code=None,
+        terminating=True,
+    )
+    plan = decide(seen(run, job=job(), trainer_pods=[evicted]), SETTINGS)
+    assert plan.delete_stage
+    assert (plan.status["restarts"], plan.status.get("disruptions")) == (0, 1)
+    marked = disrupted(phase="Running", exit_code=None)
+    plan = decide(seen(run, job=job(), trainer_pods=[marked]), SETTINGS)
+    assert not plan.delete_stage and plan.status.get("disruptions") is None
+
+
+def test_a_trainer_job_failed_by_its_disruption_rule_counts_as_a_disruption() -> None:
+    """The pod is gone (deleted once the Job controller counted it): the Job's condition,
+    from its podFailurePolicy, says it was disrupted. Any other Job failure still counts."""
+    run = running_stage()
+    message = (
+        "Pod ns/r-fre-trainer-0-abcde has condition DisruptionTarget matching FailJob rule "
+        "at index 0"
+    )
+    plan = decide(seen(run, job=failed_job("PodFailurePolicy", message)), SETTINGS)
+    assert (plan.status["restarts"], plan.status.get("disruptions")) == (0, 1)
+    assert plan.events[-1][1] == "Disrupted" and message in plan.events[-1][2]
+    plan = decide(
+        seen(
+            run,
+            job=failed_job("BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+        ),
+        SETTINGS,
+    )
+    assert plan.status["restarts"] == 1 and plan.status.get("disruptions") is None
+
+
+def test_a_config_error_on_a_disrupted_pod_still_fails_the_run_at_once() -> None:
+    run = running_stage()
+    rejected = disrupted(exit_code=EXIT_CONFIG_ERROR)
+    rejected["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "bad key"
+    plan = decide(seen(run, job=failed_job(), trainer_pods=[rejected]), SETTINGS)
+    assert plan.status["phase"] == "Failed" and _failed_condition(plan)["reason"] == "ConfigError"
+    assert plan.status.get("disruptions") is None and plan.status["restarts"] == 0
+
+
+def _suspend(run: dict[str, Any], suspend: bool, now: dt.datetime) -> dict[str, Any]:
+    run["spec"]["suspend"] = suspend
+    plan = decide(seen(run, now=now, stage_children_exist=True), SETTINGS)
+    return with_status(run, plan)
+
+
+def test_time_suspended_does_not_count_toward_the_active_deadline() -> None:
+    hour = 3600
+    run = running_stage(activeDeadlineSeconds=hour)
+    run = _suspend(run, True, at(600))  # 10 min running, then suspended for 2 h
+    assert run["status"]["phase"] == "Suspended"
+    still = decide(seen(run, now=at(600 + 2 * hour)), SETTINGS)
+    assert still.status["phase"] == "Suspended", _failed_condition(still)["message"]
+    assert run["status"]["suspendedSince"] == "2026-01-01T12:10:00Z"
+    run = _suspend(run, False, at(600 + 2 * hour))
+    assert run["status"]["phase"] != "Failed" and run["status"]["suspendedSeconds"] == 2 * hour
+    assert run["status"].get("suspendedSince") is None
+    # 50 more minutes of running: an hour in all. One second more fails it.
+    resumed = seen(run, now=at(2 * hour + hour), job=job(), trainer_pods=trainer_pods("Running"))
+    plan = decide(resumed, SETTINGS)
+    assert plan.status["phase"] == "Running" and not plan.delete_stage
+    plan = decide(replace(resumed, now=at(2 * hour + hour + 1)), SETTINGS)
+    assert plan.status["phase"] == "Failed" and plan.delete_stage
+    failed = _failed_condition(plan)
+    assert failed["reason"] == "DeadlineExceeded"
+    assert "(3601s active, 7200s suspended not counted)" in failed["message"]
+
+
+def test_each_suspension_adds_to_the_time_not_counted() -> None:
+    run = running_stage(activeDeadlineSeconds=100)
+    run = _suspend(run, True, at(50))
+    run = _suspend(run, False, at(1050))
+    run = _suspend(run, True, at(1080))
+    run = _suspend(run, False, at(5080))
+    assert run["status"]["suspendedSeconds"] == 5000
+    assert decide(seen(run, now=at(5100)), SETTINGS).status["phase"] != "Failed"  # 100 s
+    assert decide(seen(run, now=at(5101)), SETTINGS).status["phase"] == "Failed"

@@ -801,10 +801,16 @@ class LMMR1RunSpec(ApiModel):
         default=3,
         ge=0,
         le=100,
-        description="Stage restarts (from the last checkpoint) before the run fails.",
+        description="Stage restarts (from the last checkpoint) before the run fails. "
+        "Disruptions (a pod Kubernetes preempted, evicted or lost with its node: its "
+        "condition DisruptionTarget) restart the stage too but never count.",
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, le=31_536_000, description="Fail the run after this long."
+        default=None,
+        ge=1,
+        le=31_536_000,
+        description="Fail the run after this long since it started, less the time it was "
+        "suspended.",
     )
     stall_timeout_seconds: int = Field(
         default=DEFAULT_STALL_TIMEOUT_S,

@@ -71,6 +71,12 @@ class StageStatus(ApiModel):
     init_checkpoint: str | None = Field(default=None, max_length=2048)
     final_checkpoint: str | None = Field(default=None, max_length=2048)
     restarts: int = Field(default=0, ge=0)
+    disruptions: int = Field(
+        default=0,
+        ge=0,
+        description="Restarts after Kubernetes ended a pod of the stage (a pod condition "
+        "DisruptionTarget: preemption, eviction, a lost node); not counted in restarts.",
+    )
     rollout_mode: RolloutMode | None = Field(
         default=None,
         description="Where the stage generates samples (spec's rollout.mode, resolved).",
@@ -96,6 +102,12 @@ class StageStatus(ApiModel):
         },
     )
 
+    @property
+    def attempt(self) -> int:
+        """The stage's current attempt (its pods' lmmr1.io/attempt): every restart, a
+        disruption's included, starts a new one."""
+        return self.restarts + self.disruptions
+
 
 class LMMR1RunStatus(ApiModel):
     """Observed state. `stage`/`step`/`reward` describe the stage that runs now."""
@@ -117,9 +129,29 @@ class LMMR1RunStatus(ApiModel):
         default=None, description="That accuracy minus the stage's baseline."
     )
     last_checkpoint: str | None = Field(default=None, max_length=2048)
-    restarts: int | None = Field(default=None, ge=0)
+    restarts: int | None = Field(
+        default=None, ge=0, description="Stage restarts counted against spec.backoffLimit."
+    )
+    disruptions: int | None = Field(
+        default=None,
+        ge=0,
+        description="Stage restarts after Kubernetes ended a pod (a pod condition "
+        "DisruptionTarget: preemption, eviction, a lost node); never counted against "
+        "spec.backoffLimit.",
+    )
     start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    suspended_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds the run spent suspended before the current suspension; "
+        "spec.activeDeadlineSeconds counts neither these nor the current one.",
+    )
+    suspended_since: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="When the current suspension began (unset while not suspended).",
+    )
     last_progress_time: str | None = Field(
         default=None,
         json_schema_extra={"format": "date-time"},

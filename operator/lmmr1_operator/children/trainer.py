@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmmr1_operator import naming
+from lmmr1_operator import naming, podstate
 from lmmr1_operator.children import pods
 from lmmr1_operator.children.context import StageContext
 
@@ -142,6 +142,25 @@ def _verifier(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+# A disrupted pod (preempted, evicted, its node gone) ends the Job at once with a condition
+# that names the pod and DisruptionTarget ("Pod ns/name has condition DisruptionTarget
+# matching FailJob rule at index 0"), which the operator reads as a disruption (not counted
+# against the run's backoffLimit) even after the pod itself is gone. Not `Ignore`: the Job
+# controller would then replace the one rank inside the same attempt, and a torchrun rank
+# cannot rejoin its peers mid-run (a static rendezvous; the others fail, or hang in a
+# collective with a dead peer), nor would the rollout servers restart with it. Every rank
+# and rollout server restarts together from the last checkpoint: the operator's restart,
+# under a new attempt.
+POD_FAILURE_POLICY: dict[str, Any] = {
+    "rules": [
+        {
+            "action": "FailJob",
+            "onPodConditions": [{"type": podstate.DISRUPTION_TARGET, "status": "True"}],
+        }
+    ]
+}
+
+
 def job(ctx: StageContext) -> dict[str, Any]:
     topology = ctx.stage.resources.trainer
     claims = pods.stage_claims(ctx)
@@ -185,6 +204,7 @@ def job(ctx: StageContext) -> dict[str, Any]:
             # Retries are the operator's: a restart must restart the rollouts too, and
             # resumes from the last checkpoint.
             "backoffLimit": 0,
+            "podFailurePolicy": POD_FAILURE_POLICY,
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
