@@ -11,6 +11,7 @@ Both run only on the replica that holds the leader Lease.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from lmmr1_operator.controller import Controller
 from lmmr1_operator.kube import Kube
 from lmmr1_operator.leader import LeaderElector
 from lmmr1_operator.metrics import Metrics
+from lmmr1_operator.scope import check_kopf_scope, describe_scope
 from lmmr1_operator.settings import OperatorSettings
 
 log = logging.getLogger("lmmr1.handlers")
@@ -50,6 +52,28 @@ def _reconcile(namespace: str, name: str, why: str) -> None:
         log.exception("reconciling %s/%s (%s) failed", namespace, name, why)
 
 
+def _list_runs(custom: client.CustomObjectsApi) -> list[dict[str, Any]]:
+    """Every run the operator serves: one list per watched namespace (its Roles allow no
+    cluster-wide list), or one cluster-wide list in cluster-wide mode. A namespace that
+    fails to list (deleted, its Role missing) does not stop the others' resync."""
+    namespaces = SETTINGS.served_namespaces
+    if namespaces is None:
+        return list(
+            cast(dict[str, Any], custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)).get(
+                "items", []
+            )
+        )
+    runs: list[dict[str, Any]] = []
+    for namespace in namespaces:
+        try:
+            page = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        except Exception as err:
+            log.warning("listing runs in %s failed: %s", namespace, err)
+            continue
+        runs += cast(dict[str, Any], page).get("items", [])
+    return runs
+
+
 def _resync_loop(api_client: client.ApiClient) -> None:
     custom = client.CustomObjectsApi(api_client)
     while not _State.stopping.wait(SETTINGS.resync_seconds):
@@ -57,17 +81,11 @@ def _resync_loop(api_client: client.ApiClient) -> None:
         if leader is None or not leader.is_leader():
             continue
         try:
-            if SETTINGS.watch_namespace:
-                listed = custom.list_namespaced_custom_object(
-                    GROUP, VERSION, SETTINGS.watch_namespace, PLURAL
-                )
-            else:
-                listed = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
-            runs = cast(dict[str, Any], listed)
+            runs = _list_runs(custom)
         except Exception as err:
             log.warning("listing runs failed: %s", err)
             continue
-        for run in runs.get("items", []):
+        for run in runs:
             meta = run["metadata"]
             _reconcile(meta["namespace"], meta["name"], "resync")
 
@@ -76,6 +94,10 @@ def _resync_loop(api_client: client.ApiClient) -> None:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Transitions are posted as Events explicitly (reason + message); kopf's own per-handler
     # lines would repeat for every watch event, so only its warnings are kept.
+    try:
+        check_kopf_scope(SETTINGS, sys.argv)
+    except ValueError as err:  # permanent: kopf stops instead of retrying
+        raise kopf.PermanentError(str(err)) from err
     settings.posting.level = logging.WARNING
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
@@ -107,9 +129,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         SETTINGS.identity,
         SETTINGS.operator_namespace,
         SETTINGS.lease_name,
-        f"watching {SETTINGS.watch_namespace}"
-        if SETTINGS.watch_namespace
-        else "watching every namespace",
+        describe_scope(SETTINGS),
         SETTINGS.resync_seconds,
     )
 
