@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import threading
 from typing import Any, cast
 
@@ -29,6 +30,7 @@ from lmmr1_operator.kube import Kube
 from lmmr1_operator.leader import LeaderElector
 from lmmr1_operator.metrics import Metrics
 from lmmr1_operator.runindex import RunIndex
+from lmmr1_operator.scope import check_kopf_scope, describe_scope
 from lmmr1_operator.settings import OperatorSettings
 
 log = logging.getLogger("lmmr1.handlers")
@@ -73,6 +75,10 @@ def _resync_loop() -> None:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Transitions are posted as Events explicitly (reason + message); kopf's own per-handler
     # lines would repeat for every watch event, so only its warnings are kept.
+    try:
+        check_kopf_scope(SETTINGS, sys.argv)
+    except ValueError as err:  # permanent: kopf stops instead of retrying
+        raise kopf.PermanentError(str(err)) from err
     settings.posting.level = logging.WARNING
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
@@ -110,9 +116,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         SETTINGS.identity,
         SETTINGS.operator_namespace,
         SETTINGS.lease_name,
-        f"watching {SETTINGS.watch_namespace}"
-        if SETTINGS.watch_namespace
-        else "watching every namespace",
+        describe_scope(SETTINGS),
         SETTINGS.resync_seconds,
     )
 

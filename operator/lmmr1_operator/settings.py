@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+# A namespace name (RFC 1123 label), as the API server requires.
+NamespaceName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+]
 
 
 class OperatorSettings(BaseModel):
@@ -24,11 +30,35 @@ class OperatorSettings(BaseModel):
     lease_name: str = "lmmr1-operator"
     operator_namespace: str = "default"
     identity: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    watch_namespace: str | None = None  # None: every namespace
+    # The namespaces whose runs the operator serves (the chart grants its Role in exactly
+    # these). Empty means the operator's own namespace: least privilege by default.
+    watch_namespaces: tuple[NamespaceName, ...] = ()
+    # Cluster-wide mode, an explicit opt-in: every namespace, under a ClusterRole.
+    watch_all_namespaces: bool = False
     # Seconds between reconciles of each run (events on children also trigger one).
     resync_seconds: float = Field(default=2.0, gt=0)
     # First restart waits this long, doubling each time (capped at 5 minutes).
     restart_backoff_seconds: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> OperatorSettings:
+        if self.watch_all_namespaces and self.watch_namespaces:
+            raise ValueError(
+                "watch_all_namespaces (LMMR1_WATCH_ALL_NAMESPACES) and watch_namespaces "
+                "(LMMR1_WATCH_NAMESPACES) exclude each other: set one"
+            )
+        if len(set(self.watch_namespaces)) != len(self.watch_namespaces):
+            raise ValueError(
+                f"watch_namespaces lists a namespace twice: {list(self.watch_namespaces)}"
+            )
+        return self
+
+    @property
+    def served_namespaces(self) -> tuple[str, ...] | None:
+        """The namespaces to watch and resync, or None for every namespace."""
+        if self.watch_all_namespaces:
+            return None
+        return self.watch_namespaces or (self.operator_namespace,)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -36,6 +66,13 @@ class OperatorSettings(BaseModel):
 
         def opt(name: str) -> str | None:
             return env.get(name) or None
+
+        if opt("LMMR1_WATCH_NAMESPACE"):  # the single namespace of chart versions <= 0.1
+            raise ValueError(
+                "LMMR1_WATCH_NAMESPACE was replaced by LMMR1_WATCH_NAMESPACES "
+                "(comma-separated namespaces; or LMMR1_WATCH_ALL_NAMESPACES=true)"
+            )
+        listed = [ns.strip() for ns in (opt("LMMR1_WATCH_NAMESPACES") or "").split(",")]
 
         values = {
             "trainer_image": opt("LMMR1_TRAINER_IMAGE"),
@@ -48,7 +85,8 @@ class OperatorSettings(BaseModel):
             "lease_name": opt("LMMR1_LEASE_NAME"),
             "operator_namespace": opt("POD_NAMESPACE"),
             "identity": opt("POD_NAME"),
-            "watch_namespace": opt("LMMR1_WATCH_NAMESPACE"),
+            "watch_namespaces": [ns for ns in listed if ns] or None,
+            "watch_all_namespaces": opt("LMMR1_WATCH_ALL_NAMESPACES"),
             "resync_seconds": opt("LMMR1_RESYNC_SECONDS"),
             "restart_backoff_seconds": opt("LMMR1_RESTART_BACKOFF_SECONDS"),
         }

@@ -164,7 +164,9 @@ def measure(state: TestBedState, count: int, timeout: float = 600) -> dict[str, 
 def main(argv: list[str]) -> int:
     counts = [int(a) for a in argv] or [50, 200]
     state = bed.up()
-    driver.install_operator(state, namespace=NAMESPACE, release="scale", watch_namespace=NAMESPACE)
+    driver.install_operator(
+        state, namespace=NAMESPACE, release="scale", watch_namespaces=[NAMESPACE]
+    )
     time.sleep(5)  # leader election
     rows = [measure(state, count) for count in counts]
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

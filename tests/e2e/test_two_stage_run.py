@@ -122,7 +122,7 @@ def test_fre_then_mgt_with_a_killed_trainer_resuming(
 ) -> None:
     try:
         driver.install_operator(
-            testbed, namespace=NAMESPACE, release="e2e", watch_namespace=NAMESPACE
+            testbed, namespace=NAMESPACE, release="e2e", watch_namespaces=[NAMESPACE]
         )
         driver.prepare_namespace(testbed, NAMESPACE)
         run_and_check(testbed, s3_client)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +32,34 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 def test_helm_lint_passes(helm: Cli) -> None:
     helm("lint", "--strict", CHART)
-    helm("lint", "--strict", CHART, "--set", "watchNamespace=team-a")
+    helm("lint", "--strict", CHART, "--set", "watchNamespaces={team-a,team-b}")
+    helm("lint", "--strict", CHART, "--set", "watchAllNamespaces=true")
 
 
-def test_default_render_is_cluster_wide_hardened_and_complete(helm: Cli) -> None:
+def test_default_render_serves_the_release_namespace_hardened_and_complete(helm: Cli) -> None:
     docs = template(helm)
     kinds = sorted(doc["kind"] for doc in docs)
     assert kinds == sorted(
         [
             "ServiceAccount",
-            "ClusterRole",
+            "ClusterRole",  # kopf's discovery (read-only)
             "ClusterRoleBinding",
+            "ClusterRole",  # users' rel-lmmr1-edit and rel-lmmr1-view, bound to no one
             "ClusterRole",
-            "ClusterRoleBinding",
-            "Role",
+            "Role",  # the operator's, in the one namespace it serves: its own
+            "RoleBinding",
+            "Role",  # leader election
             "RoleBinding",
             "Service",
             "Deployment",
             "CustomResourceDefinition",
         ]
     )
+    assert {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(docs, "Role")} == {
+        ("ops", "rel-lmmr1-operator"),
+        ("ops", "rel-lmmr1-operator-leader-election"),
+    }
+    assert_only_reads_are_cluster_wide(docs)
     pod = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -61,7 +70,7 @@ def test_default_render_is_cluster_wide_hardened_and_complete(helm: Cli) -> None
     }
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"]
-    assert "--all-namespaces" in container["command"]
+    assert scope_of(container) == (["--namespace=ops"], "ops", "false")
     crds = {doc["metadata"]["name"]: doc for doc in by_kind(docs, "CustomResourceDefinition")}
     assert crds["lmmr1runs.lmmr1.io"]["metadata"]["annotations"] == {
         "helm.sh/resource-policy": "keep"
@@ -74,20 +83,89 @@ def test_the_chart_crd_is_the_generated_crd(helm: Cli) -> None:
     assert docs[0]["spec"] == committed["spec"]
 
 
-def test_watch_namespace_gives_a_namespaced_role(helm: Cli) -> None:
-    docs = template(helm, "--set", "watchNamespace=team-a")
-    # Only kopf's read-only discovery is cluster-wide.
-    (cluster_role,) = by_kind(docs, "ClusterRole")
-    assert {verb for rule in cluster_role["rules"] for verb in rule["verbs"]} == {
-        "get",
-        "list",
-        "watch",
+def scope_of(container: dict[str, Any]) -> tuple[list[str], str, str]:
+    """kopf's namespace flags and the operator's two scope settings, as rendered."""
+    flags = [a for a in container["command"] if a.startswith(("--namespace", "--all-namespaces"))]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    return flags, env["LMMR1_WATCH_NAMESPACES"], env["LMMR1_WATCH_ALL_NAMESPACES"]
+
+
+def assert_only_reads_are_cluster_wide(docs: list[dict[str, Any]]) -> None:
+    """The operator's ClusterRoleBindings grant it nothing but get/list/watch."""
+    cluster_roles = {doc["metadata"]["name"]: doc for doc in by_kind(docs, "ClusterRole")}
+    for binding in by_kind(docs, "ClusterRoleBinding"):
+        rules = cluster_roles[binding["roleRef"]["name"]]["rules"]
+        assert {verb for rule in rules for verb in rule["verbs"]} == {"get", "list", "watch"}
+        assert {res for rule in rules for res in rule["resources"]} == {
+            "customresourcedefinitions",
+            "namespaces",
+        }
+
+
+def test_watch_namespaces_give_one_role_each_and_nothing_cluster_wide(helm: Cli) -> None:
+    docs = template(helm, "--set", "watchNamespaces={team-a,team-b}")
+    assert_only_reads_are_cluster_wide(docs)
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in by_kind(docs, "Role")}
+    # The runs' namespaces, and the Lease in the release's (which it does not serve).
+    assert set(roles) == {
+        ("team-a", "rel-lmmr1-operator"),
+        ("team-b", "rel-lmmr1-operator"),
+        ("ops", "rel-lmmr1-operator-leader-election"),
     }
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
-    assert set(roles) == {"team-a", "ops"}  # runs' namespace; the Lease in the release's
-    assert {"leases"} == {res for rule in roles["ops"]["rules"] for res in rule["resources"]}
-    command = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert "--namespace=team-a" in command
+    assert (
+        roles["team-a", "rel-lmmr1-operator"]["rules"]
+        == roles["team-b", "rel-lmmr1-operator"]["rules"]
+    )
+    assert {"leases"} == {
+        res
+        for rule in roles["ops", "rel-lmmr1-operator-leader-election"]["rules"]
+        for res in rule["resources"]
+    }
+    bindings = {
+        (b["metadata"]["namespace"], b["roleRef"]["kind"], b["roleRef"]["name"])
+        for b in by_kind(docs, "RoleBinding")
+    }
+    assert ("team-a", "Role", "rel-lmmr1-operator") in bindings
+    assert ("team-b", "Role", "rel-lmmr1-operator") in bindings
+    container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert scope_of(container) == (
+        ["--namespace=team-a", "--namespace=team-b"],
+        "team-a,team-b",
+        "false",
+    )
+
+
+def test_cluster_wide_mode_is_an_explicit_opt_in_that_says_what_it_grants(helm: Cli) -> None:
+    docs = template(helm, "--set", "watchAllNamespaces=true")
+    # Only leader election stays namespaced.
+    assert [r["metadata"]["name"] for r in by_kind(docs, "Role")] == [
+        "rel-lmmr1-operator-leader-election"
+    ]
+    operator_role = next(
+        r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == "rel-lmmr1-operator"
+    )
+    secrets_rule = next(r for r in operator_role["rules"] if r["resources"] == ["secrets"])
+    assert secrets_rule["verbs"] == ["get", "create", "delete"]
+    container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert scope_of(container) == (["--all-namespaces"], "", "true")
+    notes = helm("install", "rel", CHART, "--dry-run=client", "--set", "watchAllNamespaces=true")
+    assert "WARNING: watchAllNamespaces=true" in notes.stdout
+    assert "kube-system included" in notes.stdout
+
+
+def test_user_roles_aggregate_into_the_built_in_roles(helm: Cli) -> None:
+    docs = template(helm)
+    roles = {doc["metadata"]["name"]: doc for doc in by_kind(docs, "ClusterRole")}
+    edit, view = roles["rel-lmmr1-edit"], roles["rel-lmmr1-view"]
+    aggregate = "rbac.authorization.k8s.io/aggregate-to-"
+    assert edit["metadata"]["labels"][aggregate + "edit"] == "true"
+    assert edit["metadata"]["labels"][aggregate + "admin"] == "true"
+    assert view["metadata"]["labels"][aggregate + "view"] == "true"
+    assert {verb for rule in view["rules"] for verb in rule["verbs"]} == {"get", "list", "watch"}
+    without = template(helm, "--set", "rbac.aggregateUserRoles=false")
+    assert [r["metadata"]["name"] for r in by_kind(without, "ClusterRole")] == [
+        "rel-lmmr1-operator-discovery"
+    ]
 
 
 def test_metrics_and_service_monitor_toggle(helm: Cli) -> None:
@@ -105,7 +183,16 @@ def test_metrics_and_service_monitor_toggle(helm: Cli) -> None:
         ),
         (["--set", "replicaCount=two"], "replicaCount"),
         (["--set", "operator.logLevel=loud"], "logLevel"),
-        (["--set", "watchNamespace=Team_A"], "watchNamespace"),
+        (["--set", "watchNamespaces={Team_A}"], "watchNamespaces/0"),
+        (["--set", "watchNamespaces={a,a}"], "watchNamespaces"),
+        (
+            ["--set", "watchNamespace=team-a"],
+            "watchNamespace was replaced by watchNamespaces, a list: set watchNamespaces={team-a}",
+        ),
+        (
+            ["--set", "watchAllNamespaces=true", "--set", "watchNamespaces={team-a}"],
+            "watchAllNamespaces=true serves every namespace: leave watchNamespaces empty",
+        ),
         (["--set", "imageTypo=x"], "imageTypo"),
         (["--set", "health.port=9090"], "health.port and metrics.port must differ"),
     ],
@@ -197,7 +284,7 @@ def test_install_upgrade_uninstall(
 
     helm("uninstall", release, "--wait", "--timeout", "90s")
     assert kubectl("get", "deployment", deployment, check=False).returncode != 0
-    assert kubectl("get", "clusterrole", deployment, check=False).returncode != 0
+    assert kubectl("get", "role", deployment, check=False).returncode != 0
     # crds.keep: the CRD, and so every run, survives an uninstall.
     kubectl("get", "crd", "lmmr1runs.lmmr1.io")
 
@@ -255,23 +342,45 @@ def can_i(kubectl: Cli, who: str, verb: str, resource: str, namespace: str) -> b
     return result.stdout.strip() == "yes"
 
 
-@pytest.mark.parametrize("watch_namespace", [False, True], ids=["cluster-wide", "namespaced"])
+def can_i_cluster_wide(kubectl: Cli, who: str, verb: str, resource: str) -> bool:
+    """Whether `who` may do this in every namespace at once (a ClusterRole's grant)."""
+    result = kubectl(
+        "auth", "can-i", verb, resource, f"--as={who}", "--all-namespaces", check=False
+    )
+    return result.stdout.strip() == "yes"
+
+
+@pytest.fixture
+def team_namespaces(namespace: str, testbed: TestBedState) -> Iterator[list[str]]:
+    """Two namespaces for runs (team-a, team-b), besides the release's own."""
+    teams = [f"{namespace}-a", f"{namespace}-b"]
+    admin = Cli(testbed, "kubectl")
+    for team in teams:
+        admin("create", "namespace", team)
+    yield teams
+    for team in teams:
+        admin("delete", "namespace", team, "--wait=false", check=False)
+
+
+@pytest.mark.parametrize("watch_all", [False, True], ids=["listed-namespaces", "cluster-wide"])
 def test_operator_rbac_is_least_privilege(
-    helm: Cli, kubectl: Cli, namespace: str, testbed: TestBedState, watch_namespace: bool
+    helm: Cli, kubectl: Cli, namespace: str, team_namespaces: list[str], watch_all: bool
 ) -> None:
     release = f"r{secrets.token_hex(3)}"
-    watched = f"{namespace}-runs"[:63]
-    kubectl("create", "namespace", watched)
+    team_a, team_b = team_namespaces
     args = ["--set", "crds.enabled=false", "--set", "metrics.service.enabled=false"]
-    if watch_namespace:
-        args += ["--set", f"watchNamespace={watched}"]
+    if watch_all:
+        args += ["--set", "watchAllNamespaces=true"]
+    else:
+        args += ["--set", f"watchNamespaces={{{team_a},{team_b}}}"]
     helm("install", release, CHART, *args)
     try:
         who = f"system:serviceaccount:{namespace}:{release}-lmmr1-operator"
-        for verb, resource in ALLOWED:
-            assert can_i(kubectl, who, verb, resource, watched), f"cannot {verb} {resource}"
-        for verb, resource in DENIED:
-            assert not can_i(kubectl, who, verb, resource, watched), f"can {verb} {resource}"
+        for served in team_namespaces:
+            for verb, resource in ALLOWED:
+                assert can_i(kubectl, who, verb, resource, served), f"cannot {verb} {resource}"
+            for verb, resource in DENIED:
+                assert not can_i(kubectl, who, verb, resource, served), f"can {verb} {resource}"
 
         # Leader election: its own Lease in the release namespace, nothing else.
         def can_update_lease(lease: str) -> bool:
@@ -289,24 +398,83 @@ def test_operator_rbac_is_least_privilege(
 
         assert can_update_lease(f"{release}-lmmr1-operator")
         assert not can_update_lease("kube-scheduler")
-        if watch_namespace:  # nothing outside the watched namespace
-            assert not can_i(kubectl, who, "watch", "lmmr1runs.lmmr1.io", "default")
-            assert not can_i(kubectl, who, "create", "pods", "default")
-            assert not can_i(kubectl, who, "get", "secrets", "default")
+        # Outside the listed namespaces (kube-system, default, its own, any other): nothing.
+        # Cluster-wide mode grants exactly what values.yaml and NOTES warn about.
+        for elsewhere in ("kube-system", "default", namespace):
+            for verb, resource in [
+                ("create", "pods"),
+                ("delete", "pods"),
+                ("get", "secrets"),
+                ("create", "secrets"),
+                ("delete", "secrets"),
+                ("watch", "lmmr1runs.lmmr1.io"),
+                ("create", "roles.rbac.authorization.k8s.io"),
+            ]:
+                allowed = can_i(kubectl, who, verb, resource, elsewhere)
+                assert allowed == watch_all, f"{verb} {resource} in {elsewhere}: {allowed}"
+        for verb in ("get", "create", "delete"):
+            assert can_i_cluster_wide(kubectl, who, verb, "secrets") == watch_all, verb
+        assert can_i_cluster_wide(kubectl, who, "create", "pods") == watch_all
+        # kopf's discovery reads stay cluster-wide in both modes.
+        assert can_i_cluster_wide(kubectl, who, "watch", "customresourcedefinitions")
     finally:
         helm("uninstall", release, check=False)
-        subprocess.run(
-            [
-                testbed.binary("kubectl"),
-                f"--kubeconfig={testbed.kubeconfig}",
-                "delete",
-                "namespace",
-                watched,
-                "--wait=false",
-            ],
-            check=False,
-            capture_output=True,
+
+
+def test_namespace_editors_may_create_runs_and_viewers_only_read_them(
+    helm: Cli, kubectl: Cli, wait: WaitFor, team_namespaces: list[str]
+) -> None:
+    """The chart's user roles aggregate into the built-in `edit` and `view` ClusterRoles: a
+    RoleBinding to `edit` in team-a lets its user create runs there (and nowhere else), one
+    to `view` lets its user read them only."""
+    release = f"r{secrets.token_hex(3)}"
+    team_a, team_b = team_namespaces
+    helm(
+        "install",
+        release,
+        CHART,
+        "--set",
+        "crds.enabled=false",
+        "--set",
+        f"watchNamespaces={{{team_a}}}",
+    )
+    editor, viewer = f"alice-{release}", f"bob-{release}"
+    try:
+        kubectl(
+            "create",
+            "rolebinding",
+            "editors",
+            "--clusterrole=edit",
+            f"--user={editor}",
+            "-n",
+            team_a,
         )
+        kubectl(
+            "create",
+            "rolebinding",
+            "viewers",
+            "--clusterrole=view",
+            f"--user={viewer}",
+            "-n",
+            team_a,
+        )
+
+        def may(user: str, verb: str, where: str = team_a) -> bool:
+            return can_i(kubectl, user, verb, "lmmr1runs.lmmr1.io", where)
+
+        # The aggregation controller folds the new roles into edit/view asynchronously.
+        wait("edit aggregates lmmr1runs", lambda: may(editor, "create"))
+        for verb in ("create", "update", "patch", "delete", "get", "list", "watch"):
+            assert may(editor, verb), f"an editor cannot {verb} runs"
+        assert not can_i(kubectl, editor, "patch", "lmmr1runs.lmmr1.io/status", team_a)
+        assert not may(editor, "create", team_b)  # the binding is team-a's only
+        wait("view aggregates lmmr1runs", lambda: may(viewer, "list"))
+        for verb in ("get", "list", "watch"):
+            assert may(viewer, verb), f"a viewer cannot {verb} runs"
+        for verb in ("create", "update", "patch", "delete"):
+            assert not may(viewer, verb), f"a viewer can {verb} runs"
+    finally:
+        helm("uninstall", release, check=False)
 
 
 def test_committed_manifests_are_rendered_from_the_chart(

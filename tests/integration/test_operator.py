@@ -34,9 +34,17 @@ CHART = str(REPO_ROOT / "charts" / "lmmr1")
 class Bed:
     """The module's namespace with a running operator, and helpers to play the trainer."""
 
-    def __init__(self, testbed: TestBedState, namespace: str, bucket: str, s3: Any) -> None:
+    def __init__(
+        self,
+        testbed: TestBedState,
+        namespace: str,
+        bucket: str,
+        s3: Any,
+        second_namespace: str = "",
+    ) -> None:
         self.testbed = testbed
         self.ns = namespace
+        self.second_ns = second_namespace  # also served by the operator (watchNamespaces)
         self.bucket = bucket
         self.s3 = s3
         self.kubectl = Cli(testbed, "kubectl", namespace)
@@ -275,27 +283,29 @@ class Bed:
 @pytest.fixture(scope="module")
 def bed(testbed: TestBedState, s3_client: Any, installed_manifests: Any) -> Iterator[Bed]:
     namespace = f"t-operator-{secrets.token_hex(3)}"
+    second = f"{namespace}-b"  # a second served namespace, not the operator's own
     bucket = f"t-operator-{secrets.token_hex(3)}"
     s3_client.create_bucket(Bucket=bucket)
     admin = Cli(testbed, "kubectl")
-    admin("create", "namespace", namespace)
-    admin("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
-    admin(
-        "create",
-        "secret",
-        "generic",
-        "s3",
-        "-n",
-        namespace,
-        f"--from-literal=AWS_ACCESS_KEY_ID={testbed.s3_access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={testbed.s3_secret_key}",
-    )
+    for served in (namespace, second):
+        admin("create", "namespace", served)
+        admin("label", "namespace", served, "pod-security.kubernetes.io/enforce=restricted")
+        admin(
+            "create",
+            "secret",
+            "generic",
+            "s3",
+            "-n",
+            served,
+            f"--from-literal=AWS_ACCESS_KEY_ID={testbed.s3_access_key}",
+            f"--from-literal=AWS_SECRET_ACCESS_KEY={testbed.s3_secret_key}",
+        )
     values = {
         "crds": {"enabled": False},
         "replicaCount": 2,
         # Process-node pod IPs are loopback addresses, which EndpointSlices reject.
         "metrics": {"service": {"enabled": False}},
-        "watchNamespace": namespace,
+        "watchNamespaces": [namespace, second],
         "nodeSelector": {"lmmr1.io/process-node": "true"},
         "tolerations": [{"key": "lmmr1.io/process-node", "operator": "Exists"}],
         "operator": {
@@ -311,9 +321,10 @@ def bed(testbed: TestBedState, s3_client: Any, installed_manifests: Any) -> Iter
     helm(
         "install", release, CHART, "-f", "-", "--wait", "--timeout", "90s", stdin=json.dumps(values)
     )
-    yield Bed(testbed, namespace, bucket, s3_client)
+    yield Bed(testbed, namespace, bucket, s3_client, second_namespace=second)
     helm("uninstall", release, check=False)
-    admin("delete", "namespace", namespace, "--wait=false", check=False)
+    for served in (namespace, second):
+        admin("delete", "namespace", served, "--wait=false", check=False)
 
 
 @pytest.fixture(autouse=True)
@@ -369,6 +380,19 @@ def test_two_stage_run_goes_fre_then_mgt_to_succeeded(bed: Bed) -> None:
     for reason in ("Created", "StageStarted", "StageSucceeded", "Succeeded"):
         assert reason in events
     assert events.count("StageSucceeded") == 2  # one operator acted, not two
+
+
+def test_a_run_in_a_second_served_namespace_is_reconciled(bed: Bed) -> None:
+    """watchNamespaces lists two namespaces: the operator watches and resyncs runs in the
+    one it does not live in, under the Role the chart gave it there."""
+    other = Bed(bed.testbed, bed.second_ns, bed.bucket, bed.s3)
+    try:
+        other.apply_run("elsewhere", stages=1)
+        other.finish_stage("elsewhere", "fre")
+        status = other.phase("elsewhere", "Succeeded")
+        assert [s["phase"] for s in status["stages"]] == ["Succeeded"]
+    finally:
+        other.cleanup()
 
 
 def test_a_one_node_trainer_generates_itself_without_rollout_servers(bed: Bed) -> None:

@@ -63,12 +63,30 @@ app.kubernetes.io/part-of: lmmr1
 {{- if eq (int .Values.health.port) (int .Values.metrics.port) }}
 {{- fail "health.port and metrics.port must differ" }}
 {{- end }}
+{{- if .Values.watchNamespace }}
+{{- fail (printf "watchNamespace was replaced by watchNamespaces, a list: set watchNamespaces={%s} (and unset watchNamespace)" .Values.watchNamespace) }}
+{{- end }}
+{{- if and .Values.watchAllNamespaces .Values.watchNamespaces }}
+{{- fail "watchAllNamespaces=true serves every namespace: leave watchNamespaces empty, or set watchAllNamespaces=false to serve only the listed namespaces" }}
+{{- end }}
 {{- if and (not .Values.rbac.create) .Values.serviceAccount.create }}
 {{- /* allowed: RBAC granted out of band to a chart-made account */ -}}
 {{- end }}
 {{- end }}
 
-{{/* Namespaced Role (one watched namespace) or cluster-wide ClusterRole. */}}
-{{- define "lmmr1.roleKind" -}}
-{{- if .Values.watchNamespace }}Role{{ else }}ClusterRole{{ end }}
+{{/* The namespaces the operator serves, as a JSON list (empty in cluster-wide mode):
+     watchNamespaces, or the release namespace when it is empty. */}}
+{{- define "lmmr1.watchNamespaces" -}}
+{{- if .Values.watchAllNamespaces }}
+{{- list | toJson }}
+{{- else }}
+{{- default (list .Release.Namespace) .Values.watchNamespaces | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* User-facing ClusterRole names: "<release>-edit" ("lmmr1-edit" for release lmmr1),
+     per release so that two releases (each serving its namespaces) do not collide. */}}
+{{- define "lmmr1.userRole" -}}
+{{- $base := ternary .root.Release.Name (printf "%s-%s" .root.Release.Name (include "lmmr1.name" .root)) (contains (include "lmmr1.name" .root) .root.Release.Name) }}
+{{- printf "%s-%s" ($base | trunc (sub 62 (len .suffix) | int) | trimSuffix "-") .suffix }}
 {{- end }}

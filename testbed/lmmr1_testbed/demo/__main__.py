@@ -88,7 +88,7 @@ def _demo(state: TestBedState, args: argparse.Namespace, started: float) -> int:
     for what, uri in uris.items():
         say(f"   {what:6} {uri}")
     say(f"== 3/5 helm install charts/lmmr1 into {driver.OPERATOR_NAMESPACE}")
-    driver.install_operator(state)
+    driver.install_operator(state, watch_namespaces=[NAMESPACE])
     driver.prepare_namespace(state, NAMESPACE)
     say(f"== 4/5 kubectl apply -f manifests/examples/run-tiny.yaml -n {NAMESPACE}")
     name = driver.apply_run(state, NAMESPACE, run)

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,10 @@ def install_operator(
     state: TestBedState,
     namespace: str = OPERATOR_NAMESPACE,
     release: str = "lmmr1",
-    watch_namespace: str = "",
+    watch_namespaces: Sequence[str] = (),
 ) -> None:
-    """`helm install` the chart; its pod runs on the process node as a local process."""
+    """`helm install` the chart; its pod runs on the process node as a local process. It
+    serves runs in `watch_namespaces` (empty: its own namespace only, the chart's default)."""
     cli(
         state,
         "kubectl",
@@ -60,7 +61,7 @@ def install_operator(
     cli(state, "kubectl", "label", "namespace", namespace, RESTRICTED, "--overwrite")
     values = {
         "crds": {"enabled": False},
-        "watchNamespace": watch_namespace,
+        "watchNamespaces": list(watch_namespaces),
         "nodeSelector": {"lmmr1.io/process-node": "true"},
         "tolerations": [{"key": "lmmr1.io/process-node", "operator": "Exists"}],
         # The process node gives pods loopback IPs, which Service endpoints reject.
