@@ -35,6 +35,7 @@ from lmmr1_operator.verification import CheckpointVerifier
 from lmmr1_trainer.config import PROGRESS_KEY, Progress
 
 Obj = dict[str, Any]
+CONFLICT_RETRY_S = 1.0
 EventSink = Callable[[Obj, str, str, str], None]  # (run, type, reason, message)
 log = logging.getLogger("lmmr1.controller")
 
@@ -58,6 +59,7 @@ class Controller:
         metrics: Metrics,
         post_event: EventSink,
         requeue: Callable[[str, str], None] | None = None,
+        retry_later: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -66,6 +68,9 @@ class Controller:
         # Final-checkpoint checks run off the reconcile path; each answer reconciles its
         # run again (through `requeue`: the handlers check leadership first).
         self.verifier = CheckpointVerifier(requeue or self.reconcile)
+        # A status write that lost to a newer version of the run (read from a cache that
+        # was behind) is decided again shortly, on the newer run.
+        self.retry_later = retry_later or (lambda namespace, name, seconds: None)
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # What the API server refused on each run's last pass (an observation like any
@@ -185,7 +190,7 @@ class Controller:
         stale += [("Job", j["metadata"]["name"]) for j in jobs if not current(j)]
         job = next((j for j in jobs if current(j)), None)
         trainer_pods: list[Obj] = []
-        refused = [f for f in self._refused.get((namespace, name), []) if f.reason != "NameTaken"]
+        refused = list(self._refused.get((namespace, name), []))
         if job is not None:
             job_uid = job["metadata"]["uid"]
             trainer_pods = [
@@ -291,6 +296,7 @@ class Controller:
                     self._written[(namespace, name)] = version
             except ConflictError:
                 log.debug("run %s/%s changed while reconciling; deciding again", namespace, name)
+                self.retry_later(namespace, name, CONFLICT_RETRY_S)
                 return
         for kind, reason, message in plan.events:
             self.post_event(run, kind, reason, message)

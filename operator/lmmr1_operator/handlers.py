@@ -1,13 +1,18 @@
-"""kopf handlers: thin. Each one finds the run it concerns and asks the controller to
-reconcile it; all decisions live in `reconcile.decide` (pure).
+"""kopf handlers and the operator's event loop: thin. Every change queues the run it
+concerns; workers reconcile queued runs; all decisions live in `reconcile.decide` (pure).
 
-Only watch-event handlers are used: kopf never writes to a run (no finalizer, no
-bookkeeping annotations), so deleting a run never waits for the operator. Time-driven
-work (restart back-off, deadlines, the stall watchdog, TTL) is a resync loop over the
-unfinished runs the watch has shown (`RunIndex`; finished ones only when their TTL is due
-or their last pass failed): no kopf timer is needed for a timeout to fire without a
-cluster event, and no run is listed from the API for it.
-Both run only on the replica that holds the leader Lease.
+- Runs come from kopf's watch of LMMR1Runs. Only a watch-event handler is used: kopf never
+  writes to a run (no finalizer, no bookkeeping annotations), so deleting a run never
+  waits for the operator. The operator's own status writes trigger nothing.
+- Children come from informers (`lmmr1_operator.informer`): server-side label-selected
+  list+watch of the operator's own objects, which a reconcile reads instead of the API.
+- A de-duplicating work queue (`lmmr1_operator.workqueue`) with `workers` threads: a run
+  is reconciled by one worker at a time, once for a burst of events.
+- Time-driven work (restart back-off, deadlines, the stall watchdog, TTL) is a resync loop
+  over the unfinished runs the watch has shown (`RunIndex`; finished ones only when their
+  TTL is due or their last pass failed). No run is listed from the API for it.
+Reconciles run only on the replica that holds the leader Lease; every replica keeps its
+caches warm, so a new leader starts at once.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ from kubernetes import config as kube_config
 from lmmr1_operator import naming
 from lmmr1_operator.api import GROUP, PLURAL, VERSION
 from lmmr1_operator.controller import Controller
-from lmmr1_operator.kube import Kube
+from lmmr1_operator.kube import CachedKube, RateLimiter
 from lmmr1_operator.leader import LeaderElector
 from lmmr1_operator.metrics import Metrics
 from lmmr1_operator.runindex import RunIndex
 from lmmr1_operator.scope import check_kopf_scope, describe_scope
 from lmmr1_operator.settings import OperatorSettings
+from lmmr1_operator.workqueue import Key, WorkQueue
 
 log = logging.getLogger("lmmr1.handlers")
 SETTINGS = OperatorSettings.from_env()
@@ -39,6 +45,8 @@ SETTINGS = OperatorSettings.from_env()
 
 class _State:
     controller: Controller | None = None
+    kube: CachedKube | None = None
+    queue: WorkQueue | None = None
     leader: LeaderElector | None = None
     # One registry and one metrics server per process: kopf retries `configure` after a
     # failure, and a second server on the same port would fail every retry.
@@ -47,14 +55,38 @@ class _State:
     runs = RunIndex()  # fed by the runs' watch events; what the resync loop visits
 
 
-def _reconcile(namespace: str, name: str, why: str) -> None:
-    controller, leader = _State.controller, _State.leader
-    if controller is None or leader is None or not leader.is_leader():
+def _enqueue(namespace: str, name: str) -> None:
+    if _State.queue is not None:
+        _State.queue.add((namespace, name))
+
+
+def _on_child(obj: dict[str, Any]) -> None:
+    """An informer saw a child change: queue its run (a FailedCreate Event's through its
+    Job)."""
+    meta = obj["metadata"]
+    run = (meta.get("labels") or {}).get(naming.LABEL_RUN)
+    if obj.get("kind") == "Event" and _State.kube is not None:
+        involved = obj.get("involvedObject") or {}
+        job = _State.kube.get("Job", meta["namespace"], involved.get("name") or "")
+        run = ((job or {}).get("metadata", {}).get("labels") or {}).get(naming.LABEL_RUN)
+    if run:
+        _enqueue(meta["namespace"], run)
+
+
+def _reconcile(key: Key) -> None:
+    """The work queue's handler: one pass over one run, on the leader only."""
+    namespace, name = key
+    controller, leader, kube = _State.controller, _State.leader, _State.kube
+    if controller is None or leader is None or kube is None or not leader.is_leader():
         return
+    while not kube.wait_synced(timeout=30):  # decide on complete caches only
+        if _State.stopping.is_set():
+            return
+        log.warning("waiting for the informers' first lists before reconciling")
     try:
         controller.reconcile(namespace, name)
     except Exception:  # the resync loop retries; a transient API or S3 error heals itself
-        log.exception("reconciling %s/%s (%s) failed", namespace, name, why)
+        log.exception("reconciling %s/%s failed", namespace, name)
         _State.runs.passed(namespace, name, ok=False)
     else:
         _State.runs.passed(namespace, name, ok=True)
@@ -68,7 +100,7 @@ def _resync_loop() -> None:
         if leader is None or not leader.is_leader():
             continue
         for namespace, name in _State.runs.due(dt.datetime.now(dt.UTC)):
-            _reconcile(namespace, name, "resync")
+            _enqueue(namespace, name)
 
 
 @kopf.on.startup()
@@ -94,14 +126,31 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     metrics = _State.metrics
     metrics.serve(SETTINGS.bind_address, SETTINGS.metrics_port)
-    kube = Kube(api_client, SETTINGS.identity)
+    queue = WorkQueue(
+        _reconcile,
+        SETTINGS.workers,
+        on_depth=metrics.queue_depth.set,
+        on_wait=metrics.queue_wait.observe,
+    )
+    kube = CachedKube(
+        api_client,
+        SETTINGS.identity,
+        SETTINGS.served_namespaces,
+        _on_child,
+        limiter=RateLimiter(SETTINGS.api_qps, SETTINGS.api_burst),
+        on_call=lambda verb, kind: metrics.api_requests.labels(verb, kind).inc(),
+    )
+    _State.kube, _State.queue = kube, queue
     _State.controller = Controller(
         kube,
         SETTINGS,
         metrics,
         kube.post_event,
-        requeue=lambda namespace, name: _reconcile(namespace, name, "checkpoint checked"),
+        requeue=_enqueue,
+        retry_later=lambda namespace, name, seconds: queue.add_after((namespace, name), seconds),
     )
+    kube.start(_State.stopping)
+    queue.start()
     _State.leader = LeaderElector(
         api_client,
         SETTINGS.operator_namespace,
@@ -112,18 +161,24 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     threading.Thread(target=_State.leader.run, name="leader-election", daemon=True).start()
     threading.Thread(target=_resync_loop, name="resync", daemon=True).start()
     log.info(
-        "lmmr1 operator %s started: lease %s/%s, %s, resync every %.1fs",
+        "lmmr1 operator %s started: lease %s/%s, %s, resync every %.1fs, %d workers, "
+        "API %.0f QPS (burst %d)",
         SETTINGS.identity,
         SETTINGS.operator_namespace,
         SETTINGS.lease_name,
         describe_scope(SETTINGS),
         SETTINGS.resync_seconds,
+        SETTINGS.workers,
+        SETTINGS.api_qps,
+        SETTINGS.api_burst,
     )
 
 
 @kopf.on.cleanup()
 def shutdown(**_: Any) -> None:
     _State.stopping.set()
+    if _State.queue is not None:
+        _State.queue.shutdown()
     if _State.controller is not None:
         _State.controller.verifier.shutdown()
     if _State.leader is not None:
@@ -137,25 +192,22 @@ def on_run_event(
 ) -> None:
     if not namespace:
         return
+    kube = _State.kube
     if type == "DELETED":
         _State.runs.remove(namespace, name)
+        if kube is not None:
+            kube.forget_run(namespace, name, body.metadata.get("resourceVersion"))
+        _enqueue(namespace, name)  # the controller forgets the run's metrics and state
         return
-    # Every replica keeps the index (kopf lists the runs when it starts watching), so a new
-    # leader knows every run at once.
-    _State.runs.update(cast(dict[str, Any], dict(body)))
+    # Every replica keeps the index and the run cache (kopf lists the runs when it starts
+    # watching), so a new leader knows every run at once.
+    run = cast(dict[str, Any], dict(body))
+    _State.runs.update(run)
+    if kube is not None:
+        kube.saw_run(run)
     controller = _State.controller
     if controller is not None and controller.wrote(
         namespace, name, body.metadata.get("resourceVersion")
     ):
         return  # the operator's own status write: nothing the pass that wrote it did not see
-    _reconcile(namespace, name, "run changed")
-
-
-@kopf.on.event("", "v1", "configmaps", labels={naming.LABEL_ROLE: "progress"})
-@kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_MANAGED: naming.MANAGER})
-@kopf.on.event("", "v1", "pods", labels={naming.LABEL_MANAGED: naming.MANAGER})
-def on_child_event(namespace: str | None, meta: kopf.Meta, **_: Any) -> None:
-    """Progress reports and pod/Job changes reach the run's status at once."""
-    run = meta.labels.get(naming.LABEL_RUN)
-    if run and namespace:
-        _reconcile(namespace, run, "child changed")
+    _enqueue(namespace, name)

@@ -56,6 +56,22 @@ class Metrics:
             "(DisruptionTarget: preemption, eviction, a lost node); not in restarts",
             registry=self.registry,
         )
+        self.api_requests = Counter(
+            "lmmr1_api_requests_total",
+            "Calls to the Kubernetes API server by verb and kind (reads come from the "
+            "informers' cache: list and watch here are theirs)",
+            ["verb", "kind"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "lmmr1_workqueue_depth", "Runs waiting for a reconcile", registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "lmmr1_workqueue_wait_seconds",
+            "Time a run waited in the queue before its reconcile started",
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
         self.leader = Gauge(
             "lmmr1_leader", "1 on the replica that holds the leader lease", registry=self.registry
         )

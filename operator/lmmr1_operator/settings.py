@@ -39,6 +39,13 @@ class OperatorSettings(BaseModel):
     resync_seconds: float = Field(default=2.0, gt=0)
     # First restart waits this long, doubling each time (capped at 5 minutes).
     restart_backoff_seconds: float = Field(default=10.0, ge=0)
+    # Runs reconciled at once (controller-runtime's MaxConcurrentReconciles): each pass
+    # reads from the informers' cache, so workers wait only on the API server's writes.
+    workers: int = Field(default=8, ge=1, le=64)
+    # The client-side rate limit on API calls (client-go's QPS and burst), so that a
+    # thousand runs created at once cannot flood the API server.
+    api_qps: float = Field(default=50.0, gt=0)
+    api_burst: int = Field(default=100, ge=1)
 
     @model_validator(mode="after")
     def _one_scope(self) -> OperatorSettings:
@@ -89,5 +96,8 @@ class OperatorSettings(BaseModel):
             "watch_all_namespaces": opt("LMMR1_WATCH_ALL_NAMESPACES"),
             "resync_seconds": opt("LMMR1_RESYNC_SECONDS"),
             "restart_backoff_seconds": opt("LMMR1_RESTART_BACKOFF_SECONDS"),
+            "workers": opt("LMMR1_WORKERS"),
+            "api_qps": opt("LMMR1_API_QPS"),
+            "api_burst": opt("LMMR1_API_BURST"),
         }
         return cls.model_validate({k: v for k, v in values.items() if v is not None})
