@@ -139,6 +139,9 @@ class Controller:
                 )
                 plan = decide(checked, self.settings)
         self.act(run, plan, stale)
+        if plan.recheck_after is not None and not plan.delete_run:
+            meta = run["metadata"]
+            self.retry_later(meta["namespace"], meta["name"], plan.recheck_after)
 
     # -- observe -----------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from lmmr1_operator.workqueue import Key, WorkQueue
 
 log = logging.getLogger("lmmr1.handlers")
 SETTINGS = OperatorSettings.from_env()
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 60.0  # a failed pass is retried after 0.5 s, 1 s, 2 s, ...
 
 
 class _State:
@@ -53,6 +54,7 @@ class _State:
     metrics = Metrics()
     stopping = threading.Event()
     runs = RunIndex()  # fed by the runs' watch events; what the resync loop visits
+    failures: dict[Key, int] = {}  # passes in a row that raised, per run (the back-off)
 
 
 def _enqueue(namespace: str, name: str) -> None:
@@ -85,11 +87,16 @@ def _reconcile(key: Key) -> None:
         log.warning("waiting for the informers' first lists before reconciling")
     try:
         controller.reconcile(namespace, name)
-    except Exception:  # the resync loop retries; a transient API or S3 error heals itself
+    except Exception:  # retried with back-off: a transient API or S3 error heals itself
         log.exception("reconciling %s/%s failed", namespace, name)
         _State.runs.passed(namespace, name, ok=False)
+        failures = _State.failures.get(key, 0)
+        _State.failures[key] = failures + 1
+        if _State.queue is not None:
+            _State.queue.add_after(key, min(RETRY_FIRST_S * 2**failures, RETRY_MAX_S))
     else:
         _State.runs.passed(namespace, name, ok=True)
+        _State.failures.pop(key, None)
 
 
 def _resync_loop() -> None:

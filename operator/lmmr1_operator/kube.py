@@ -313,8 +313,10 @@ class CachedKube(Kube):
         self.runs.remove(namespace, name, version)
 
     def _wrote(self, obj: Obj) -> None:
-        store = self.runs if obj["kind"] == "LMMR1Run" else self.informers[obj["kind"]].store
-        store.put(obj)
+        if obj["kind"] == "LMMR1Run":
+            self.runs.put(obj)
+        elif obj["kind"] in self.informers:
+            self.informers[obj["kind"]].store.put(obj)
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         if kind == "LMMR1Run":

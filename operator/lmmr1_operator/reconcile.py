@@ -83,6 +83,9 @@ class Plan:
     status: Obj = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
     check_final_checkpoint: str | None = None  # ask the caller to verify this in S3
+    # Seconds until time alone changes the decision (a back-off ends, the deadline, the
+    # stall watchdog, the TTL): the caller decides again then, with no event needed.
+    recheck_after: float | None = None
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -588,7 +591,35 @@ class _Decision:
         self.status.eval_accuracy = self.status.eval_gain = None
         self.record()
 
+    def next_due(self) -> float | None:
+        """Seconds until the earliest moment at which this run's decision changes with no
+        event from the cluster; None when nothing is timed."""
+        status, now = self.status, self.seen.now
+        due: list[dt.datetime] = []
+        finished = _parse(status.completion_time)
+        if status.phase in ("Succeeded", "Failed"):
+            ttl = self.spec.ttl_seconds_after_finished
+            if ttl is not None and finished is not None:
+                due.append(finished + dt.timedelta(seconds=ttl))
+        else:
+            retry_after = _parse(status.retry_after)
+            if retry_after is not None:
+                due.append(retry_after)
+            deadline, active = self.spec.active_deadline_seconds, self.active_seconds()
+            if deadline and active is not None and status.suspended_since is None:
+                due.append(now + dt.timedelta(seconds=deadline - active))
+            last = _parse(status.last_progress_time)
+            timeout = stall_timeout(self.spec, self.index)
+            if last is not None and timeout and status.phase == "Running":
+                due.append(last + dt.timedelta(seconds=timeout))
+        if not due:
+            return None
+        # Past the moment by a second: the status's timestamps have whole seconds, and
+        # the checks fire once strictly past their limit.
+        return max(0.0, (min(due) - now).total_seconds()) + 1.0
+
     def done(self) -> Plan:
+        self.plan.recheck_after = self.next_due()
         # Unset top-level fields go as null so a merge patch clears them.
         status = self.status.model_dump(by_alias=True, mode="json")
         status["stages"] = [stage.wire() for stage in self.status.stages]

@@ -35,8 +35,10 @@ class OperatorSettings(BaseModel):
     watch_namespaces: tuple[NamespaceName, ...] = ()
     # Cluster-wide mode, an explicit opt-in: every namespace, under a ClusterRole.
     watch_all_namespaces: bool = False
-    # Seconds between reconciles of each run (events on children also trigger one).
-    resync_seconds: float = Field(default=2.0, gt=0)
+    # A safety net: every unfinished run is reconciled at least this often. Changes
+    # (the run's, its children's) and timed decisions (each plan's `recheck_after`)
+    # reconcile a run when they happen; this only bounds the damage of a missed event.
+    resync_seconds: float = Field(default=30.0, gt=0)
     # First restart waits this long, doubling each time (capped at 5 minutes).
     restart_backoff_seconds: float = Field(default=10.0, ge=0)
     # Runs reconciled at once (controller-runtime's MaxConcurrentReconciles): each pass

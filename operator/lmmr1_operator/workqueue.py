@@ -5,7 +5,9 @@ workqueue semantics, which controller-runtime and KubeRay build on).
   starting, its Job, a progress report) becomes one reconcile, not one per event.
 - A key is never handled by two workers at once. Added while it is being handled, it is
   marked dirty and queued again when its worker finishes, so the change is not lost.
-- `add_after` queues a key later (a retry after a conflict or an error).
+- `add_after` queues a key later (a retry after a conflict, a timed decision); a key waits
+  for its earliest due time only (a pass each minute for a deadline a day away leaves one
+  entry, not 1,440).
 - Concurrency is explicit (`workers`), not whatever thread pool the watch library has.
 """
 
@@ -41,6 +43,7 @@ class WorkQueue:
         self._processing: set[Key] = set()
         self._dirty: set[Key] = set()  # added again while being handled
         self._later: list[tuple[float, int, Key]] = []  # (due, tie-breaker, key)
+        self._due: dict[Key, float] = {}  # each delayed key's earliest due time
         self._tie = itertools.count()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -80,8 +83,12 @@ class WorkQueue:
         if seconds <= 0:
             self.add(key)
             return
+        due = time.monotonic() + seconds
         with self._cond:
-            heapq.heappush(self._later, (time.monotonic() + seconds, next(self._tie), key))
+            if self._due.get(key, float("inf")) <= due:
+                return  # already due as early
+            self._due[key] = due
+            heapq.heappush(self._later, (due, next(self._tie), key))
             self._cond.notify_all()
 
     def depth(self) -> int:
@@ -91,7 +98,12 @@ class WorkQueue:
     def idle(self) -> bool:
         """Nothing queued, delayed or being handled (for tests)."""
         with self._cond:
-            return not (self._queue or self._processing or self._later)
+            return not (self._queue or self._processing or self._due)
+
+    def delayed(self) -> int:
+        """Keys waiting for a due time."""
+        with self._cond:
+            return len(self._due)
 
     def _release_due(self) -> None:
         while True:
@@ -101,7 +113,10 @@ class WorkQueue:
                 now = time.monotonic()
                 due: list[Key] = []
                 while self._later and self._later[0][0] <= now:
-                    due.append(heapq.heappop(self._later)[2])
+                    at, _, key = heapq.heappop(self._later)
+                    if self._due.get(key) == at:  # else superseded by an earlier due time
+                        del self._due[key]
+                        due.append(key)
                 wait = self._later[0][0] - now if self._later else None
                 if not due:
                     self._cond.wait(wait)

@@ -131,7 +131,6 @@ def test_failed_create_events_of_jobs_are_watched_by_reason(bed: Bed) -> None:
     bed.core.create_namespaced_event(bed.namespace, event("e1", "FailedCreate", "Job"))
     bed.core.create_namespaced_event(bed.namespace, event("e2", "Scheduled", "Pod"))
     until(lambda: bed.kube.events(bed.namespace, "u1", "FailedCreate"))
-    assert [e["metadata"]["name"] for e in bed.kube.events(bed.namespace, "u1", "FailedCreate")] == [
-        "e1"
-    ]
+    found = bed.kube.events(bed.namespace, "u1", "FailedCreate")
+    assert [e["metadata"]["name"] for e in found] == ["e1"]
     assert "e2" not in bed.changed

@@ -1021,3 +1021,45 @@ def test_each_suspension_adds_to_the_time_not_counted() -> None:
     assert run["status"]["suspendedSeconds"] == 5000
     assert decide(seen(run, now=at(5100)), SETTINGS).status["phase"] != "Failed"  # 100 s
     assert decide(seen(run, now=at(5101)), SETTINGS).status["phase"] == "Failed"
+
+
+# -- timed decisions: when the operator must decide again with no event (issue 14) ---------
+
+
+def test_each_timed_decision_asks_to_be_decided_again_just_past_its_moment() -> None:
+    """The back-off's end, the stall watchdog, activeDeadlineSeconds and the TTL each fire
+    with no event from the cluster: the plan says when, and deciding then acts."""
+    # A back-off of 10 s from NOW.
+    run, _ = started("separate")
+    failed = seen(run, rollout_pods=[pod("r-fre-rollout-0", phase="Failed", exit_code=137)])
+    plan = decide(failed, SETTINGS)
+    assert plan.recheck_after == 11.0
+    backing_off = with_status(run, plan)
+    assert decide(seen(backing_off, now=at(4)), SETTINGS).recheck_after == 7.0
+    assert "Pod/r-fre-rollout-0" in kinds(decide(seen(backing_off, now=at(11)), SETTINGS).ensure)
+    # The stall clock started at NOW: decided again just past its timeout, which fires then.
+    run = running_stage(stallTimeoutSeconds=600)
+    world = seen(run, now=at(100), job=job(), trainer_pods=trainer_pods("Running"))
+    quiet = decide(world, SETTINGS)
+    assert quiet.recheck_after == 501.0
+    assert decide(replace(world, now=at(100 + 501)), SETTINGS).delete_stage
+    # The deadline (earlier than the stall here) of a run started at NOW.
+    run = running_stage(stallTimeoutSeconds=600, activeDeadlineSeconds=120)
+    world = seen(run, now=at(100), job=job(), trainer_pods=trainer_pods("Running"))
+    assert decide(world, SETTINGS).recheck_after == 21.0
+    ended = decide(replace(world, now=at(121)), SETTINGS)
+    assert ended.status["phase"] == "Failed"
+    # A finished run: only its TTL is timed, and without one nothing is.
+    run = with_status(run, ended)
+    assert decide(seen(run, now=at(130)), SETTINGS).recheck_after is None
+    run["spec"]["ttlSecondsAfterFinished"] = 60
+    assert decide(seen(run, now=at(130)), SETTINGS).recheck_after == 52.0
+    assert decide(seen(run, now=at(182)), SETTINGS).delete_run
+
+
+def test_a_suspended_run_times_nothing_but_its_deadline_clock_stops() -> None:
+    run, _ = started()
+    run["spec"]["activeDeadlineSeconds"] = 60
+    run["spec"]["suspend"] = True
+    plan = decide(seen(run, now=at(10)), SETTINGS)
+    assert plan.status["phase"] == "Suspended" and plan.recheck_after is None

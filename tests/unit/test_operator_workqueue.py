@@ -100,3 +100,16 @@ def test_a_failing_handler_keeps_its_worker() -> None:
     until(lambda: len(calls) == 2)
     queue.shutdown(wait=5)
     assert calls == [("ns", "bad"), ("ns", "good")] and len(waits) == 2
+
+
+def test_a_run_waits_for_its_earliest_due_time_only() -> None:
+    seen: list[Key] = []
+    queue = WorkQueue(seen.append, workers=1)
+    queue.start()
+    for _ in range(1000):  # a pass a second, each asking again about a deadline far off
+        queue.add_after(("ns", "r"), 3600)
+    queue.add_after(("ns", "r"), 0.05)  # then something sooner
+    assert queue.delayed() == 1
+    until(lambda: seen == [("ns", "r")])
+    assert queue.delayed() == 0
+    queue.shutdown(wait=5)
