@@ -21,7 +21,7 @@ import datetime as dt
 import logging
 import sys
 import threading
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import kopf
 import urllib3
@@ -54,7 +54,7 @@ class _State:
     metrics = Metrics()
     stopping = threading.Event()
     runs = RunIndex()  # fed by the runs' watch events; what the resync loop visits
-    failures: dict[Key, int] = {}  # passes in a row that raised, per run (the back-off)
+    failures: ClassVar[dict[Key, int]] = {}  # passes in a row that raised, per run (the back-off)
 
 
 def _enqueue(namespace: str, name: str) -> None:
