@@ -52,7 +52,7 @@ bench: EXTRAS = dev,operator,verifier,trainer,bench
 bench: PYTHONPATH := $(CURDIR)/testbed:$(CURDIR)/bench
 bench: ## test bed (warm start, memory), operator at 50/200 runs, verifier, trainer vs TRL; into docs/benchmarks.md
 	$(PY) -m lmmr1_testbed.bench
-	$(PY) -m lmmr1_testbed.bench_operator 50 200
+	$(PY) -m lmmr1_testbed.bench_operator 50 200 --idle 1000
 	$(PY) -m lmmr1_bench.verifier
 	$(PY) -m lmmr1_bench.logprob_memory
 	DS_ACCELERATOR=cpu $(PY) -m lmmr1_bench.trainer

@@ -37,7 +37,12 @@ class WorkQueue:
         self._workers = workers
         self._on_depth = on_depth or (lambda _: None)
         self._on_wait = on_wait or (lambda _: None)
-        self._cond = threading.Condition()
+        # One lock, two conditions: workers wait for a key, the timer for a due time. (With
+        # one condition, `notify()` for a new key could wake the timer instead of a worker,
+        # and the key would wait for the next event.)
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        self._timer = threading.Condition(lock)
         self._queue: deque[Key] = deque()
         self._added_at: dict[Key, float] = {}  # queued keys, and since when
         self._processing: set[Key] = set()
@@ -61,6 +66,7 @@ class WorkQueue:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            self._timer.notify_all()
         deadline = time.monotonic() + wait
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -89,7 +95,7 @@ class WorkQueue:
                 return  # already due as early
             self._due[key] = due
             heapq.heappush(self._later, (due, next(self._tie), key))
-            self._cond.notify_all()
+            self._timer.notify()
 
     def depth(self) -> int:
         with self._cond:
@@ -119,7 +125,7 @@ class WorkQueue:
                         due.append(key)
                 wait = self._later[0][0] - now if self._later else None
                 if not due:
-                    self._cond.wait(wait)
+                    self._timer.wait(wait)
                     continue
             for key in due:
                 self.add(key)

@@ -400,6 +400,21 @@ def kubectl(
     )
 
 
+def add_kwok_nodes(state: TestBedState, count: int) -> list[str]:
+    """Make sure there are at least `count` kwok GPU nodes (a scale benchmark's thousands
+    of pods need more than the 110 each node takes); their names."""
+    names = [f"kwok-gpu-{i}" for i in range(count)]
+    for name in names[len(state.gpu_nodes) :]:
+        _create_kwok_node(state, name)
+    wait_until(
+        f"{count} kwok nodes Ready",
+        lambda: _nodes_ready(state, names),
+        60,
+        Path(state.run_dir) / "logs" / "kwok.log",
+    )
+    return names
+
+
 def _create_kwok_node(state: TestBedState, name: str) -> None:
     node = {
         "apiVersion": "v1",

@@ -1,13 +1,20 @@
 """Operator scale benchmark: N concurrent runs on kwok nodes.
 
-    python -m lmmr1_testbed.bench_operator 50 200     # part of `make bench`
+    python -m lmmr1_testbed.bench_operator 50 200 --idle 1000    # part of `make bench`
 
 For each N, applies N two-stage runs at once (CPU-sized, so every pod lands on the kwok
 nodes), waits until every run has its stage-1 trainer Job, and records the latency from a
 run's creation to its first child (rollout pod) and to its trainer Job (p50/p99, the API's
-one-second timestamps), whether any run shows an error condition, and the operator
-process's CPU seconds and resident memory. The operator is installed by the chart and runs
-on the process node under its real RBAC.
+one-second timestamps), whether any run shows an error condition, the operator process's
+CPU seconds and resident memory, and the API calls it made (its own
+`lmmr1_api_requests_total`).
+
+`--idle N` runs the same scenario with N runs that each end after `activeDeadlineSeconds`
+(the operator fails them, DeadlineExceeded, and removes their pods), then measures the
+operator over IDLE_S seconds with N finished runs: CPU seconds, passes and API calls.
+
+The operator is installed by the chart with its defaults (no test-speed settings) and
+runs on the process node under its real RBAC.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +35,12 @@ from lmmr1_testbed.layout import TestBedState
 from lmmr1_trainer.machine import describe_machine
 
 NAMESPACE = "lmmr1-scale"
+PODS_PER_NODE = 100  # kwok nodes take 110; each run has a rollout server and a trainer pod
+IDLE_S = 300
+IDLE_DEADLINE_S = 240  # long enough for every run of the idle scenario to get its Job
 
 
-def _run(name: str) -> dict[str, Any]:
+def _run(name: str, deadline: int | None = None) -> dict[str, Any]:
     # Separate rollout servers: the most children per run, and comparable with earlier results.
     cpu = {
         "trainer": {"gpusPerNode": 0, "shmSize": "64Mi"},
@@ -40,6 +51,7 @@ def _run(name: str) -> dict[str, Any]:
         "kind": "LMMR1Run",
         "metadata": {"name": name},
         "spec": {
+            **({"activeDeadlineSeconds": deadline} if deadline else {}),
             "model": {"uri": "hf://Qwen/Qwen2.5-VL-3B-Instruct"},
             "storage": {"uri": "s3://scale/ckpt"},
             "stages": [
@@ -69,12 +81,52 @@ def _items(state: TestBedState, kind: str) -> list[dict[str, Any]]:
     return list(json.loads(out)["items"])
 
 
+def _operator_pod(state: TestBedState) -> dict[str, Any]:
+    out = driver.cli(
+        state,
+        "kubectl",
+        "get",
+        "pods",
+        "-n",
+        NAMESPACE,
+        "-l",
+        "app.kubernetes.io/instance=scale",
+        "-o",
+        "json",
+    ).stdout
+    (pod,) = json.loads(out)["items"]
+    return dict(pod)
+
+
+def _operator_metrics(state: TestBedState) -> dict[str, float]:
+    """The operator's own counters, summed by name and verb (its metrics port; pods on the
+    process node listen on loopback addresses)."""
+    ip = _operator_pod(state)["status"]["podIP"]
+    text = urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith("lmmr1_api_requests_total"):
+            verb = name.split('verb="', 1)[1].split('"', 1)[0]
+            key = f"api_{verb}"
+        elif name.startswith(("lmmr1_reconcile_duration_seconds_count", "lmmr1_workqueue")):
+            key = name
+        else:
+            continue
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
 def _operator_usage(state: TestBedState) -> tuple[float, float]:
     """(CPU seconds, RSS MiB) of the leader operator's process."""
     cpu = rss = 0.0
-    for pod in _items(state, "pods"):
-        if not pod["metadata"]["name"].startswith("scale-lmmr1-operator"):
-            continue
+    for pod in [_operator_pod(state)]:
         for status in pod["status"].get("containerStatuses", []):
             pid = status.get("containerID", "").removeprefix("process://")
             if not pid:
@@ -87,7 +139,9 @@ def _operator_usage(state: TestBedState) -> tuple[float, float]:
     return cpu, rss
 
 
-def measure(state: TestBedState, count: int, timeout: float = 600) -> dict[str, Any]:
+def measure(
+    state: TestBedState, count: int, deadline: int | None = None, timeout: float = 900
+) -> dict[str, Any]:
     driver.cli(
         state,
         "kubectl",
@@ -101,20 +155,22 @@ def measure(state: TestBedState, count: int, timeout: float = 600) -> dict[str, 
         check=False,
     )
     cpu_before, _ = _operator_usage(state)
+    calls_before = _operator_metrics(state)
     runs = {
         "apiVersion": "v1",
         "kind": "List",
-        "items": [_run(f"run-{count}-{i:03d}") for i in range(count)],
+        "items": [_run(f"run-{count}-{i:04d}", deadline) for i in range(count)],
     }
     started = time.monotonic()
     driver.cli(state, "kubectl", "apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(runs))
     while time.monotonic() - started < timeout:
         jobs = {j["metadata"]["labels"].get("lmmr1.io/run") for j in _items(state, "jobs")}
-        if all(f"run-{count}-{i:03d}" in jobs for i in range(count)):
+        if all(f"run-{count}-{i:04d}" in jobs for i in range(count)):
             break
         time.sleep(2)
     elapsed = time.monotonic() - started
     cpu_after, rss = _operator_usage(state)
+    calls = _delta(_operator_metrics(state), calls_before)
     created = {
         r["metadata"]["name"]: _ts(r["metadata"]["creationTimestamp"])
         for r in _items(state, "lmmr1runs")
@@ -158,41 +214,104 @@ def measure(state: TestBedState, count: int, timeout: float = 600) -> dict[str, 
         "job_p99": pct(job_delay, 0.99),
         "operator_cpu_s": cpu_after - cpu_before,
         "operator_rss_mib": rss,
+        "passes": calls.get("lmmr1_reconcile_duration_seconds_count", 0.0),
+        "api_calls": {k[4:]: v for k, v in calls.items() if k.startswith("api_") and v},
     }
 
 
+def idle(state: TestBedState, count: int, timeout: float = 1200) -> dict[str, Any]:
+    """`count` runs that end by their deadline; then the operator at rest with them."""
+    row = measure(state, count, deadline=IDLE_DEADLINE_S)
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        runs = _items(state, "lmmr1runs")
+        finished = [r for r in runs if (r.get("status") or {}).get("phase") == "Failed"]
+        if len(finished) == count and not _items(state, "pods")[1:]:
+            break  # every run over, and only the operator's pod left
+        time.sleep(5)
+    reasons = [
+        next((c["reason"] for c in r["status"]["conditions"] if c["type"] == "Failed"), None)
+        for r in _items(state, "lmmr1runs")
+        if (r.get("status") or {}).get("phase") == "Failed"
+    ]
+    cpu_before, _ = _operator_usage(state)
+    metrics_before = _operator_metrics(state)
+    time.sleep(IDLE_S)
+    cpu_after, rss = _operator_usage(state)
+    calls = _delta(_operator_metrics(state), metrics_before)
+    row.update(
+        finished=len(reasons),
+        unexpected_failures=sum(1 for r in reasons if r != "DeadlineExceeded"),
+        idle_cpu_s=cpu_after - cpu_before,
+        idle_passes=calls.get("lmmr1_reconcile_duration_seconds_count", 0.0),
+        idle_api_calls={k[4:]: v for k, v in calls.items() if k.startswith("api_") and v},
+        idle_rss_mib=rss,
+    )
+    return row
+
+
 def main(argv: list[str]) -> int:
+    idle_count = 0
+    if "--idle" in argv:
+        at = argv.index("--idle")
+        idle_count = int(argv[at + 1])
+        argv = argv[:at] + argv[at + 2 :]
     counts = [int(a) for a in argv] or [50, 200]
     state = bed.up()
+    biggest = max([*counts, idle_count])
+    bed.add_kwok_nodes(state, max(len(state.gpu_nodes), -(-2 * biggest // PODS_PER_NODE)))
     driver.install_operator(
-        state, namespace=NAMESPACE, release="scale", watch_namespaces=[NAMESPACE]
+        state,
+        namespace=NAMESPACE,
+        release="scale",
+        watch_namespaces=[NAMESPACE],
+        fast_clock=False,
     )
     time.sleep(5)  # leader election
     rows = [measure(state, count) for count in counts]
+    idle_row = idle(state, idle_count) if idle_count else None
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    argv_text = [*map(str, counts), *(["--idle", str(idle_count)] if idle_count else [])]
     lines = [
         f"\n## Operator at scale, {stamp}\n",
         f"Machine: {describe_machine()}. Command: `python -m lmmr1_testbed.bench_operator "
-        f"{' '.join(map(str, counts))}` (part of `make bench`). Runs are applied at once "
-        "as one List; latencies use the API's 1-second creation timestamps.\n",
+        f"{' '.join(argv_text)}` (part of `make bench`). Runs are applied at once "
+        "as one List; latencies use the API's 1-second creation timestamps. API calls are "
+        "the operator's own count (`lmmr1_api_requests_total`; list/watch are its "
+        "informers').\n",
         "| runs | all trainer Jobs created after | run -> first child p50 / p99 | "
-        "run -> trainer Job p50 / p99 | runs Failed | operator CPU | operator RSS |",
-        "|---|---|---|---|---|---|---|",
+        "run -> trainer Job p50 / p99 | runs Failed | operator CPU | operator RSS | "
+        "passes | API calls |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in [*rows, *([idle_row] if idle_row else [])]:
         lines.append(
             f"| {r['runs']} ({r['runs_with_job']} with a Job) | "
             f"{r['all_jobs_after_s']:.0f} s | {r['child_p50']:.0f} s / "
             f"{r['child_p99']:.0f} s | {r['job_p50']:.0f} s / {r['job_p99']:.0f} s | "
             f"{r['failed_runs']} | {r['operator_cpu_s']:.0f} s | "
-            f"{r['operator_rss_mib']:.0f} MiB |"
+            f"{r['operator_rss_mib']:.0f} MiB | {r['passes']:.0f} | {_calls(r['api_calls'])} |"
         )
+    if idle_row:
+        lines += [
+            "",
+            f"At rest with {idle_row['finished']} finished runs ({idle_row['unexpected_failures']}"
+            f" ended other than by their deadline), over {IDLE_S} s: operator CPU "
+            f"{idle_row['idle_cpu_s']:.1f} s, {idle_row['idle_passes']:.0f} passes, API calls "
+            f"{_calls(idle_row['idle_api_calls'])}, RSS {idle_row['idle_rss_mib']:.0f} MiB.",
+        ]
     section = "\n".join(lines) + "\n"
     with RESULTS.open("a") as out:
         out.write(section)
     print(section)
     ok = all(r["failed_runs"] == 0 and r["runs_with_job"] == r["runs"] for r in rows)
+    if idle_row:
+        ok = ok and idle_row["unexpected_failures"] == 0 and idle_row["finished"] == idle_count
     return 0 if ok else 1
+
+
+def _calls(calls: dict[str, float]) -> str:
+    return ", ".join(f"{verb} {n:.0f}" for verb, n in sorted(calls.items())) or "none"
 
 
 if __name__ == "__main__":

@@ -113,3 +113,18 @@ def test_a_run_waits_for_its_earliest_due_time_only() -> None:
     until(lambda: seen == [("ns", "r")])
     assert queue.delayed() == 0
     queue.shutdown(wait=5)
+
+
+def test_a_key_added_while_a_delay_is_pending_reaches_a_worker_at_once() -> None:
+    """A new key must wake a worker, not the thread that waits for delayed keys (with one
+    condition for both, `notify()` could wake the wrong one and the key waited)."""
+    seen: list[Key] = []
+    queue = WorkQueue(seen.append, workers=1)
+    queue.start()
+    time.sleep(0.05)  # the worker and the timer both waiting
+    queue.add_after(("ns", "later"), 3600)
+    for i in range(20):
+        time.sleep(0.01)
+        queue.add(("ns", f"now-{i}"))
+        until(lambda i=i: ("ns", f"now-{i}") in seen, timeout=2)
+    queue.shutdown(wait=5)
