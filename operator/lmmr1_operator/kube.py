@@ -324,17 +324,30 @@ class CachedKube(Kube):
         if kind in self.informers:
             return self.informers[kind].store.get(namespace, name)
         if kind == "Secret":
-            key = (namespace, name)
-            with self._secrets_lock:
-                held = self._secrets.get(key)
-            if held is not None and held[0] > time.monotonic():
-                return held[1]
+            held = self._remembered_secret(namespace, name)
+            if held is not None:
+                return held
             found = super().get(kind, namespace, name)
-            if found is not None:  # a missing Secret is asked again each pass
-                with self._secrets_lock:
-                    self._secrets[key] = (time.monotonic() + SECRET_TTL_S, found)
+            self._remember_secret(namespace, name, found)
             return found
         return super().get(kind, namespace, name)
+
+    def _remembered_secret(self, namespace: str, name: str) -> Obj | None:
+        with self._secrets_lock:
+            held = self._secrets.get((namespace, name))
+        return held[1] if held is not None and held[0] > time.monotonic() else None
+
+    def _remember_secret(self, namespace: str, name: str, found: Obj | None) -> None:
+        """Remember a user's Secret (S3 keys), and one of the operator's while a run owns
+        it; not an orphan of the operator's, which its user is about to delete (a run
+        must see its name free again at once), nor a missing one."""
+        meta = (found or {}).get("metadata") or {}
+        ours = (meta.get("labels") or {}).get(naming.LABEL_MANAGED) == naming.MANAGER
+        with self._secrets_lock:
+            if found is None or (ours and not meta.get("ownerReferences")):
+                self._secrets.pop((namespace, name), None)
+            else:
+                self._secrets[(namespace, name)] = (time.monotonic() + SECRET_TTL_S, found)
 
     def list(self, kind: str, namespace: str, labels: dict[str, str]) -> builtins.list[Obj]:
         if kind in self.informers:
@@ -355,19 +368,25 @@ class CachedKube(Kube):
         AlreadyExists means the cache is behind or the name is someone else's: one GET
         tells which (another owner's object is reported as NameTaken)."""
         meta, kind = obj["metadata"], obj["kind"]
-        if kind in self.informers and self.get(kind, meta["namespace"], meta["name"]):
+        namespace, name = meta["namespace"], meta["name"]
+        owner = (meta.get("ownerReferences") or [{}])[0].get("uid")
+        if kind in self.informers and self.get(kind, namespace, name):
             return False
-        if kind == "Secret" and self.get(kind, meta["namespace"], meta["name"]):
-            return False
+        if kind == "Secret":
+            # Only a remembered Secret of this owner saves the create: one remembered
+            # as someone else's may have been deleted since (the create tells).
+            held = self._remembered_secret(namespace, name)
+            if held is not None and owner and naming.owned_by(held, owner):
+                return False
         if super().ensure(obj):
             if kind == "Secret":
-                with self._secrets_lock:
-                    self._secrets.pop((meta["namespace"], meta["name"]), None)
+                self._remember_secret(namespace, name, None)
             return True
-        existing = Kube.get(self, kind, meta["namespace"], meta["name"])
-        owner = (meta.get("ownerReferences") or [{}])[0].get("uid")
+        existing = Kube.get(self, kind, namespace, name)
+        if kind == "Secret":
+            self._remember_secret(namespace, name, existing)
         if existing is not None and owner and not naming.owned_by(existing, owner):
-            raise CreateRefused(kind, meta["name"], "NameTaken", naming.name_taken(existing))
+            raise CreateRefused(kind, name, "NameTaken", naming.name_taken(existing))
         if existing is not None and kind in self.informers:
             self._wrote({"kind": kind, **existing})
         return False
@@ -384,5 +403,4 @@ class CachedKube(Kube):
     def delete(self, kind: str, namespace: str, name: str) -> None:
         super().delete(kind, namespace, name)
         if kind == "Secret":
-            with self._secrets_lock:
-                self._secrets.pop((namespace, name), None)
+            self._remember_secret(namespace, name, None)
