@@ -37,6 +37,14 @@ def _version(obj: Obj) -> int | None:
         return None
 
 
+def _trimmed(obj: Obj) -> Obj:
+    """What the cache keeps of an object: all of it but `metadata.managedFields` (server-side
+    apply's bookkeeping, often the biggest part of a pod and never read by the operator;
+    client-go's informers drop it with a transform for the same reason)."""
+    obj["metadata"].pop("managedFields", None)
+    return obj
+
+
 def _matches(obj: Obj, labels: dict[str, str]) -> bool:
     have = obj["metadata"].get("labels") or {}
     return all(have.get(k) == v for k, v in labels.items())
@@ -209,7 +217,7 @@ class Informer:
         items: list[Obj] = []
         for item in found.get("items", []):
             item.setdefault("kind", self.kind)
-            items.append(item)
+            items.append(_trimmed(item))
         dropped = self.store.replace(namespace, items)
         with self._lock:
             self._listed.add(namespace)
@@ -241,6 +249,7 @@ class Informer:
             if kind == "BOOKMARK":
                 continue
             obj.setdefault("kind", self.kind)
+            _trimmed(obj)
             if kind == "DELETED":
                 meta = obj["metadata"]
                 self.store.remove(meta["namespace"], meta["name"], meta.get("resourceVersion"))

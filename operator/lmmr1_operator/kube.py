@@ -307,12 +307,15 @@ class CachedKube(Kube):
         return True
 
     def saw_run(self, body: Obj) -> None:
-        self.runs.put({"kind": "LMMR1Run", **body})
+        run = {"kind": "LMMR1Run", **body}
+        run["metadata"] = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+        self.runs.put(run)
 
     def forget_run(self, namespace: str, name: str, version: str | None) -> None:
         self.runs.remove(namespace, name, version)
 
     def _wrote(self, obj: Obj) -> None:
+        obj["metadata"].pop("managedFields", None)  # as the informers keep objects
         if obj["kind"] == "LMMR1Run":
             self.runs.put(obj)
         elif obj["kind"] in self.informers:

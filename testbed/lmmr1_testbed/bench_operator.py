@@ -9,9 +9,11 @@ one-second timestamps), whether any run shows an error condition, the operator p
 CPU seconds and resident memory, and the API calls it made (its own
 `lmmr1_api_requests_total`).
 
-`--idle N` runs the same scenario with N runs that each end after `activeDeadlineSeconds`
-(the operator fails them, DeadlineExceeded, and removes their pods), then measures the
-operator over IDLE_S seconds with N finished runs: CPU seconds, passes and API calls.
+`--idle N` runs the same scenario with N runs, then ends them all (an
+`activeDeadlineSeconds` already passed: the operator fails them, DeadlineExceeded, and
+removes their pods), then measures the operator over IDLE_S seconds with N finished runs:
+CPU seconds, passes and API calls. `--qps Q` / `--workers W` override the chart's
+defaults (apiQPS, apiBurst = 2Q; workers).
 
 The operator is installed by the chart with its defaults (no test-speed settings) and
 runs on the process node under its real RBAC.
@@ -37,7 +39,6 @@ from lmmr1_trainer.machine import describe_machine
 NAMESPACE = "lmmr1-scale"
 PODS_PER_NODE = 100  # kwok nodes take 110; each run has a rollout server and a trainer pod
 IDLE_S = 300
-IDLE_DEADLINE_S = 240  # long enough for every run of the idle scenario to get its Job
 
 
 def _run(name: str, deadline: int | None = None) -> dict[str, Any]:
@@ -220,20 +221,30 @@ def measure(
 
 
 def idle(state: TestBedState, count: int, timeout: float = 1200) -> dict[str, Any]:
-    """`count` runs that end by their deadline; then the operator at rest with them."""
-    row = measure(state, count, deadline=IDLE_DEADLINE_S)
+    """`count` runs created at once (as `measure`); once each has its trainer Job, all are
+    given an `activeDeadlineSeconds` already passed, so the operator fails them
+    (DeadlineExceeded) and removes their pods; then the operator at rest with them."""
+    row = measure(state, count)
+    ended = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [_run(f"run-{count}-{i:04d}", deadline=1) for i in range(count)],
+    }
+    driver.cli(state, "kubectl", "apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(ended))
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         runs = _items(state, "lmmr1runs")
         finished = [r for r in runs if (r.get("status") or {}).get("phase") == "Failed"]
-        if len(finished) == count and not _items(state, "pods")[1:]:
+        if len(finished) == count and len(_items(state, "pods")) == 1:
             break  # every run over, and only the operator's pod left
         time.sleep(5)
+    row["all_finished_after_s"] = time.monotonic() - started
     reasons = [
         next((c["reason"] for c in r["status"]["conditions"] if c["type"] == "Failed"), None)
         for r in _items(state, "lmmr1runs")
         if (r.get("status") or {}).get("phase") == "Failed"
     ]
+    time.sleep(30)  # the last deletions' events
     cpu_before, _ = _operator_usage(state)
     metrics_before = _operator_metrics(state)
     time.sleep(IDLE_S)
@@ -251,11 +262,18 @@ def idle(state: TestBedState, count: int, timeout: float = 1200) -> dict[str, An
 
 
 def main(argv: list[str]) -> int:
-    idle_count = 0
-    if "--idle" in argv:
-        at = argv.index("--idle")
-        idle_count = int(argv[at + 1])
-        argv = argv[:at] + argv[at + 2 :]
+    options: dict[str, str] = {}
+    for flag in ("--idle", "--qps", "--workers"):
+        if flag in argv:
+            at = argv.index(flag)
+            options[flag] = argv[at + 1]
+            argv = argv[:at] + argv[at + 2 :]
+    idle_count = int(options.get("--idle", 0))
+    tuned: dict[str, Any] = {}  # the chart's defaults unless asked
+    if "--qps" in options:
+        tuned.update(apiQPS=float(options["--qps"]), apiBurst=2 * int(float(options["--qps"])))
+    if "--workers" in options:
+        tuned["workers"] = int(options["--workers"])
     counts = [int(a) for a in argv] or [50, 200]
     state = bed.up()
     biggest = max([*counts, idle_count])
@@ -266,12 +284,13 @@ def main(argv: list[str]) -> int:
         release="scale",
         watch_namespaces=[NAMESPACE],
         fast_clock=False,
+        operator_values=tuned,
     )
     time.sleep(5)  # leader election
     rows = [measure(state, count) for count in counts]
     idle_row = idle(state, idle_count) if idle_count else None
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    argv_text = [*map(str, counts), *(["--idle", str(idle_count)] if idle_count else [])]
+    argv_text = [*map(str, counts), *(f"{k} {v}" for k, v in options.items())]
     lines = [
         f"\n## Operator at scale, {stamp}\n",
         f"Machine: {describe_machine()}. Command: `python -m lmmr1_testbed.bench_operator "
@@ -295,6 +314,8 @@ def main(argv: list[str]) -> int:
     if idle_row:
         lines += [
             "",
+            f"{idle_row['runs']} runs ended by their deadline: all Failed (DeadlineExceeded) "
+            f"and their pods gone {idle_row['all_finished_after_s']:.0f} s later. "
             f"At rest with {idle_row['finished']} finished runs ({idle_row['unexpected_failures']}"
             f" ended other than by their deadline), over {IDLE_S} s: operator CPU "
             f"{idle_row['idle_cpu_s']:.1f} s, {idle_row['idle_passes']:.0f} passes, API calls "

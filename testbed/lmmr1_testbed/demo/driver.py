@@ -46,6 +46,7 @@ def install_operator(
     release: str = "lmmr1",
     watch_namespaces: Sequence[str] = (),
     fast_clock: bool = True,
+    operator_values: dict[str, Any] | None = None,
 ) -> None:
     """`helm install` the chart; its pod runs on the process node as a local process. It
     serves runs in `watch_namespaces` (empty: its own namespace only, the chart's default).
@@ -78,6 +79,7 @@ def install_operator(
             ]
             if fast_clock
             else [],
+            **(operator_values or {}),
         },
     }
     cli(
