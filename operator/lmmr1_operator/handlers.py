@@ -49,6 +49,7 @@ class _State:
     kube: CachedKube | None = None
     queue: WorkQueue | None = None
     leader: LeaderElector | None = None
+    leading = False  # as of the elector's last report
     # One registry and one metrics server per process: kopf retries `configure` after a
     # failure, and a second server on the same port would fail every retry.
     metrics = Metrics()
@@ -97,6 +98,17 @@ def _reconcile(key: Key) -> None:
     else:
         _State.runs.passed(namespace, name, ok=True)
         _State.failures.pop(key, None)
+
+
+def _leadership_changed(leading: int) -> None:
+    """Told on every renewal: a replica that has just become the leader goes over every
+    run it knows at once, not at the next resync."""
+    _State.metrics.leader.set(leading)
+    became = leading and not _State.leading
+    _State.leading = bool(leading)
+    if became:
+        for namespace, name in _State.runs.due(dt.datetime.now(dt.UTC)):
+            _enqueue(namespace, name)
 
 
 def _resync_loop() -> None:
@@ -163,7 +175,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         SETTINGS.operator_namespace,
         SETTINGS.lease_name,
         SETTINGS.identity,
-        on_change=metrics.leader.set,
+        on_change=_leadership_changed,
     )
     threading.Thread(target=_State.leader.run, name="leader-election", daemon=True).start()
     threading.Thread(target=_resync_loop, name="resync", daemon=True).start()
