@@ -50,9 +50,10 @@ demo: ## the whole product end to end on this machine (FRE then MGT); KEEP=1 kee
 # The benchmarks (bench/lmmr1_bench) ship in no image: they run from the clone.
 bench: EXTRAS = dev,operator,verifier,trainer,bench
 bench: PYTHONPATH := $(CURDIR)/testbed:$(CURDIR)/bench
-bench: ## test bed (warm start, memory), operator at 50/200 runs, verifier, trainer vs TRL; into docs/benchmarks.md
+bench: ## test bed (warm start, memory), operator at 50/200/1,000 runs and beside a hanging S3 endpoint, verifier, trainer vs TRL; into docs/benchmarks.md
 	$(PY) -m lmmr1_testbed.bench
 	$(PY) -m lmmr1_testbed.bench_operator 50 200 --idle 1000
+	$(PY) -m lmmr1_testbed.bench_bad_input 20
 	$(PY) -m lmmr1_bench.verifier
 	$(PY) -m lmmr1_bench.logprob_memory
 	DS_ACCELERATOR=cpu $(PY) -m lmmr1_bench.trainer
