@@ -21,46 +21,20 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import socket
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from lmmr1_testbed import bed
 from lmmr1_testbed.bench import RESULTS
 from lmmr1_testbed.demo import driver
+from lmmr1_testbed.faults import endpoint_that_hangs
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_trainer.machine import describe_machine
 
 NAMESPACE = "lmmr1-badinput"
 BUCKET = "bench-bad-input"
-
-
-@contextlib.contextmanager
-def endpoint_that_hangs() -> Iterator[str]:
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.5)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                held.append(listener.accept()[0])
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        listener.close()
 
 
 class Trainers:

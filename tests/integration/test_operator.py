@@ -6,13 +6,10 @@ ends pods with an exit code."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +20,7 @@ import pytest
 
 from lmmr1_operator import podstate
 from lmmr1_operator.children import trainer
+from lmmr1_testbed.faults import endpoint_that_hangs
 from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 from lmmr1_testbed.pytest_plugin import Cli
 from lmmr1_testbed.waiting import wait_for
@@ -712,31 +710,6 @@ def test_a_run_created_again_under_its_name_adopts_nothing_of_the_old_one(bed: B
     assert bed.commit("again", "fre", 1).endswith(f"/again/{new_uid}/fre/step-1")
     config = json.loads(bed.kubectl("get", "configmap", "again-fre-config", "-o", "json").stdout)
     assert f"/runs/{bed.ns}/again/{new_uid}/fre" in config["data"]["stage.yaml"]
-
-
-@contextmanager
-def endpoint_that_hangs() -> Iterator[str]:
-    """An S3 endpoint (a tenant's choice) that accepts connections and never answers."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.5)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                held.append(listener.accept()[0])
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join()
-        for connection in held:
-            connection.close()
-        listener.close()
 
 
 def test_an_s3_endpoint_that_hangs_blocks_only_its_own_run_with_a_clear_condition(
