@@ -274,26 +274,6 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
         run_dir=directory,
     )
 
-    s3_access_key = "lmmr1-" + secrets.token_hex(4)
-    s3_secret_key = secrets.token_hex(16)
-    log("starting versitygw (S3)")
-    (directory / "s3" / "data").mkdir(parents=True)
-    (directory / "s3" / "meta").mkdir(parents=True)
-    procs.start(
-        "versitygw",
-        [
-            binary("versitygw"),
-            "--port",
-            f"{host}:{ports['s3']}",
-            "posix",
-            "--sidecar",
-            str(directory / "s3" / "meta"),
-            str(directory / "s3" / "data"),
-        ],
-        run_dir=directory,
-        env={"ROOT_ACCESS_KEY": s3_access_key, "ROOT_SECRET_KEY": s3_secret_key},
-    )
-
     log("starting the MLflow tracking server")
     mlflow_url = _start_mlflow(directory, host, ports["mlflow"])
 
@@ -303,12 +283,15 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
         apiserver_url=apiserver_url,
         kubeconfig=str(directory / "kubeconfig"),
         s3_endpoint=f"http://{host}:{ports['s3']}",
-        s3_access_key=s3_access_key,
-        s3_secret_key=s3_secret_key,
+        s3_access_key="lmmr1-" + secrets.token_hex(4),
+        s3_secret_key=secrets.token_hex(16),
         mlflow_url=mlflow_url,
         gpu_nodes=[f"kwok-gpu-{i}" for i in range(gpu_nodes)],
         ports=ports,
     )
+
+    log("starting versitygw (S3)")
+    _start_s3(state)
 
     log("preparing the images' environments (the first time: their lock files' packages)")
     image_table = images.prepare(cache_dir(), directory)
@@ -357,6 +340,41 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
         f"S3 at {state.s3_endpoint} (source {directory / 's3.env'}); MLflow at {mlflow_url}"
     )
     return state
+
+
+def _start_s3(state: TestBedState) -> None:
+    """versitygw over the test bed's S3 directories (kept across restarts)."""
+    directory = Path(state.run_dir)
+    (directory / "s3" / "data").mkdir(parents=True, exist_ok=True)
+    (directory / "s3" / "meta").mkdir(parents=True, exist_ok=True)
+    procs.start(
+        "versitygw",
+        [
+            state.binary("versitygw"),
+            "--port",
+            f"127.0.0.1:{state.ports['s3']}",
+            "posix",
+            "--sidecar",
+            str(directory / "s3" / "meta"),
+            str(directory / "s3" / "data"),
+        ],
+        run_dir=directory,
+        env={"ROOT_ACCESS_KEY": state.s3_access_key, "ROOT_SECRET_KEY": state.s3_secret_key},
+    )
+
+
+def restart_s3(state: TestBedState, *, down_seconds: float) -> None:
+    """Stop the S3 server (SIGTERM), leave it down `down_seconds`, start it again on the
+    same port and data, and wait until it answers: an S3 outage, as the chaos test plays it."""
+    procs.stop("versitygw", Path(state.run_dir), grace=5.0)
+    time.sleep(down_seconds)
+    _start_s3(state)
+    wait_until(
+        "versitygw",
+        lambda: procs.port_is_open("127.0.0.1", state.ports["s3"]),
+        30,
+        Path(state.run_dir) / "logs" / "versitygw.log",
+    )
 
 
 def _start_mlflow(directory: Path, host: str, port: int) -> str:

@@ -20,19 +20,12 @@ from typing import Any
 
 import pytest
 
-from lmmr1_testbed.demo import driver, seed
+from lmmr1_testbed.demo import driver
 from lmmr1_testbed.demo.tracking import tracking_spec
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_testbed.waiting import wait_for
 
 NAMESPACE = "lmmr1-e2e"
-
-
-@pytest.fixture(scope="module")
-def seeded(testbed: TestBedState, s3_client: Any) -> dict[str, str]:
-    with tempfile.TemporaryDirectory() as work:
-        env = {**os.environ, **testbed.s3_env(), "DS_ACCELERATOR": "cpu"}
-        return seed.seed(s3_client, env, Path(work), warm_start_steps=40, dataset_rows=16)
 
 
 def trainer_pid(testbed: TestBedState, stage: str) -> int | None:

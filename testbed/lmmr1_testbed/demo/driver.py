@@ -47,11 +47,13 @@ def install_operator(
     watch_namespaces: Sequence[str] = (),
     fast_clock: bool = True,
     operator_values: dict[str, Any] | None = None,
+    replicas: int = 1,
 ) -> None:
     """`helm install` the chart; its pod runs on the process node as a local process. It
     serves runs in `watch_namespaces` (empty: its own namespace only, the chart's default).
     `fast_clock`: a 1 s resync and a 2 s first restart back-off (tests and the demo); the
-    scale benchmark measures the chart's defaults."""
+    scale benchmark measures the chart's defaults. `replicas` > 1: leader election decides
+    which one acts."""
     cli(
         state,
         "kubectl",
@@ -65,6 +67,7 @@ def install_operator(
     cli(state, "kubectl", "label", "namespace", namespace, RESTRICTED, "--overwrite")
     values = {
         "crds": {"enabled": False},
+        "replicaCount": replicas,
         "watchNamespaces": list(watch_namespaces),
         "nodeSelector": {"lmmr1.io/process-node": "true"},
         "tolerations": [{"key": "lmmr1.io/process-node", "operator": "Exists"}],
