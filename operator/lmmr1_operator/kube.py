@@ -320,6 +320,9 @@ class CachedKube(Kube):
             self.runs.put(obj)
         elif obj["kind"] in self.informers:
             self.informers[obj["kind"]].store.put(obj)
+        elif obj["kind"] == "Secret":  # one it just created: the next pass need not read it
+            meta = obj["metadata"]
+            self._remember_secret(meta["namespace"], meta["name"], obj)
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         if kind == "LMMR1Run":
@@ -382,8 +385,6 @@ class CachedKube(Kube):
             if held is not None and owner and naming.owned_by(held, owner):
                 return False
         if super().ensure(obj):
-            if kind == "Secret":
-                self._remember_secret(namespace, name, None)
             return True
         existing = Kube.get(self, kind, namespace, name)
         if kind == "Secret":
