@@ -189,6 +189,10 @@ class Controller:
             if alive("Pod", p) or (mine("Pod", p) is not None and podstate.disruption(p))
         ]
         jobs = [j for j in self.kube.list("Job", namespace, owned) if alive("Job", j)]
+        # The attempt's children are known by owner and attempt label, never by name: an
+        # older attempt's Job and pods (their names carry their own attempt) are stale and
+        # deleted, and none of them is read as the current attempt's (its Complete or Failed
+        # condition ends nothing).
         stale = [("Pod", p["metadata"]["name"]) for p in rollout_pods if not current(p)]
         stale += [("Job", j["metadata"]["name"]) for j in jobs if not current(j)]
         job = next((j for j in jobs if current(j)), None)

@@ -12,6 +12,9 @@ LABEL_ROLE = "lmmr1.io/role"
 # Which attempt of the stage a pod belongs to (the stage's restart count): children of an
 # older attempt are stale and removed, whatever else happened in between.
 LABEL_ATTEMPT = "lmmr1.io/attempt"
+# Which replica a rollout pod serves (its name says it too, but children are never matched
+# by name).
+ANNOTATION_REPLICA = "lmmr1.io/replica"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGER = "lmmr1-operator"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
@@ -29,15 +32,36 @@ def stage_labels(run: str, stage: str, role: str) -> dict[str, str]:
     return {**run_labels(run), LABEL_STAGE: stage, LABEL_ROLE: role}
 
 
-def rollout_pod(run: str, stage: str, replica: int) -> str:
-    return f"{run}-{stage}-rollout-{replica}"
+# How many attempts apart two attempts' names repeat. The attempt is in the names of its
+# workload children so that a restarted stage's children never share a name with the last
+# attempt's, still terminating: the new ones are created at once instead of waiting for the
+# old ones to be gone. Three digits keep every name a DNS label (see MAX_STAGE_NAME in
+# api/spec.py); an attempt 1000 restarts back is long gone, and children are matched by
+# their owner's UID and their attempt label anyway, never by name alone.
+ATTEMPTS_NAMED = 1000
+
+
+def _attempt(attempt: int) -> str:
+    return str(attempt % ATTEMPTS_NAMED)
+
+
+def rollout_pod(run: str, stage: str, attempt: int, replica: int) -> str:
+    """A rollout server of one attempt (also its hostname, under the rollout Service)."""
+    return f"{run}-{stage}-r{_attempt(attempt)}-{replica}"
 
 
 def rollout_service(run: str, stage: str) -> str:
     return f"{run}-{stage}-rollout"
 
 
-def trainer_job(run: str, stage: str) -> str:
+def trainer_job(run: str, stage: str, attempt: int) -> str:
+    """The trainer Job of one attempt; its pods' hostnames are `<job>-<index>`."""
+    return f"{run}-{stage}-t{_attempt(attempt)}"
+
+
+def trainer_service(run: str, stage: str) -> str:
+    """The trainer's headless Service, one per stage (every attempt's pods use it as their
+    subdomain: `<job>-<index>.<service>` resolves to a rank)."""
     return f"{run}-{stage}-trainer"
 
 

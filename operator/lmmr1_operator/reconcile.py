@@ -19,7 +19,7 @@ from lmmr1_operator.api.status import LMMR1RunStatus, StageStatus
 from lmmr1_operator.children import access, rollout, stage_config, trainer
 from lmmr1_operator.children.context import StageContext, init_weights
 from lmmr1_operator.evaluation import headline, stage_evaluation
-from lmmr1_operator.naming import ROLLOUT_PORT
+from lmmr1_operator.naming import ANNOTATION_REPLICA, ROLLOUT_PORT
 from lmmr1_operator.settings import OperatorSettings
 from lmmr1_operator.verification import RETRY_AFTER_S
 from lmmr1_trainer.config import EXIT_CONFIG_ERROR, Progress
@@ -60,8 +60,9 @@ class Observed:
     token: str  # the rollout token to use if the Secret does not exist yet
     service_account: str
     credentials_missing: str | None = None  # the missing Secret's name
+    # The current attempt's (by owner and attempt label, never by name alone).
     rollout_pods: list[Obj] = field(default_factory=list)
-    job: Obj | None = None
+    job: Obj | None = None  # the current attempt's trainer Job, if it exists
     trainer_pods: list[Obj] = field(default_factory=list)
     config: Obj | None = None
     progress: Progress | None = None
@@ -291,7 +292,7 @@ class _Decision:
             self.plan.ensure += [
                 access.rollout_network_policy(ctx),
                 rollout.service(ctx),
-                *(rollout.pod(ctx, r) for r in range(ctx.stage.resources.rollout.replicas)),
+                *(rollout.pod(ctx, r) for r in self.missing_replicas(ctx)),
             ]
         if self.failed(ctx) or self.stalled(ctx):
             return
@@ -302,7 +303,9 @@ class _Decision:
         if seen.config is None or (urls is not None and have != config["data"]):
             self.plan.replace.append(config)
         if urls is not None:
-            self.plan.ensure += [trainer.service(ctx), trainer.job(ctx)]
+            self.plan.ensure.append(trainer.service(ctx))
+            if seen.job is None:
+                self.plan.ensure.append(trainer.job(ctx))
         if podstate.job_condition(seen.job, "Complete"):
             self.complete_stage(record)
             return
@@ -320,6 +323,18 @@ class _Decision:
             self.condition(cond.RUNNING, True, "StageRunning", f"stage {record.name}")
         else:
             self.condition(cond.RUNNING, False, "StageStarting", f"stage {record.name} starting")
+
+    def missing_replicas(self, ctx: StageContext) -> list[int]:
+        """The rollout replicas the attempt has no pod for. The attempt's pods are known by
+        their owner and attempt label (the observation's), whatever their names: an
+        attempt's children never get a second copy under another name (an attempt that
+        began under an operator that named its children otherwise keeps them)."""
+        have = {
+            (p["metadata"].get("annotations") or {}).get(ANNOTATION_REPLICA)
+            for p in self.seen.rollout_pods
+        }
+        replicas = range(ctx.stage.resources.rollout.replicas)
+        return [r for r in replicas if str(r) not in have]
 
     def rollout_urls(self, ctx: StageContext) -> list[str] | None:
         """The rollout servers' URLs once every replica is Ready (None until then)."""

@@ -672,7 +672,7 @@ def test_a_run_created_again_under_its_name_adopts_nothing_of_the_old_one(bed: B
         lambda: (c := condition(bed, "again", "ChildrenCreated", "False")) and c,
         30,
     )
-    assert "again-fre-trainer already exists and is not this run's" in refused["message"]
+    assert "again-fre-t0 already exists and is not this run's" in refused["message"]
     assert "again-progress already exists and is not this run's" in refused["message"]
     status = bed.status("again")
     assert status.get("step") is None and status.get("reward") is None  # not the old report
@@ -703,7 +703,7 @@ def test_a_run_created_again_under_its_name_adopts_nothing_of_the_old_one(bed: B
         ),
         60,
     )
-    job = json.loads(bed.kubectl("get", "job", "again-fre-trainer", "-o", "json").stdout)
+    job = json.loads(bed.kubectl("get", "job", "again-fre-t0", "-o", "json").stdout)
     assert [o["uid"] for o in job["metadata"]["ownerReferences"]] == [new_uid]
     assert trainer["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
     bed.wait("children created", lambda: condition(bed, "again", "ChildrenCreated") is not None, 30)

@@ -30,7 +30,7 @@ def run_obj(**spec_updates: Any) -> dict[str, Any]:
 
 
 def context(
-    run: dict[str, Any], index: int = 0, finals: list[str | None] | None = None
+    run: dict[str, Any], index: int = 0, finals: list[str | None] | None = None, attempt: int = 0
 ) -> StageContext:
     spec = LMMR1RunSpec.model_validate(run["spec"])
     return StageContext(
@@ -39,6 +39,7 @@ def context(
         index=index,
         settings=SETTINGS,
         init_from=init_weights(spec, index, finals or []),
+        attempt=attempt,
     )
 
 
@@ -120,7 +121,7 @@ def test_trainer_job_is_indexed_with_gpus_sidecar_and_references_only() -> None:
         "/etc/lmmr1/stage.yaml",
     ]
     env = {e["name"]: e for e in main["env"]}
-    assert env["MASTER_ADDR"]["value"] == "r-fre-trainer-0.r-fre-trainer.ns.svc"
+    assert env["MASTER_ADDR"]["value"] == "r-fre-t0-0.r-fre-trainer.ns.svc"
     assert env["WORLD_SIZE"]["value"] == "16"
     # Credentials by reference only.
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
@@ -209,7 +210,7 @@ def test_separate_mode_renders_vllm_unless_transformers_is_asked_for() -> None:
 def test_rollout_pods_and_service() -> None:
     ctx = context(run_obj())
     pod = rollout.pod(ctx, 1)
-    assert pod["metadata"]["name"] == "r-fre-rollout-1"
+    assert pod["metadata"]["name"] == "r-fre-r0-1"
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["containers"][0]["image"] == "rollout:1"
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -256,14 +257,56 @@ def test_child_names_fit_dns_labels_at_the_longest_names() -> None:
     run = run_obj()
     run["metadata"]["name"] = "r" * crd.MAX_RUN_NAME
     run["spec"]["stages"][0]["name"] = "s" * MAX_STAGE_NAME
-    ctx = context(run)
+    ctx = context(run, attempt=999)
     for name in (
-        rollout.pod(ctx, 255)["metadata"]["name"],
-        trainer.job(ctx)["metadata"]["name"] + "-255",  # an indexed pod's hostname
+        rollout.pod(ctx, 999)["metadata"]["name"],
+        trainer.job(ctx)["metadata"]["name"] + "-999",  # an indexed pod's hostname
         rollout.service(ctx)["metadata"]["name"],
+        trainer.service(ctx)["metadata"]["name"],
         stage_config.configmap(ctx, None)["metadata"]["name"],
     ):
         assert len(name) <= 63, name
+
+
+def test_each_attempts_workload_children_have_names_of_their_own_that_fit() -> None:
+    """A restarted stage's Job and rollout pods never take the names of the last attempt's,
+    which may still be terminating; the attempt in a name is its last three digits, so the
+    longest run and stage names with attempt 999 and index 999 still make DNS labels."""
+    run = run_obj()
+    run["metadata"]["name"] = "r" * crd.MAX_RUN_NAME
+    run["spec"]["stages"][0]["name"] = "s" * MAX_STAGE_NAME
+    first, fourth, last = (context(run, attempt=a) for a in (0, 3, 999))
+    assert trainer.job(first)["metadata"]["name"] != trainer.job(fourth)["metadata"]["name"]
+    assert rollout.pod(first, 0)["metadata"]["name"] != rollout.pod(fourth, 0)["metadata"]["name"]
+    prefix = f"{'r' * crd.MAX_RUN_NAME}-{'s' * MAX_STAGE_NAME}"
+    assert trainer.job(fourth)["metadata"]["name"] == f"{prefix}-t3"
+    assert rollout.pod(fourth, 1)["metadata"]["name"] == f"{prefix}-r3-1"
+    job = trainer.job(last)["metadata"]["name"]
+    for name in (job, f"{job}-999", rollout.pod(last, 999)["metadata"]["name"]):
+        assert len(name) <= 63, name
+    assert trainer.job(context(run, attempt=1003))["metadata"]["name"] == f"{prefix}-t3"
+    # Every attempt's children share the stage's Services (their DNS names stay put).
+    assert trainer.service(first) == trainer.service(fourth)
+    assert rollout.service(first) == rollout.service(fourth)
+
+
+def test_the_trainers_ranks_find_rank_zero_through_the_stages_service() -> None:
+    """Rank 0's pod is `<job>-0` under the subdomain of the trainer's headless Service: the
+    Service's name is the pods' subdomain and MASTER_ADDR, and it selects the attempt's
+    pods whatever their Job's name."""
+    run = run_obj()
+    run["spec"]["stages"][0]["resources"] = {"trainer": {"nodes": 2}}
+    ctx = context(run, attempt=3)
+    job, service = trainer.job(ctx), trainer.service(ctx)
+    name = service["metadata"]["name"]
+    assert name == "r-fre-trainer" and job["metadata"]["name"] == "r-fre-t3"
+    pod = job["spec"]["template"]
+    assert pod["spec"]["subdomain"] == name
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["MASTER_ADDR"] == "r-fre-t3-0.r-fre-trainer.ns.svc"
+    assert env["MASTER_ADDR"].split(".")[:2] == [f"{job['metadata']['name']}-0", name]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["clusterIP"] == "None"
 
 
 def _labels(stage: str, role: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from lmmr1_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
 FORBIDDEN = (
-    'pods "r-fre-rollout-0" is forbidden: violates PodSecurity "restricted:latest": '
+    'pods "r-fre-r0-0" is forbidden: violates PodSecurity "restricted:latest": '
     'allowPrivilegeEscalation != false (container "rollout" must set '
     "securityContext.allowPrivilegeEscalation=false)"
 )
@@ -112,15 +112,15 @@ def test_a_pod_the_api_server_refuses_is_on_the_run_at_once_with_one_event() -> 
     ctl.reconcile("ns", "r")
     created = condition(kube, "ChildrenCreated")
     assert (created["status"], created["reason"]) == ("False", "CreateFailed")
-    assert created["message"] == f"Pod r-fre-rollout-0: {FORBIDDEN}"
-    assert ("Warning", "CreateFailed", f"Pod r-fre-rollout-0: {FORBIDDEN}") in posted
+    assert created["message"] == f"Pod r-fre-r0-0: {FORBIDDEN}"
+    assert ("Warning", "CreateFailed", f"Pod r-fre-r0-0: {FORBIDDEN}") in posted
     assert ("ConfigMap", "r-fre-config") in kube.objects  # the other children were created
     ctl.reconcile("ns", "r")
     assert [p[1] for p in posted].count("CreateFailed") == 1
     # The namespace's policy is fixed: the pod is created and the condition turns True.
     del kube.refuse["Pod"]
     ctl.reconcile("ns", "r")
-    assert ("Pod", "r-fre-rollout-0") in kube.objects
+    assert ("Pod", "r-fre-r0-0") in kube.objects
     assert condition(kube, "ChildrenCreated")["status"] == "True"
 
 
@@ -130,18 +130,18 @@ def test_a_job_whose_pods_are_refused_shows_its_failed_create_events() -> None:
     # Colocated rollouts (one trainer node): the trainer Job comes on the first pass.
     ctl.reconcile("ns", "r")
     assert not [key for key in kube.objects if key[0] == "Pod"]
-    job = kube.objects[("Job", naming.trainer_job("r", "fre"))]
-    assert job["metadata"]["uid"] == "uid-r-fre-trainer"
+    job = kube.objects[("Job", naming.trainer_job("r", "fre", 0))]
+    assert job["metadata"]["uid"] == "uid-r-fre-t0"
     # The Job controller's pod creation is refused: an Event on the Job, no pods.
-    message = 'Error creating: pods "r-fre-trainer-0-abcde" is forbidden: violates PodSecurity'
-    kube.events_by_uid["uid-r-fre-trainer"] = [
+    message = 'Error creating: pods "r-fre-t0-0-abcde" is forbidden: violates PodSecurity'
+    kube.events_by_uid["uid-r-fre-t0"] = [
         {"reason": "FailedCreate", "message": message, "lastTimestamp": "2026-01-01T00:00:00Z"}
     ]
     ctl.reconcile("ns", "r")
     created = condition(kube, "ChildrenCreated")
     assert created["status"] == "False"
-    assert created["message"] == f"Job r-fre-trainer: {message}"
-    assert ("Warning", "CreateFailed", f"Job r-fre-trainer: {message}") in posted
+    assert created["message"] == f"Job r-fre-t0: {message}"
+    assert ("Warning", "CreateFailed", f"Job r-fre-t0: {message}") in posted
     assert condition(kube, "Blocked")["reason"] == "CreateFailed"
 
 
@@ -168,13 +168,13 @@ def test_a_stalled_trainer_is_torn_down_with_its_network_policy_and_counted() ->
     ctl, kube, posted = controller(run)
     kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
     ctl.reconcile("ns", "r")
-    job = kube.objects[("Job", "r-fre-trainer")]
+    job = kube.objects[("Job", "r-fre-t0")]
     assert ("NetworkPolicy", "r-fre-trainer") in kube.objects
-    kube.objects[("Pod", "r-fre-trainer-0")] = {
+    kube.objects[("Pod", "r-fre-t0-0")] = {
         "kind": "Pod",
         "metadata": {
-            "name": "r-fre-trainer-0",
-            "labels": {**job["metadata"]["labels"], "job-name": "r-fre-trainer"},
+            "name": "r-fre-t0-0",
+            "labels": {**job["metadata"]["labels"], "job-name": "r-fre-t0"},
             "ownerReferences": [{"uid": job["metadata"]["uid"], "controller": True}],
         },
         "status": {"phase": "Running"},
@@ -186,7 +186,7 @@ def test_a_stalled_trainer_is_torn_down_with_its_network_policy_and_counted() ->
     ctl.reconcile("ns", "r")
     assert [reason for _, reason, _ in posted][-1] == "Stalled"
     assert kube.objects[("LMMR1Run", "r")]["status"]["restarts"] == 1
-    for child in (("Job", "r-fre-trainer"), ("NetworkPolicy", "r-fre-trainer")):
+    for child in (("Job", "r-fre-t0"), ("NetworkPolicy", "r-fre-trainer")):
         assert child not in kube.objects, child
     assert ctl.metrics.registry.get_sample_value("lmmr1_stage_restarts_total") == 1
 
@@ -200,7 +200,7 @@ def test_a_run_created_again_under_its_old_name_adopts_none_of_the_old_runs_chil
     ctl_old, kube, _ = controller(old)
     kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
     ctl_old.reconcile("ns", "r")
-    old_job = kube.objects[("Job", "r-fre-trainer")]
+    old_job = kube.objects[("Job", "r-fre-t0")]
     assert old_job["metadata"]["ownerReferences"][0]["uid"] == "uid-old"
     report = '{"stage": "fre", "step": 40, "total_steps": 40, "final_checkpoint": ' + (
         '"s3://bucket/ckpt/ns/r/uid-old/fre/step-40", "updated_at": "2026-01-01T12:00:00Z"}'
@@ -218,19 +218,16 @@ def test_a_run_created_again_under_its_old_name_adopts_none_of_the_old_runs_chil
     assert not status.get("step") and status["stages"][0]["phase"] != "Succeeded"
     created = condition(kube, "ChildrenCreated")
     assert created["reason"] == "CreateFailed" and "NameTaken" not in created["message"]
-    assert (
-        "Job r-fre-trainer: r-fre-trainer already exists and is not this run's"
-        in (created["message"])
-    )
+    assert "Job r-fre-t0: r-fre-t0 already exists and is not this run's" in (created["message"])
     assert "uid uid-old" in created["message"]
-    assert kube.objects[("Job", "r-fre-trainer")] is old_job  # neither adopted nor deleted
+    assert kube.objects[("Job", "r-fre-t0")] is old_job  # neither adopted nor deleted
     # The garbage collector removes the old run's children: the new run creates its own.
     for key in [
         k for k, o in kube.objects.items() if k[0] != "LMMR1Run" and _owner(o) == "uid-old"
     ]:
         del kube.objects[key]
     ctl.reconcile("ns", "r")
-    assert _owner(kube.objects[("Job", "r-fre-trainer")]) == "uid-r"
+    assert _owner(kube.objects[("Job", "r-fre-t0")]) == "uid-r"
     assert condition(kube, "ChildrenCreated")["status"] == "True"
 
 
@@ -270,7 +267,7 @@ def test_an_exception_while_acting_is_counted_and_shown_on_the_run_by_the_next_p
     assert [p[1] for p in posted].count("ReconcileError") == 1
     ctl.reconcile("ns", "r")
     assert condition(kube, "Reconciled")["status"] == "True"
-    assert ("Job", "r-fre-trainer") in kube.objects
+    assert ("Job", "r-fre-t0") in kube.objects
 
 
 def test_the_watch_event_of_the_operators_own_status_write_is_recognised() -> None:
@@ -292,7 +289,7 @@ def test_a_disrupted_pod_starts_a_new_attempt_counted_apart_from_restarts() -> N
     ctl, kube, posted = controller(new_run("separate"))
     kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
     ctl.reconcile("ns", "r")
-    server = kube.objects[("Pod", "r-fre-rollout-0")]
+    server = kube.objects[("Pod", "r-fre-r0-0")]
     server["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     server["status"] = {
         "phase": "Running",
@@ -312,15 +309,91 @@ def test_a_disrupted_pod_starts_a_new_attempt_counted_apart_from_restarts() -> N
     assert [reason for _, reason, _ in posted][-1] == "Disrupted"
     assert ctl.metrics.registry.get_sample_value("lmmr1_stage_disruptions_total") == 1
     assert ctl.metrics.registry.get_sample_value("lmmr1_stage_restarts_total") == 0
-    assert ("Pod", "r-fre-rollout-0") not in kube.objects
+    assert ("Pod", "r-fre-r0-0") not in kube.objects
     # The evicted pod is still terminating when the back-off is over.
-    kube.objects[("Pod", "r-fre-rollout-0")] = evicted
+    kube.objects[("Pod", "r-fre-r0-0")] = evicted
     status["retryAfter"] = None
     ctl.reconcile("ns", "r")
     status = kube.objects[("LMMR1Run", "r")]["status"]
     assert status["disruptions"] == 1 and status["phase"] != "Failed"
-    # Deleted as stale, and (this API server deletes at once) created afresh.
-    fresh = kube.objects[("Pod", "r-fre-rollout-0")]["metadata"]
+    # Deleted as stale; the new attempt's pod, of another name, created in the same pass.
+    assert ("Pod", "r-fre-r0-0") not in kube.objects
+    fresh = kube.objects[("Pod", "r-fre-r1-0")]["metadata"]
     assert fresh["labels"]["lmmr1.io/attempt"] == "1" and "deletionTimestamp" not in fresh
     ctl.reconcile("ns", "r")
     assert kube.objects[("LMMR1Run", "r")]["status"]["disruptions"] == 1
+
+
+def _restarted_once(kube: FakeKube) -> None:
+    """The run's status after one failed attempt, its back-off over: attempt 1 is due."""
+    status = kube.objects[("LMMR1Run", "r")]["status"]
+    status["restarts"] = status["stages"][0]["restarts"] = 1
+    status["retryAfter"] = None
+
+
+def test_a_restart_starts_the_new_attempts_job_while_the_old_one_still_terminates() -> None:
+    """The old attempt's Job (being deleted) has a name of its own: the new attempt's Job is
+    created at once, not once the old one is gone, and the old one is not read as the new."""
+    ctl, kube, _ = controller(new_run())
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    ctl.reconcile("ns", "r")
+    old = kube.objects[("Job", "r-fre-t0")]
+    old["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    old["status"] = {"conditions": [{"type": "Failed", "status": "True"}]}
+    _restarted_once(kube)
+    ctl.reconcile("ns", "r")
+    new = kube.objects[("Job", "r-fre-t1")]
+    assert new["metadata"]["labels"]["lmmr1.io/attempt"] == "1"
+    assert new["spec"]["template"]["spec"]["subdomain"] == "r-fre-trainer"
+    status = kube.objects[("LMMR1Run", "r")]["status"]
+    assert status["restarts"] == 1 and status["phase"] != "Failed"
+
+
+def test_an_older_attempts_job_is_deleted_and_never_taken_for_the_current_one() -> None:
+    """A Job of attempt 0 left behind (an operator that died before deleting it) is stale:
+    deleted, and its Complete condition does not finish the stage of attempt 1, nor does
+    its Failed condition restart it."""
+    for ended in ("Complete", "Failed"):
+        ctl, kube, posted = controller(new_run())
+        kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+        ctl.reconcile("ns", "r")
+        old = kube.objects[("Job", "r-fre-t0")]
+        old["status"] = {"conditions": [{"type": ended, "status": "True"}]}
+        _restarted_once(kube)
+        seen, stale = ctl.observe(kube.objects[("LMMR1Run", "r")])
+        assert seen.job is None and ("Job", "r-fre-t0") in stale
+        ctl.reconcile("ns", "r")
+        assert ("Job", "r-fre-t0") not in kube.objects
+        assert kube.objects[("Job", "r-fre-t1")]["metadata"]["labels"]["lmmr1.io/attempt"] == "1"
+        status = kube.objects[("LMMR1Run", "r")]["status"]
+        assert status["restarts"] == 1 and status["stages"][0]["phase"] == "Running", ended
+        assert status["phase"] not in ("Succeeded", "Failed") and not posted[2:], posted
+        seen, stale = ctl.observe(kube.objects[("LMMR1Run", "r")])
+        assert seen.job is not None and seen.job["metadata"]["name"] == "r-fre-t1"
+        assert not stale
+
+
+def test_an_attempts_children_named_otherwise_are_its_own_and_get_no_second_copy() -> None:
+    """Children are matched by owner and attempt label, not by name: the current attempt's
+    Job and rollout pod under other names (an operator that named them otherwise) are the
+    attempt's, and no second Job or rollout pod is created beside them."""
+    ctl, kube, _ = controller(new_run("separate"))
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    ctl.reconcile("ns", "r")
+    server = kube.objects.pop(("Pod", "r-fre-r0-0"))
+    server["metadata"]["name"] = "r-fre-rollout-0"
+    server["status"] = {
+        "phase": "Running",
+        "podIP": "10.0.0.7",
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
+    kube.objects[("Pod", "r-fre-rollout-0")] = server
+    ctl.reconcile("ns", "r")
+    assert ("Pod", "r-fre-r0-0") not in kube.objects
+    job = kube.objects.pop(("Job", "r-fre-t0"))
+    job["metadata"]["name"] = "r-fre-trainer"
+    kube.objects[("Job", "r-fre-trainer")] = job
+    ctl.reconcile("ns", "r")
+    seen, stale = ctl.observe(kube.objects[("LMMR1Run", "r")])
+    assert seen.job is not None and seen.job["metadata"]["name"] == "r-fre-trainer"
+    assert not stale and ("Job", "r-fre-t0") not in kube.objects

@@ -86,7 +86,7 @@ def job(complete: bool = False, failed: bool = False) -> dict[str, Any]:
         conditions.append({"type": "Complete", "status": "True"})
     if failed:
         conditions.append({"type": "Failed", "status": "True"})
-    return {"metadata": {"name": "r-fre-trainer", "uid": "j"}, "status": {"conditions": conditions}}
+    return {"metadata": {"name": "r-fre-t0", "uid": "j"}, "status": {"conditions": conditions}}
 
 
 def finished_report(final: str, stage: str = "fre") -> Progress:
@@ -125,11 +125,11 @@ def test_a_colocated_stage_starts_its_trainer_at_once_with_no_rollout_servers() 
     _, plan = started()
     created = kinds(plan.ensure)
     assert not [k for k in created if "rollout" in k and k != "Secret/r-rollout-token"], created
-    assert "Job/r-fre-trainer" in created and "Service/r-fre-trainer" in created
+    assert "Job/r-fre-t0" in created and "Service/r-fre-trainer" in created
     # One NetworkPolicy (the trainer's), created before the Job's pods can exist.
     policies = [k for k in created if k.startswith("NetworkPolicy/")]
     assert policies == ["NetworkPolicy/r-fre-trainer"]
-    assert created.index(policies[0]) < created.index("Job/r-fre-trainer")
+    assert created.index(policies[0]) < created.index("Job/r-fre-t0")
     assert kinds(plan.replace) == ["ConfigMap/r-fre-config"]
     assert set(plan.replace[0]["data"]) == {"stage.yaml"}
     rollout = stage_yaml(plan)["rollout"]
@@ -138,7 +138,7 @@ def test_a_colocated_stage_starts_its_trainer_at_once_with_no_rollout_servers() 
     # Nothing else to wait for: the same plan on the next pass, with the config in place.
     run = with_status(new_run(), plan)
     again = decide(seen(run, config=plan.replace[0]), SETTINGS)
-    assert "Job/r-fre-trainer" in kinds(again.ensure) and not again.replace
+    assert "Job/r-fre-t0" in kinds(again.ensure) and not again.replace
 
 
 def test_a_multi_node_trainer_defaults_to_rollout_servers_started_first() -> None:
@@ -147,7 +147,7 @@ def test_a_multi_node_trainer_defaults_to_rollout_servers_started_first() -> Non
         stage["resources"] = {"trainer": {"nodes": 2}}
     plan = decide(seen(run), SETTINGS)
     created = kinds(plan.ensure)
-    assert "Pod/r-fre-rollout-0" in created and "Service/r-fre-rollout" in created
+    assert "Pod/r-fre-r0-0" in created and "Service/r-fre-rollout" in created
     assert "NetworkPolicy/r-fre-rollout" in created
     assert not any(o["kind"] == "Job" for o in plan.ensure)
     assert set(plan.replace[0]["data"]) == {"rollout.yaml"}
@@ -158,12 +158,12 @@ def test_a_new_run_in_separate_mode_starts_its_rollout_servers_first() -> None:
     _, plan = started("separate")
     assert plan.status["phase"] == "Pending"
     assert plan.status["stage"] == "fre" and plan.status["stageIndex"] == 0
-    assert "Pod/r-fre-rollout-0" in kinds(plan.ensure)
+    assert "Pod/r-fre-r0-0" in kinds(plan.ensure)
     assert "Secret/r-rollout-token" in kinds(plan.ensure)
     assert "Role/r-progress" in kinds(plan.ensure)
     assert not any(o["kind"] == "Job" for o in plan.ensure)  # rollouts are not ready yet
     created = kinds(plan.ensure)
-    assert created.index("NetworkPolicy/r-fre-rollout") < created.index("Pod/r-fre-rollout-0")
+    assert created.index("NetworkPolicy/r-fre-rollout") < created.index("Pod/r-fre-r0-0")
     assert "NetworkPolicy/r-fre-trainer" in created
     assert kinds(plan.replace) == ["ConfigMap/r-fre-config"]
     assert set(plan.replace[0]["data"]) == {"rollout.yaml"}
@@ -186,9 +186,9 @@ def test_ready_rollouts_give_the_trainer_its_config_and_job() -> None:
     run, _ = started("separate")
     config = {"data": {"rollout.yaml": "x"}}
     plan = decide(
-        seen(run, rollout_pods=[pod("r-fre-rollout-0", ip="10.0.0.7")], config=config), SETTINGS
+        seen(run, rollout_pods=[pod("r-fre-r0-0", ip="10.0.0.7")], config=config), SETTINGS
     )
-    assert "Job/r-fre-trainer" in kinds(plan.ensure)
+    assert "Job/r-fre-t0" in kinds(plan.ensure)
     rollout = stage_yaml(plan)["rollout"]
     assert (rollout["mode"], rollout["urls"]) == ("separate", ["http://10.0.0.7:8000"])
 
@@ -288,7 +288,7 @@ def test_a_completed_trainer_without_a_committed_checkpoint_restarts() -> None:
 
 def test_a_failed_pod_restarts_the_stage_with_backoff_until_the_limit() -> None:
     run, _ = started("separate")
-    failed = seen(run, rollout_pods=[pod("r-fre-rollout-0", phase="Failed", exit_code=137)])
+    failed = seen(run, rollout_pods=[pod("r-fre-r0-0", phase="Failed", exit_code=137)])
     plan = decide(failed, SETTINGS)
     assert plan.delete_stage and plan.status["restarts"] == 1
     assert plan.status["retryAfter"] == "2026-01-01T12:00:10Z"
@@ -299,7 +299,7 @@ def test_a_failed_pod_restarts_the_stage_with_backoff_until_the_limit() -> None:
     assert not waiting.ensure and not waiting.delete_stage
     # After it, the stage comes back.
     later = decide(seen(run, now=NOW + dt.timedelta(seconds=11)), SETTINGS)
-    assert "Pod/r-fre-rollout-0" in kinds(later.ensure)
+    assert "Pod/r-fre-r1-0" in kinds(later.ensure)
     # The fourth failure exceeds backoffLimit=3 (the doubling: the test below).
     run["status"]["restarts"] = 3
     run["status"]["retryAfter"] = None
@@ -314,7 +314,7 @@ def test_the_restart_backoff_doubles_from_the_setting_and_caps_at_five_minutes()
     run["spec"]["backoffLimit"] = 8
     now, waits = NOW, []
     for restart in range(1, 9):
-        failed = [pod("r-fre-rollout-0", phase="Failed", exit_code=137)]
+        failed = [pod(f"r-fre-r{restart - 1}-0", phase="Failed", exit_code=137)]
         plan = decide(seen(run, now=now, rollout_pods=failed), SETTINGS)
         assert plan.delete_stage and plan.status["restarts"] == restart
         retry_after = dt.datetime.fromisoformat(plan.status["retryAfter"].replace("Z", "+00:00"))
@@ -326,18 +326,18 @@ def test_the_restart_backoff_doubles_from_the_setting_and_caps_at_five_minutes()
         assert not early.ensure
         now = retry_after + dt.timedelta(seconds=1)
         back = decide(seen(run, now=now), SETTINGS)
-        assert "Pod/r-fre-rollout-0" in kinds(back.ensure)
+        assert f"Pod/r-fre-r{restart}-0" in kinds(back.ensure)
         run = with_status(run, back)
     # restart_backoff_seconds=10: 10 s, doubling, capped at 300 s.
     assert waits == [10, 20, 40, 80, 160, 300, 300, 300]
-    failed = [pod("r-fre-rollout-0", phase="Failed", exit_code=137)]
+    failed = [pod("r-fre-r8-0", phase="Failed", exit_code=137)]
     assert decide(seen(run, now=now, rollout_pods=failed), SETTINGS).status["phase"] == "Failed"
 
 
 def test_a_config_error_fails_fast_without_retrying() -> None:
     run, _ = started()
     trainer = pod(
-        "r-fre-trainer-0",
+        "r-fre-t0-0",
         phase="Failed",
         container="trainer",
         exit_code=EXIT_CONFIG_ERROR,
@@ -359,7 +359,7 @@ def test_suspend_stops_the_pods_and_resume_continues() -> None:
     run["spec"]["suspend"] = False
     plan = decide(seen(run), SETTINGS)
     assert plan.status["phase"] == "Pending" and conditions(plan)["Suspended"] == "False"
-    assert "Pod/r-fre-rollout-0" in kinds(plan.ensure)
+    assert "Pod/r-fre-r0-0" in kinds(plan.ensure)
     assert "Resumed" in [e[1] for e in plan.events]
 
 
@@ -389,7 +389,7 @@ def test_unschedulable_and_bad_images_show_as_conditions() -> None:
     plan = decide(
         seen(
             run,
-            rollout_pods=[pod("r-fre-rollout-0", phase="Pending", ready=False, unschedulable=True)],
+            rollout_pods=[pod("r-fre-r0-0", phase="Pending", ready=False, unschedulable=True)],
         ),
         SETTINGS,
     )
@@ -399,7 +399,7 @@ def test_unschedulable_and_bad_images_show_as_conditions() -> None:
         seen(
             run,
             rollout_pods=[
-                pod("r-fre-rollout-0", phase="Pending", ready=False, waiting="ImagePullBackOff")
+                pod("r-fre-r0-0", phase="Pending", ready=False, waiting="ImagePullBackOff")
             ],
         ),
         SETTINGS,
@@ -429,7 +429,7 @@ def test_set_condition_moves_the_transition_time_only_when_the_status_flips() ->
 
 def _trainer_pod_with_sidecar(verifier: dict[str, Any], phase: str = "Pending") -> dict[str, Any]:
     return {
-        "metadata": {"name": "r-fre-trainer-0-x"},
+        "metadata": {"name": "r-fre-t0-0-x"},
         "status": {
             "phase": phase,
             "podIP": "10.0.0.2",
@@ -449,7 +449,7 @@ def _failed_condition(plan: Plan) -> dict[str, Any]:
 def test_a_rollout_servers_config_error_fails_fast_without_retrying() -> None:
     run, _ = started("separate")
     server = pod(
-        "r-fre-rollout-0",
+        "r-fre-r0-0",
         phase="Failed",
         ready=False,
         exit_code=EXIT_CONFIG_ERROR,
@@ -459,7 +459,7 @@ def test_a_rollout_servers_config_error_fails_fast_without_retrying() -> None:
     assert plan.status["phase"] == "Failed" and plan.status.get("restarts") == 0
     failed = _failed_condition(plan)
     assert failed["reason"] == "ConfigError" and "vllm needs a GPU" in failed["message"]
-    assert "container rollout of pod r-fre-rollout-0" in failed["message"]
+    assert "container rollout of pod r-fre-r0-0" in failed["message"]
     assert plan.status["stages"][0]["phase"] == "Failed"
 
 
@@ -507,10 +507,10 @@ def test_a_sidecar_restarting_for_another_reason_is_left_to_the_kubelet() -> Non
 def test_a_failed_pod_names_each_failed_container_and_its_exit_code() -> None:
     run, _ = started("separate")
     plan = decide(
-        seen(run, rollout_pods=[pod("r-fre-rollout-0", phase="Failed", exit_code=137)]),
+        seen(run, rollout_pods=[pod("r-fre-r0-0", phase="Failed", exit_code=137)]),
         SETTINGS,
     )
-    assert "r-fre-rollout-0 (rollout exit 137) failed" in plan.events[-1][2]
+    assert "r-fre-r0-0 (rollout exit 137) failed" in plan.events[-1][2]
 
 
 def test_a_failed_trainer_says_why_on_the_run() -> None:
@@ -518,20 +518,18 @@ def test_a_failed_trainer_says_why_on_the_run() -> None:
     the condition, cut to a readable length."""
     run, _ = started("separate")
     why = "WeightSyncTimeout: pushing weights v3 to 2 rollout server(s) did not finish within 600 s"
-    failed = pod("r-fre-trainer-0", phase="Failed", exit_code=1, message=why, container="trainer")
+    failed = pod("r-fre-t0-0", phase="Failed", exit_code=1, message=why, container="trainer")
     plan = decide(seen(run, trainer_pods=[failed]), SETTINGS)
-    assert f"r-fre-trainer-0 (trainer exit 1: {why}) failed" in plan.events[-1][2]
+    assert f"r-fre-t0-0 (trainer exit 1: {why}) failed" in plan.events[-1][2]
     running = next(c for c in plan.status["conditions"] if c["type"] == "Running")
     assert (running["reason"], why in running["message"]) == ("StageRestarting", True)
-    long = pod(
-        "r-fre-trainer-0", phase="Failed", exit_code=1, message="x" * 5000, container="trainer"
-    )
+    long = pod("r-fre-t0-0", phase="Failed", exit_code=1, message="x" * 5000, container="trainer")
     event = decide(seen(run, trainer_pods=[long]), SETTINGS).events[-1][2]
     assert "x" * 297 + "..." in event and "x" * 298 not in event
 
 
 def refused_pod(message: str = "violates PodSecurity") -> CreateFailure:
-    return CreateFailure("Pod", "r-fre-rollout-0", "Forbidden", f'pods "r-fre-rollout-0" {message}')
+    return CreateFailure("Pod", "r-fre-r0-0", "Forbidden", f'pods "r-fre-r0-0" {message}')
 
 
 def test_a_refused_child_shows_as_a_condition_and_one_warning_event() -> None:
@@ -539,21 +537,19 @@ def test_a_refused_child_shows_as_a_condition_and_one_warning_event() -> None:
     plan = decide(seen(run, create_failures=[refused_pod()]), SETTINGS)
     created = next(c for c in plan.status["conditions"] if c["type"] == "ChildrenCreated")
     assert (created["status"], created["reason"]) == ("False", "CreateFailed")
-    assert created["message"] == 'Pod r-fre-rollout-0: pods "r-fre-rollout-0" violates PodSecurity'
+    assert created["message"] == 'Pod r-fre-r0-0: pods "r-fre-r0-0" violates PodSecurity'
     assert conditions(plan)["Blocked"] == "True"
     assert [e[:2] for e in plan.events] == [("Warning", "CreateFailed")]
-    assert "r-fre-rollout-0" in plan.events[0][2] and "PodSecurity" in plan.events[0][2]
+    assert "r-fre-r0-0" in plan.events[0][2] and "PodSecurity" in plan.events[0][2]
     assert plan.status["phase"] == "Pending"  # the operator keeps trying: a fix may follow
     # Refused again on the next pass: the same condition, no second Event.
     run = with_status(run, plan)
     again = decide(seen(run, create_failures=[refused_pod("exceeded quota")]), SETTINGS)
     assert again.events == [] and conditions(again)["ChildrenCreated"] == "False"
     # Another child refused as well: a new Event.
-    job_refused = CreateFailure("Job", "r-fre-trainer", "FailedCreate", "Error creating: x")
+    job_refused = CreateFailure("Job", "r-fre-t0", "FailedCreate", "Error creating: x")
     more = decide(seen(run, create_failures=[refused_pod(), job_refused]), SETTINGS)
-    assert [e[1] for e in more.events] == ["CreateFailed"] and "Job r-fre-trainer" in (
-        more.events[0][2]
-    )
+    assert [e[1] for e in more.events] == ["CreateFailed"] and "Job r-fre-t0" in (more.events[0][2])
     # Once created, the condition turns True and the run is no longer blocked.
     healed = decide(seen(run), SETTINGS)
     created = next(c for c in healed.status["conditions"] if c["type"] == "ChildrenCreated")
@@ -586,7 +582,7 @@ def test_a_jobs_failed_create_events_say_why_it_has_no_pods() -> None:
         },
     ]
     assert "violates PodSecurity" in (job_create_failure(trainer_job, [], events) or "")
-    one = [pod("r-fre-trainer-0", container="trainer")]
+    one = [pod("r-fre-t0-0", container="trainer")]
     assert "violates PodSecurity" in (job_create_failure(trainer_job, one, events) or "")
     assert job_create_failure(trainer_job, one * 2, events) is None  # every pod exists
     assert job_create_failure(trainer_job, [], events[2:]) is None
@@ -602,15 +598,15 @@ def test_a_refusal_keeps_the_api_servers_message_and_ignores_what_retrying_fixes
         err.body = body if isinstance(body, str) else json.dumps(body)
         return err
 
-    obj = {"kind": "Pod", "metadata": {"name": "r-fre-rollout-0", "namespace": "ns"}}
-    message = 'pods "r-fre-rollout-0" is forbidden: violates PodSecurity "restricted:latest"'
+    obj = {"kind": "Pod", "metadata": {"name": "r-fre-r0-0", "namespace": "ns"}}
+    message = 'pods "r-fre-r0-0" is forbidden: violates PodSecurity "restricted:latest"'
     refused = refusal(
         obj, error(403, {"kind": "Status", "reason": "Forbidden", "message": message})
     )
     assert refused is not None
     assert (refused.kind, refused.name, refused.reason, refused.message) == (
         "Pod",
-        "r-fre-rollout-0",
+        "r-fre-r0-0",
         "Forbidden",
         message,
     )
@@ -626,7 +622,7 @@ CHECKPOINT = "s3://bucket/ckpt/ns/r/uid-1/fre/step-20"
 
 def trainer_pods(*phases: str) -> list[dict[str, Any]]:
     return [
-        pod(f"r-fre-trainer-{i}", phase=phase, ready=phase == "Running", container="trainer")
+        pod(f"r-fre-t0-{i}", phase=phase, ready=phase == "Running", container="trainer")
         for i, phase in enumerate(phases)
     ]
 
@@ -692,7 +688,7 @@ def test_each_new_progress_report_restarts_the_stall_clock() -> None:
 
 def test_pods_that_wait_for_a_node_or_an_image_are_not_stalled() -> None:
     run = with_status(new_run(), decide(seen(new_run()), SETTINGS))
-    pulling = [pod("r-fre-trainer-0", phase="Pending", ready=False, waiting="ContainerCreating")]
+    pulling = [pod("r-fre-t0-0", phase="Pending", ready=False, waiting="ContainerCreating")]
     plan = decide(seen(run, now=at(86_400), job=job(), trainer_pods=pulling), SETTINGS)
     assert plan.status.get("lastProgressTime") is None and not plan.delete_stage
     # Two trainer nodes: the clock starts once both run, not when the first one does.
@@ -843,7 +839,7 @@ DISRUPTION_REASONS = (
 
 
 def disrupted(
-    name: str = "r-fre-trainer-0-abcde",
+    name: str = "r-fre-t0-0-abcde",
     reason: str = "PreemptionByScheduler",
     message: str = "Preempted by ns/urgent on node gpu-3",
     phase: str = "Failed",
@@ -883,11 +879,11 @@ def test_a_disrupted_trainer_pod_restarts_the_stage_without_counting_a_restart()
     assert plan.status["retryAfter"] == "2026-01-01T12:00:10Z"  # the first back-off's wait
     running = running_condition(plan)
     assert (running["status"], running["reason"]) == ("False", "Disrupted")
-    assert "r-fre-trainer-0-abcde" in running["message"]
+    assert "r-fre-t0-0-abcde" in running["message"]
     ((kind, reason, message),) = plan.events
     assert (kind, reason) == ("Normal", "Disrupted")
     assert (
-        "pod r-fre-trainer-0-abcde ended by Kubernetes (PreemptionByScheduler: Preempted by "
+        "pod r-fre-t0-0-abcde ended by Kubernetes (PreemptionByScheduler: Preempted by "
         "ns/urgent on node gpu-3)" in message
     )
     assert "disruption 1, not counted against backoffLimit=3" in message
@@ -902,7 +898,7 @@ def test_disruptions_beyond_the_backoff_limit_never_fail_the_run_but_failures_co
     now = NOW
     ended = [disrupted(reason=reason) for reason in DISRUPTION_REASONS]
     ended.append(
-        disrupted("r-fre-rollout-0", "DeletionByTaintManager", "node lost", container="rollout")
+        disrupted("r-fre-r0-0", "DeletionByTaintManager", "node lost", container="rollout")
     )
     for count, pod_ended in enumerate(ended, start=1):
         rollout_side = pod_ended["metadata"]["name"].startswith("r-fre-rollout")
@@ -922,7 +918,7 @@ def test_disruptions_beyond_the_backoff_limit_never_fail_the_run_but_failures_co
         now += dt.timedelta(seconds=11)
         run = with_status(run, plan)
     # A plain failure after them still counts: the first restart, the first back-off.
-    crashed = pod("r-fre-trainer-0-abcde", phase="Failed", exit_code=1, container="trainer")
+    crashed = pod("r-fre-t0-0-abcde", phase="Failed", exit_code=1, container="trainer")
     plan = decide(seen(run, now=now, job=failed_job(), trainer_pods=[crashed]), SETTINGS)
     assert (plan.status["restarts"], plan.status["disruptions"]) == (1, len(ended))
     assert (
@@ -959,8 +955,7 @@ def test_a_trainer_job_failed_by_its_disruption_rule_counts_as_a_disruption() ->
     from its podFailurePolicy, says it was disrupted. Any other Job failure still counts."""
     run = running_stage()
     message = (
-        "Pod ns/r-fre-trainer-0-abcde has condition DisruptionTarget matching FailJob rule "
-        "at index 0"
+        "Pod ns/r-fre-t0-0-abcde has condition DisruptionTarget matching FailJob rule at index 0"
     )
     plan = decide(seen(run, job=failed_job("PodFailurePolicy", message)), SETTINGS)
     assert (plan.status["restarts"], plan.status.get("disruptions")) == (0, 1)
@@ -1031,12 +1026,12 @@ def test_each_timed_decision_asks_to_be_decided_again_just_past_its_moment() -> 
     with no event from the cluster: the plan says when, and deciding then acts."""
     # A back-off of 10 s from NOW.
     run, _ = started("separate")
-    failed = seen(run, rollout_pods=[pod("r-fre-rollout-0", phase="Failed", exit_code=137)])
+    failed = seen(run, rollout_pods=[pod("r-fre-r0-0", phase="Failed", exit_code=137)])
     plan = decide(failed, SETTINGS)
     assert plan.recheck_after == 11.0
     backing_off = with_status(run, plan)
     assert decide(seen(backing_off, now=at(4)), SETTINGS).recheck_after == 7.0
-    assert "Pod/r-fre-rollout-0" in kinds(decide(seen(backing_off, now=at(11)), SETTINGS).ensure)
+    assert "Pod/r-fre-r1-0" in kinds(decide(seen(backing_off, now=at(11)), SETTINGS).ensure)
     # The stall clock started at NOW: decided again just past its timeout, which fires then.
     run = running_stage(stallTimeoutSeconds=600)
     world = seen(run, now=at(100), job=job(), trainer_pods=trainer_pods("Running"))

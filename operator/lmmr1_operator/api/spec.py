@@ -134,8 +134,11 @@ ParameterPrefix = Annotated[
     Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", min_length=1, max_length=256),
 ]
 # Child names (also hostnames and label values, so DNS labels of at most 63 characters)
-# are <run>-<stage>-rollout-<replica> and <run>-<stage>-trainer-<index>: a run name of at
-# most 36 and a stage name of at most 14 characters leave room for 3-digit indices.
+# carry the stage's attempt modulo 1000 (lmmr1_operator.naming): rollout pods are
+# <run>-<stage>-r<attempt>-<replica>, the trainer Job <run>-<stage>-t<attempt> and its pods'
+# hostnames <run>-<stage>-t<attempt>-<index>. A run name of at most 36 and a stage name of
+# at most 14 characters leave room for a 3-digit attempt and 3-digit indices:
+# 36 + 1 + 14 + 2 + 3 + 1 + 3 = 60.
 MAX_STAGE_NAME = 14
 StageName = Annotated[
     str,

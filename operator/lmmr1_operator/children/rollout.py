@@ -13,7 +13,7 @@ from lmmr1_operator.children.context import StageContext
 
 def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
     rollout = ctx.stage.resources.rollout
-    name = naming.rollout_pod(ctx.name, ctx.stage.name, replica)
+    name = naming.rollout_pod(ctx.name, ctx.stage.name, ctx.attempt, replica)
     claims = pods.pvc_claims([ctx.init_from])  # the weights it serves; prompts come inline
     labels = {
         **naming.stage_labels(ctx.name, ctx.stage.name, "rollout"),
@@ -64,7 +64,7 @@ def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {
             **naming.child_metadata(ctx.run, name, labels),
-            "annotations": {"lmmr1.io/replica": str(replica)},
+            "annotations": {naming.ANNOTATION_REPLICA: str(replica)},
         },
         "spec": {
             # A rollout server that dies restarts the stage (from the last checkpoint), so

@@ -36,8 +36,10 @@ def _launch(ctx: StageContext) -> list[str]:
 def _master_addr(ctx: StageContext) -> str:
     if ctx.stage.resources.trainer.nodes == 1:
         return "$(POD_IP)"
-    job = naming.trainer_job(ctx.name, ctx.stage.name)
-    return f"{job}-0.{job}.{ctx.namespace}.svc"
+    # Rank 0's pod: hostname `<job>-0`, subdomain the stage's trainer Service.
+    job = naming.trainer_job(ctx.name, ctx.stage.name, ctx.attempt)
+    service = naming.trainer_service(ctx.name, ctx.stage.name)
+    return f"{job}-0.{service}.{ctx.namespace}.svc"
 
 
 def _env(ctx: StageContext) -> list[dict[str, Any]]:
@@ -164,7 +166,7 @@ POD_FAILURE_POLICY: dict[str, Any] = {
 def job(ctx: StageContext) -> dict[str, Any]:
     topology = ctx.stage.resources.trainer
     claims = pods.stage_claims(ctx)
-    name = naming.trainer_job(ctx.name, ctx.stage.name)
+    name = naming.trainer_job(ctx.name, ctx.stage.name, ctx.attempt)
     labels = {
         **naming.stage_labels(ctx.name, ctx.stage.name, "trainer"),
         naming.LABEL_ATTEMPT: str(ctx.attempt),
@@ -212,7 +214,7 @@ def job(ctx: StageContext) -> dict[str, Any]:
                     # The token is mounted explicitly, in the trainer container alone.
                     "automountServiceAccountToken": False,
                     "securityContext": pods.pod_security_context(ctx),
-                    "subdomain": name,
+                    "subdomain": naming.trainer_service(ctx.name, ctx.stage.name),
                     "initContainers": [_verifier(ctx)],
                     "containers": [trainer],
                     "volumes": [
@@ -234,17 +236,21 @@ def job(ctx: StageContext) -> dict[str, Any]:
 
 
 def service(ctx: StageContext) -> dict[str, Any]:
-    name = naming.trainer_job(ctx.name, ctx.stage.name)
+    """One per stage, whatever the attempt: it selects the stage's trainer pods by their
+    labels, not by their Job's name (a new one each attempt). Each pod's DNS name is
+    `<hostname>.<service>`, and hostnames carry the attempt, so an old attempt's pod still
+    terminating never answers for the new attempt's rank."""
+    labels = naming.stage_labels(ctx.name, ctx.stage.name, "trainer")
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": naming.child_metadata(
-            ctx.run, name, naming.stage_labels(ctx.name, ctx.stage.name, "trainer")
+            ctx.run, naming.trainer_service(ctx.name, ctx.stage.name), labels
         ),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {"job-name": name},
+            "selector": labels,
             "ports": [{"name": "rendezvous", "port": naming.RENDEZVOUS_PORT}],
         },
     }

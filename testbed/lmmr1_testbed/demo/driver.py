@@ -197,9 +197,11 @@ def follow(
 
 
 def trainer_logs(state: TestBedState, namespace: str, run: str) -> str:
-    """The trainer containers' output on the process node (kubectl logs has no kubelet)."""
+    """The trainer containers' output on the process node (kubectl logs has no kubelet),
+    every attempt's: the trainer Job's pods are `<run>-<stage>-t<attempt>-<index>-<random>`
+    (lmmr1_operator.naming.trainer_job)."""
     pods = Path(state.run_dir) / "pods" / namespace
     chunks = []
-    for log in sorted(pods.glob(f"{run}-*-trainer-*/trainer*.log")):
+    for log in sorted(pods.glob(f"{run}-*-t[0-9]*-*/trainer*.log")):
         chunks.append(f"== {log.parent.name}/{log.name}\n{log.read_text(errors='replace')}")
     return "\n".join(chunks)
