@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmmr1_operator import conditions as cond
-from lmmr1_operator import podstate
+from lmmr1_operator import naming, podstate
 from lmmr1_operator.api.spec import LMMR1RunSpec, resolved_rollout_mode, stall_timeout
 from lmmr1_operator.api.status import LMMR1RunStatus, StageStatus
 from lmmr1_operator.children import access, rollout, stage_config, trainer
@@ -336,6 +336,25 @@ class _Decision:
         replicas = range(ctx.stage.resources.rollout.replicas)
         return [r for r in replicas if str(r) not in have]
 
+    def lost_rollout_pods(self, ctx: StageContext) -> list[str]:
+        """Rollout pods of the attempt that are gone although its trainer Job exists. The
+        Job is created only once every replica is Ready, so a replica without a pod beside
+        it was lost, not yet to be created: the trainer's server is gone, and recreating it
+        would leave the trainer with the old URL. An eviction marks a pod and removes it
+        within moments, often before a pass sees the mark, so such a loss is a disruption
+        (the stage restarts from its last checkpoint, uncounted). None once the Job has
+        completed: the servers are no longer needed."""
+        if (
+            resolved_rollout_mode(ctx.stage.resources) != "separate"
+            or self.seen.job is None
+            or podstate.job_condition(self.seen.job, "Complete")
+        ):
+            return []
+        return [
+            naming.rollout_pod(ctx.name, ctx.stage.name, ctx.attempt, replica)
+            for replica in self.missing_replicas(ctx)
+        ]
+
     def rollout_urls(self, ctx: StageContext) -> list[str] | None:
         """The rollout servers' URLs once every replica is Ready (None until then)."""
         ready = [p for p in self.seen.rollout_pods if podstate.is_ready(p)]
@@ -465,6 +484,14 @@ class _Decision:
         job_disruption = podstate.job_disruption(seen.job)
         if job_disruption is not None:  # the pod is gone; its Job says what happened
             self.disrupted(ctx, f"trainer Job failed: {job_disruption}")
+            return True
+        lost = self.lost_rollout_pods(ctx)
+        if lost:
+            self.disrupted(
+                ctx,
+                f"rollout pod {', '.join(lost)} gone while the trainer ran (removed before "
+                "the operator saw how it ended, as an eviction, a drain or a lost node does)",
+            )
             return True
         failed_pods = [p for p in pods if podstate.phase(p) == "Failed"]
         if not failed_pods and not podstate.job_condition(seen.job, "Failed"):

@@ -43,6 +43,9 @@ REAL_RUNS = ("real-a", "real-b")
 SIMULATED_RUNS = tuple(f"sim-{i}" for i in range(12))
 BUCKET = "lmmr1-chaos"  # the simulated runs' checkpoints (the real ones use the demo's)
 SIM_STEPS = 4  # a simulated stage commits step 2, then its final step 4
+# Seconds after its trainer pod starts that a simulated stage commits step 2 and ends: long
+# enough for the chaos to find stages to evict while the real runs are still starting.
+SIM_MIDDLE_S, SIM_END_S, SIM_HOLD_S = 5, 30, 120
 # What the chaos does, in a seeded random order, one every few seconds (the real runs'
 # trainers are evicted besides, each once, right after FRE's first checkpoint).
 ACTIONS = ["operator"] * 3 + ["s3"] * 2 + ["trainer"] * 6 + ["rollout"] * 4
@@ -61,6 +64,11 @@ def items(testbed: TestBedState, kind: str, selector: str = "") -> list[dict[str
 def live(pod: dict[str, Any]) -> bool:
     """Running and not on its way out."""
     return pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp")
+
+
+def attempt_of(pod: dict[str, Any]) -> tuple[str, str, str]:
+    labels = pod["metadata"]["labels"]
+    return labels["lmmr1.io/run"], labels["lmmr1.io/stage"], labels["lmmr1.io/attempt"]
 
 
 def simulated_run(name: str) -> dict[str, Any]:
@@ -105,25 +113,34 @@ def real_run(name: str) -> dict[str, Any]:
 class SimulatedTrainers:
     """Plays the trainer of the simulated runs: a running trainer pod commits step 2 (a
     real checkpoint: files, then a manifest with their sizes and SHA-256), reports it, then
-    commits its final step, reports that and exits 0. A pod the chaos evicted is left alone,
-    and the chaos leaves alone a pod this is finishing (`claim`)."""
+    commits its final step, reports that and exits 0. A stage attempt is claimed by one of
+    the two: this finishes it, or the chaos evicts one of its pods (then this leaves it
+    alone), so that every eviction is a disruption and none races a stage's end. While
+    evictions are still to come, stages run on (up to SIM_HOLD_S) to give them targets."""
 
     def __init__(self, testbed: TestBedState, s3: Any) -> None:
         self.testbed = testbed
         self.s3 = s3
         self.lock = threading.Lock()
-        self.claimed: set[str] = set()  # pod UIDs: finishing (by this) or evicted (by chaos)
+        self.claimed: set[tuple[str, str, str]] = set()  # (run, stage, attempt)
+        self.evictions_pending = threading.Event()
+        self.evictions_pending.set()
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.uids: dict[str, str] = {}
 
     def claim(self, pod: dict[str, Any]) -> bool:
+        """Claim the pod's stage attempt; False if it was claimed already."""
         with self.lock:
-            uid = pod["metadata"]["uid"]
-            if uid in self.claimed:
+            key = attempt_of(pod)
+            if key in self.claimed:
                 return False
-            self.claimed.add(uid)
+            self.claimed.add(key)
             return True
+
+    def claimed_already(self, pod: dict[str, Any]) -> bool:
+        with self.lock:
+            return attempt_of(pod) in self.claimed
 
     def loop(self) -> None:
         while not self.stop.wait(0.5):
@@ -144,10 +161,11 @@ class SimulatedTrainers:
             age = (now - started).total_seconds()
             labels = pod["metadata"]["labels"]
             run, stage = labels["lmmr1.io/run"], labels["lmmr1.io/stage"]
-            if age >= 2 and not self.committed(run, stage, 2):
+            if age >= SIM_MIDDLE_S and not self.committed(run, stage, 2):
                 middle = self.commit(run, stage, 2, final=False)
                 self.report(run, stage, 2, last_checkpoint=middle)
-            if age >= 6 and self.claim(pod):
+            held = self.evictions_pending.is_set() and age < SIM_HOLD_S
+            if age >= SIM_END_S and not held and self.claim(pod):
                 final = self.commit(run, stage, SIM_STEPS, final=True)
                 self.report(run, stage, SIM_STEPS, last_checkpoint=final, final_checkpoint=final)
                 kubectl(
@@ -219,7 +237,6 @@ class Chaos:
         self.trainers = trainers
         self.rng = random.Random(seed)
         self.evicted: Counter[str] = Counter()  # run -> evictions that landed
-        self.hit: set[tuple[str, str, str]] = set()  # (run, stage, attempt) evicted
         self.done: list[str] = []
 
     def evict(self, pod: dict[str, Any]) -> None:
@@ -238,23 +255,19 @@ class Chaos:
             "-",
             stdin=json.dumps(eviction),
         )
-        labels = pod["metadata"]["labels"]
-        run = labels["lmmr1.io/run"]
-        self.evicted[run] += 1
-        self.hit.add((run, labels["lmmr1.io/stage"], labels["lmmr1.io/attempt"]))
+        self.evicted[attempt_of(pod)[0]] += 1
         self.done.append(f"evict {name}")
 
     def target(self, role: str, runs: tuple[str, ...], statuses: dict[str, Any]) -> Any:
-        """A live pod of `role` whose stage attempt was not hit yet, of a run whose earlier
-        evictions the operator has all counted (so that each eviction is one disruption)."""
+        """A live pod of `role` whose stage attempt nobody claimed yet, of a run whose
+        earlier evictions the operator has all counted (each eviction is one disruption)."""
         selector = f"lmmr1.io/role={role},lmmr1.io/run in ({','.join(runs)})"
         candidates = []
         for pod in items(self.testbed, "pods", selector):
-            labels = pod["metadata"]["labels"]
-            run = labels["lmmr1.io/run"]
-            attempt = (run, labels["lmmr1.io/stage"], labels["lmmr1.io/attempt"])
+            run = attempt_of(pod)[0]
             counted = (statuses.get(run) or {}).get("disruptions") or 0
-            if live(pod) and attempt not in self.hit and counted == self.evicted[run]:
+            claimed = self.trainers.claimed_already(pod)
+            if live(pod) and not claimed and counted == self.evicted[run]:
                 candidates.append(pod)
         return self.rng.choice(candidates) if candidates else None
 
@@ -332,11 +345,15 @@ def test_runs_survive_killed_operators_evicted_pods_and_an_s3_restart(
                 status = statuses.get(name) or {}
                 if chaos.evicted[name] == 0 and "/fre/step-" in str(status.get("lastCheckpoint")):
                     pod = chaos.target("trainer", (name,), statuses)
-                    if pod is not None:
+                    if pod is not None and trainers.claim(pod):
                         chaos.evict(pod)
             if plan and time.monotonic() >= next_at:
-                if chaos.act(plan[-1], statuses):
-                    plan.pop()
+                # The next action that can be done now (an eviction may have no target yet).
+                done = next((a for a in reversed(plan) if chaos.act(a, statuses)), None)
+                if done is not None:
+                    plan.remove(done)
+                if not {"trainer", "rollout"} & set(plan):
+                    trainers.evictions_pending.clear()
                 next_at = time.monotonic() + chaos.rng.uniform(2, 8)
             time.sleep(1)
     finally:

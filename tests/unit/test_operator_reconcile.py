@@ -77,7 +77,9 @@ def pod(
                 "message": "0/5 nodes: Insufficient nvidia.com/gpu",
             }
         )
-    return {"metadata": {"name": name}, "status": status}
+    # Rollout pods say which replica they serve (the operator matches them by it).
+    replica = {"lmmr1.io/replica": name.rsplit("-", 1)[1]} if container == "rollout" else {}
+    return {"metadata": {"name": name, "annotations": replica}, "status": status}
 
 
 def job(complete: bool = False, failed: bool = False) -> dict[str, Any]:
@@ -640,7 +642,9 @@ def at(seconds: float) -> dt.datetime:
 def running_stage(**spec: Any) -> dict[str, Any]:
     """A run whose trainer pod was first seen Running at NOW: the stall clock started."""
     run = with_status(new_run(**spec), decide(seen(new_run(**spec)), SETTINGS))
-    plan = decide(seen(run, job=job(), trainer_pods=trainer_pods("Running")), SETTINGS)
+    servers = [pod("r-fre-r0-0")] if spec.get("rollout_mode") == "separate" else []
+    world = seen(run, job=job(), trainer_pods=trainer_pods("Running"), rollout_pods=servers)
+    plan = decide(world, SETTINGS)
     assert plan.status["lastProgressTime"] == "2026-01-01T12:00:00Z"
     return with_status(run, plan)
 
@@ -695,7 +699,13 @@ def test_pods_that_wait_for_a_node_or_an_image_are_not_stalled() -> None:
     two = new_run()
     two["spec"]["stages"][0]["resources"] = {"trainer": {"nodes": 2}}
     run = with_status(two, decide(seen(two), SETTINGS))
-    half = seen(run, now=at(86_400), job=job(), trainer_pods=trainer_pods("Running", "Pending"))
+    half = seen(
+        run,
+        now=at(86_400),
+        job=job(),
+        trainer_pods=trainer_pods("Running", "Pending"),
+        rollout_pods=[pod("r-fre-r0-0")],  # two nodes: separate rollout servers
+    )
     plan = decide(half, SETTINGS)
     assert plan.status.get("lastProgressTime") is None and not plan.delete_stage
     both = decide(replace(half, trainer_pods=trainer_pods("Running", "Running")), SETTINGS)
@@ -901,13 +911,13 @@ def test_disruptions_beyond_the_backoff_limit_never_fail_the_run_but_failures_co
         disrupted("r-fre-r0-0", "DeletionByTaintManager", "node lost", container="rollout")
     )
     for count, pod_ended in enumerate(ended, start=1):
-        rollout_side = pod_ended["metadata"]["name"].startswith("r-fre-rollout")
+        rollout_side = pod_ended["metadata"]["name"].startswith("r-fre-r0-")
         world = seen(
             run,
             now=now,
             job=job(),
             trainer_pods=[] if rollout_side else [pod_ended],
-            rollout_pods=[pod_ended] if rollout_side else [],
+            rollout_pods=[pod_ended] if rollout_side else [pod("r-fre-r0-0")],
         )
         plan = decide(world, SETTINGS)
         assert plan.status["phase"] != "Failed", plan.status["conditions"]
@@ -919,7 +929,9 @@ def test_disruptions_beyond_the_backoff_limit_never_fail_the_run_but_failures_co
         run = with_status(run, plan)
     # A plain failure after them still counts: the first restart, the first back-off.
     crashed = pod("r-fre-t0-0-abcde", phase="Failed", exit_code=1, container="trainer")
-    plan = decide(seen(run, now=now, job=failed_job(), trainer_pods=[crashed]), SETTINGS)
+    servers = [pod("r-fre-r0-0")]
+    world = seen(run, now=now, job=failed_job(), trainer_pods=[crashed], rollout_pods=servers)
+    plan = decide(world, SETTINGS)
     assert (plan.status["restarts"], plan.status["disruptions"]) == (1, len(ended))
     assert (
         plan.events[-1][:2] == ("Warning", "StageRestarting")
@@ -1058,3 +1070,23 @@ def test_a_suspended_run_times_nothing_but_its_deadline_clock_stops() -> None:
     run["spec"]["suspend"] = True
     plan = decide(seen(run, now=at(10)), SETTINGS)
     assert plan.status["phase"] == "Suspended" and plan.recheck_after is None
+
+
+def test_a_rollout_pod_gone_while_its_trainer_ran_is_a_disruption_not_a_new_replica() -> None:
+    """An eviction removes a pod moments after marking it, often before a pass sees the
+    mark: the replica is simply gone. Beside a running trainer Job that is a lost server
+    (the Job starts only once every replica is Ready): the stage restarts, uncounted,
+    rather than getting a new server at a URL its trainer does not know."""
+    run = running_stage(rollout_mode="separate")
+    plan = decide(seen(run, job=job(), rollout_pods=[]), SETTINGS)
+    assert plan.delete_stage
+    assert (plan.status["restarts"], plan.status.get("disruptions")) == (0, 1)
+    ((_, reason, message),) = plan.events
+    assert reason == "Disrupted" and "rollout pod r-fre-r0-0 gone while the trainer ran" in message
+    # With its server there, nothing happens; before the Job exists a missing replica is
+    # one to create; once the Job has completed the servers are no longer needed.
+    assert not decide(seen(run, job=job(), rollout_pods=[pod("r-fre-r0-0")]), SETTINGS).events
+    waiting = decide(seen(run, rollout_pods=[]), SETTINGS)
+    assert "Pod/r-fre-r0-0" in kinds(waiting.ensure) and not waiting.delete_stage
+    done = decide(seen(run, job=job(complete=True), rollout_pods=[]), SETTINGS)
+    assert done.status.get("disruptions") is None
