@@ -30,8 +30,9 @@ from kubernetes import config as kube_config
 
 from lmmr1_operator import naming
 from lmmr1_operator.api import GROUP, PLURAL, VERSION
+from lmmr1_operator.cached_kube import CachedKube
 from lmmr1_operator.controller import Controller
-from lmmr1_operator.kube import CachedKube, RateLimiter
+from lmmr1_operator.kube import RateLimiter
 from lmmr1_operator.leader import LeaderElector
 from lmmr1_operator.metrics import Metrics
 from lmmr1_operator.runindex import RunIndex

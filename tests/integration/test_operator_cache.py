@@ -17,7 +17,8 @@ from kubernetes import client
 from kubernetes import config as kube_config
 
 from lmmr1_operator import naming
-from lmmr1_operator.kube import CachedKube, CreateRefused
+from lmmr1_operator.cached_kube import CachedKube
+from lmmr1_operator.kube import CreateRefused
 from lmmr1_testbed.layout import TestBedState
 
 Obj = dict[str, Any]
