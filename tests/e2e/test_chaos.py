@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import secrets
 import signal
 import threading
 import time
@@ -41,7 +42,7 @@ NAMESPACE = "lmmr1-chaos"
 RELEASE = "chaos"
 REAL_RUNS = ("real-a", "real-b")
 SIMULATED_RUNS = tuple(f"sim-{i}" for i in range(12))
-BUCKET = "lmmr1-chaos"  # the simulated runs' checkpoints (the real ones use the demo's)
+BUCKET = f"lmmr1-chaos-{secrets.token_hex(3)}"  # the simulated runs' (the real: the demo's)
 SIM_STEPS = 4  # a simulated stage commits step 2, then its final step 4
 # Seconds after its trainer pod starts that a simulated stage commits step 2 and ends: long
 # enough for the chaos to find stages to evict while the real runs are still starting.
