@@ -195,6 +195,14 @@ class Controller:
         # condition ends nothing).
         stale = [("Pod", p["metadata"]["name"]) for p in rollout_pods if not current(p)]
         stale += [("Job", j["metadata"]["name"]) for j in jobs if not current(j)]
+        # An operator before attempt-named Jobs made the trainer Service select one Job's
+        # pods by name (`job-name`); after an upgrade that selector would miss every later
+        # attempt's ranks. It goes, and the next pass creates it with the stage's selector.
+        service = naming.trainer_service(name, stage)
+        held = mine("Service", self.kube.get("Service", namespace, service))
+        wanted = naming.stage_labels(name, stage, "trainer")
+        if held is not None and (held.get("spec") or {}).get("selector") != wanted:
+            stale.append(("Service", service))
         job = next((j for j in jobs if current(j)), None)
         trainer_pods: list[Obj] = []
         refused = list(self._refused.get((namespace, name), []))

@@ -397,3 +397,23 @@ def test_an_attempts_children_named_otherwise_are_its_own_and_get_no_second_copy
     seen, stale = ctl.observe(kube.objects[("LMMR1Run", "r")])
     assert seen.job is not None and seen.job["metadata"]["name"] == "r-fre-trainer"
     assert not stale and ("Job", "r-fre-t0") not in kube.objects
+
+
+def test_a_trainer_service_selecting_one_jobs_pods_by_name_is_made_again() -> None:
+    """Upgraded from an operator whose trainer Service selected `job-name` (one Job's
+    pods): that selector misses a restarted attempt's Job, so the Service is deleted and
+    created again with the stage's selector, which every attempt's ranks carry."""
+    ctl, kube, _ = controller(new_run())
+    kube.objects[("Secret", "s3-creds")] = {"metadata": {"name": "s3-creds"}}
+    ctl.reconcile("ns", "r")
+    service = kube.objects[("Service", "r-fre-trainer")]
+    wanted = dict(service["spec"]["selector"])
+    job = kube.objects[("Job", "r-fre-t0")]
+    assert wanted.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    service["spec"]["selector"] = {"job-name": "r-fre-trainer"}
+    _, stale = ctl.observe(kube.objects[("LMMR1Run", "r")])
+    assert stale == [("Service", "r-fre-trainer")]
+    ctl.reconcile("ns", "r")
+    ctl.reconcile("ns", "r")
+    assert kube.objects[("Service", "r-fre-trainer")]["spec"]["selector"] == wanted
+    assert ctl.observe(kube.objects[("LMMR1Run", "r")])[1] == []
