@@ -10,18 +10,29 @@ environment (AWS_ACCESS_KEY_ID/...) or the pod identity, as boto3 finds them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from lmmr1_trainer.config import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, S3Settings
 
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
+# An S3 endpoint that cannot be reached at all (restarting, failing over, a network blip)
+# is waited out for this long before a call fails. boto3's own retries span a few seconds
+# at most, and a stage that fails on a short outage is restarted and counted against the
+# run's backoffLimit. Errors the server answers with are not retried here.
+OUTAGE_ENV = "LMMR1_S3_OUTAGE_SECONDS"
+DEFAULT_OUTAGE_S = 120.0
+_OUTAGE_MAX_WAIT_S = 10.0
+log = logging.getLogger("lmmr1.storage")
+T = TypeVar("T")
 _PARALLEL_FILES = 8
 
 
@@ -153,69 +164,119 @@ class S3Storage:
     def _fail(self, key: str, err: Exception) -> StorageError:
         return StorageError(f"{self.uri}/{key}: {err}")
 
+    def _call(self, key: str, operation: Callable[[], T]) -> T:
+        """Run one S3 operation (idempotent: a put, get, list or delete), waiting out an
+        endpoint that cannot be reached for up to LMMR1_S3_OUTAGE_SECONDS (default 120)."""
+        budget = float(os.environ.get(OUTAGE_ENV) or DEFAULT_OUTAGE_S)
+        deadline = time.monotonic() + budget
+        wait = 1.0
+        while True:
+            try:
+                return operation()
+            except StorageError:
+                raise
+            except Exception as err:
+                if not _unreachable(err) or time.monotonic() + wait > deadline:
+                    raise self._fail(key, err) from err
+                log.warning(
+                    "%s/%s: S3 unreachable (%s); retrying in %.0fs", self.uri, key, err, wait
+                )
+                time.sleep(wait)
+                wait = min(wait * 2, _OUTAGE_MAX_WAIT_S)
+
     def put_file(self, key: str, path: Path) -> None:
-        try:
-            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer)
-        except Exception as err:
-            raise self._fail(key, err) from err
+        self._call(
+            key,
+            lambda: self.client.upload_file(
+                str(path), self.bucket, self._key(key), Config=self._transfer
+            ),
+        )
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except Exception as err:
-            raise self._fail(key, err) from err
+        self._call(
+            key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        )
 
     def get_file(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client.download_file(self.bucket, self._key(key), str(path), Config=self._transfer)
-        except Exception as err:
-            raise self._fail(key, err) from err
+        self._call(
+            key,
+            lambda: self.client.download_file(
+                self.bucket, self._key(key), str(path), Config=self._transfer
+            ),
+        )
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        def read() -> bytes:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
             data: bytes = body.read()
             return data
-        except Exception as err:
-            raise self._fail(key, err) from err
+
+        return self._call(key, read)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._fail(key, err) from err
-        return True
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+            return True
+
+        return self._call(key, head)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         full = self._key(prefix)
         if full and (not prefix or prefix.endswith("/")):
             full += "/"  # a "directory": never match `step-10` when asked for `step-1/`
         strip = len(self.prefix) + 1 if self.prefix else 0
-        found: list[ObjectInfo] = []
-        try:
+
+        def listed() -> list[ObjectInfo]:  # from the start again after an outage
+            found: list[ObjectInfo] = []
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
                     found.append(
                         ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj.get("ETag", ""))
                     )
-        except Exception as err:
-            raise self._fail(prefix, err) from err
-        return sorted(found, key=lambda info: info.key)
+            return found
+
+        return sorted(self._call(prefix, listed), key=lambda info: info.key)
 
     def delete(self, keys: Iterable[str]) -> None:
         batch = [{"Key": self._key(k)} for k in keys]
         for start in range(0, len(batch), 1000):
             chunk = batch[start : start + 1000]
-            try:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk})
-            except Exception as err:
-                raise self._fail(chunk[0]["Key"], err) from err
+            self._call(
+                chunk[0]["Key"],
+                lambda chunk=chunk: self.client.delete_objects(  # type: ignore[misc]
+                    Bucket=self.bucket, Delete={"Objects": chunk}
+                ),
+            )
+
+
+def _unreachable(err: BaseException) -> bool:
+    """The endpoint could not be reached or dropped the connection (no answer from S3),
+    anywhere in the exception's chain (s3transfer wraps what botocore raised)."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    kinds = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, kinds):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def s3_client(settings: S3Settings | None = None) -> Any:
