@@ -362,6 +362,7 @@ def test_runs_survive_killed_operators_evicted_pods_and_an_s3_restart(
         trainers.stop.set()
         player.join(timeout=30)
     print("chaos:", *chaos.done, sep="\n  ")
+    print(f"simulated trainer ticks retried: {len(trainers.errors)}", *trainers.errors[:5])
 
     statuses = statuses_now(testbed)
     summary = {

@@ -173,8 +173,6 @@ class S3Storage:
         while True:
             try:
                 return operation()
-            except StorageError:
-                raise
             except Exception as err:
                 if not _unreachable(err) or time.monotonic() + wait > deadline:
                     raise self._fail(key, err) from err
