@@ -34,7 +34,9 @@ def manifest_exists(
         data = secret.get("data", {})
         key_id = base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode()
         secret_key = base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode()
-    s3 = boto3.client(
+    # A session of its own: boto3's shared default session is not thread-safe to create
+    # clients from, and it keeps the first credentials it resolved for the process.
+    s3 = boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
         region_name=region or "us-east-1",

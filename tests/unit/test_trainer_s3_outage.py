@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import logging
 
+import boto3
 import pytest
+from botocore.config import Config
 
 from lmmr1_testbed.procs import free_port
-from lmmr1_trainer.config import S3Settings
-from lmmr1_trainer.storage import OUTAGE_ENV, StorageError, open_storage
+from lmmr1_trainer.storage import OUTAGE_ENV, S3Storage, StorageError
 
 
 def test_an_unreachable_endpoint_is_retried_within_the_budget_then_fails_with_the_uri(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    storage = open_storage("s3://bucket/runs", S3Settings(endpoint=closed, region="us-east-1"))
+    # One attempt per call: boto3's own retries (random back-off, seconds) would otherwise
+    # use up the 2-second budget before the storage's first wait.
+    client = boto3.session.Session(
+        aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    ).client("s3", endpoint_url=closed, config=Config(retries={"max_attempts": 1}))
+    storage = S3Storage("bucket", "runs", client)
     monkeypatch.setenv(OUTAGE_ENV, "2")
     with caplog.at_level(logging.WARNING, "lmmr1.storage"), pytest.raises(StorageError) as err:
         storage.list("step-1/")

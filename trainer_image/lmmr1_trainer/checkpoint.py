@@ -24,6 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from lmmr1_trainer.storage import (
+    ObjectNotFound,
     Storage,
     StorageError,
     join_key,
@@ -105,8 +106,10 @@ class CheckpointStore:
     def manifest(self, step: int) -> Manifest:
         try:
             raw = self.storage.get_bytes(join_key(step_dir(step), MANIFEST))
-        except StorageError as err:
+        except ObjectNotFound as err:
             raise CheckpointError(f"{self.uri(step)} is not committed (no manifest)") from err
+        except StorageError as err:
+            raise CheckpointError(f"{self.uri(step)}: its manifest cannot be read: {err}") from err
         return Manifest.model_validate_json(raw)
 
     def upload(self, step: int, local_dir: Path) -> list[FileEntry]:

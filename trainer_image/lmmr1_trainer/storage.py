@@ -40,6 +40,10 @@ class StorageError(RuntimeError):
     """An object is missing or storage cannot be reached; the message names the URI."""
 
 
+class ObjectNotFound(StorageError):
+    """The storage answered, and the object is not there (S3 404 / NoSuchKey, no file)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -98,14 +102,14 @@ class LocalStorage:
     def get_file(self, key: str, path: Path) -> None:
         source = self._path(key)
         if not source.is_file():
-            raise StorageError(f"{self.uri}/{key}: no such file")
+            raise ObjectNotFound(f"{self.uri}/{key}: no such file")
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, path)
 
     def get_bytes(self, key: str) -> bytes:
         source = self._path(key)
         if not source.is_file():
-            raise StorageError(f"{self.uri}/{key}: no such file")
+            raise ObjectNotFound(f"{self.uri}/{key}: no such file")
         return source.read_bytes()
 
     def exists(self, key: str) -> bool:
@@ -162,7 +166,8 @@ class S3Storage:
         return join_key(self.prefix, key)
 
     def _fail(self, key: str, err: Exception) -> StorageError:
-        return StorageError(f"{self.uri}/{key}: {err}")
+        kind = ObjectNotFound if _not_found(err) else StorageError
+        return kind(f"{self.uri}/{key}: {err}")
 
     def _call(self, key: str, operation: Callable[[], T]) -> T:
         """Run one S3 operation (idempotent: a put, get, list or delete), waiting out an
@@ -219,7 +224,7 @@ class S3Storage:
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as err:
-                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                if _not_found(err):
                     return False
                 raise
             return True
@@ -256,6 +261,22 @@ class S3Storage:
             )
 
 
+def _not_found(err: BaseException) -> bool:
+    """S3 answered that the object (or its bucket) does not exist, anywhere in the chain
+    (s3transfer's download wraps botocore's 404)."""
+    from botocore.exceptions import ClientError
+
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ClientError):
+            code = seen.response.get("Error", {}).get("Code")
+            return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _unreachable(err: BaseException) -> bool:
     """The endpoint could not be reached or dropped the connection (no answer from S3),
     anywhere in the exception's chain (s3transfer wraps what botocore raised)."""
@@ -278,12 +299,17 @@ def _unreachable(err: BaseException) -> bool:
 
 
 def s3_client(settings: S3Settings | None = None) -> Any:
+    """A client whose credentials are resolved now (environment, then the pod identity).
+
+    Each client gets a session of its own: `boto3.client` shares one default session per
+    process, which resolves credentials once and keeps them, so every later client would
+    sign with whatever keys the environment had at the first call."""
     import boto3
     from botocore.config import Config
 
     settings = settings or S3Settings()
     endpoint = settings.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-    return boto3.client(
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
         region_name=settings.region or os.environ.get("AWS_DEFAULT_REGION") or None,
