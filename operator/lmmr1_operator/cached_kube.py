@@ -8,6 +8,7 @@ list/watch on them).
 from __future__ import annotations
 
 import builtins
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +95,7 @@ class CachedKube(Kube):
         self.runs.remove(namespace, name, version)
 
     def _wrote(self, obj: Obj) -> None:
+        obj = copy.deepcopy(obj)  # the caller keeps its own: later edits stay out of the cache
         obj["metadata"].pop("managedFields", None)  # as the informers keep objects
         if obj["kind"] == "LMMR1Run":
             self.runs.put(obj)
@@ -120,7 +122,7 @@ class CachedKube(Kube):
     def _remembered_secret(self, namespace: str, name: str) -> Obj | None:
         with self._secrets_lock:
             held = self._secrets.get((namespace, name))
-        return held[1] if held is not None and held[0] > time.monotonic() else None
+        return copy.deepcopy(held[1]) if held is not None and held[0] > time.monotonic() else None
 
     def _remember_secret(self, namespace: str, name: str, found: Obj | None) -> None:
         """Remember a user's Secret (S3 keys), and one of the operator's while a run owns

@@ -14,6 +14,7 @@ lists again. Every change is handed to `on_change`, which queues the object's ru
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -57,7 +58,11 @@ class Store:
     on every API server): the operator writes what it created or patched through to the
     store, and a watch event from before such a write must not undo it. For the same
     reason a deletion leaves a tombstone, so that a write-through arriving after the
-    deletion's event cannot bring the object back."""
+    deletion's event cannot bring the object back.
+
+    `get` and `list` hand out deep copies, as controller-runtime's cache reader does: a
+    caller that edits what it read (a builder filling in a patch, a test) must not change
+    what every later reconcile sees, and that bug would show only under concurrency."""
 
     TOMBSTONES = 10_000
 
@@ -127,7 +132,8 @@ class Store:
 
     def get(self, namespace: str, name: str) -> Obj | None:
         with self._lock:
-            return self._objects.get((namespace, name))
+            held = self._objects.get((namespace, name))
+        return copy.deepcopy(held) if held is not None else None
 
     def list(self, namespace: str, labels: dict[str, str]) -> list[Obj]:
         with self._lock:
@@ -137,7 +143,7 @@ class Store:
                 candidates = [self._objects[(namespace, n)] for n in names]
             else:
                 candidates = [o for (ns, _), o in self._objects.items() if ns == namespace]
-        return [o for o in candidates if _matches(o, labels)]
+        return [copy.deepcopy(o) for o in candidates if _matches(o, labels)]
 
     def __len__(self) -> int:
         with self._lock:

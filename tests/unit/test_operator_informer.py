@@ -39,6 +39,19 @@ def test_an_older_version_never_replaces_a_newer_one() -> None:
     assert store.put(obj("a", 6))
 
 
+def test_what_a_reader_edits_is_its_own_copy_not_the_cache() -> None:
+    store = Store()
+    store.put(obj("a", 5, role="trainer"))
+    read = store.get("ns", "a")
+    assert read is not None
+    read["metadata"]["labels"]["role"] = "edited"
+    store.list("ns", {"lmmr1.io/run": "r"})[0]["metadata"]["resourceVersion"] = "99"
+    held = store.get("ns", "a")
+    assert held is not None
+    assert held["metadata"]["labels"]["role"] == "trainer"
+    assert held["metadata"]["resourceVersion"] == "5"
+
+
 def test_a_deleted_object_is_not_brought_back_by_a_late_write_through() -> None:
     store = Store()
     store.put(obj("a", 5))
