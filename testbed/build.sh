@@ -19,11 +19,16 @@ need() {
 }
 need go "install Go >= 1.26 (https://go.dev/doc/install)"
 for tool in sha256sum cut cat mktemp; do need "$tool" "install coreutils"; done
+need flock "install util-linux"
 
 key="k8s-${KUBERNETES_VERSION}_helm-${HELM_VERSION}_kwok-${KWOK_VERSION}_vgw-${VERSITYGW_VERSION}_$(cat "$here/versions.env" "$here/gomod/k8s/go.mod" "$here/gomod/k8s/go.sum" | sha256sum | cut -c1-12)"
 cache_root="${LMMR1_CACHE:-$HOME/.cache/lmmr1}/testbed"
 bin="$cache_root/$key/bin"
 mkdir -p "$bin"
+# One build at a time: pytest starts one in the background while the unit tests run, and
+# the test bed's own call then waits here and finds every binary built.
+exec 9>"$cache_root/$key/.build.lock"
+flock 9
 
 export GOFLAGS="${GOFLAGS:--trimpath}"
 export CGO_ENABLED=0

@@ -6,10 +6,15 @@ integration, then end to end."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from lmmr1_testbed import bed
+from lmmr1_testbed.layout import build_binaries_in_background
 
 pytest_plugins = ["lmmr1_testbed.pytest_plugin"]
 
@@ -29,13 +34,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
     # A stable sort: within each part, pytest's own order (files, then definitions).
     items.sort(key=lambda item: suite_rank(Path(str(item.fspath))))
+    if any(item.get_closest_marker("integration") for item in items) and bed.status() is None:
+        _BUILD["prebuild"] = build_binaries_in_background()
 
 
 _EXIT: dict[str, int] = {}
+_BUILD: dict[str, subprocess.Popen[bytes] | None] = {}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _EXIT["status"] = int(exitstatus)
+    build = _BUILD.get("prebuild")
+    if build is not None and build.poll() is None:  # the session ended before it was needed
+        os.killpg(build.pid, signal.SIGTERM)
 
 
 @pytest.hookimpl(trylast=True)

@@ -28,6 +28,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMMR1_CACHE") or Path.home() / ".cache" / "lmmr1")
 
 
+def build_binaries_in_background() -> subprocess.Popen[bytes] | None:
+    """Start build.sh now, at a lower CPU priority, so that a cold machine builds the test
+    bed (about 15 minutes on 2 cores) while the unit tests run; `ensure_binaries` then
+    waits on build.sh's lock and finds everything built. Output: <cache>/testbed/build.log.
+    None if the build could not be started (the foreground build will say why)."""
+    log_path = cache_dir() / "testbed" / "build.log"
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log:
+            return subprocess.Popen(
+                ["nice", "-n", "10", "bash", str(BUILD_SCRIPT)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # stopped as a group if the session ends first
+            )
+    except OSError:
+        return None
+
+
 def ensure_binaries() -> Path:
     """Build (or reuse from the cache) every binary; returns the directory that holds them.
 
