@@ -34,7 +34,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
     # A stable sort: within each part, pytest's own order (files, then definitions).
     items.sort(key=lambda item: suite_rank(Path(str(item.fspath))))
-    if any(item.get_closest_marker("integration") for item in items) and bed.status() is None:
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With integration tests selected (after `-m`/`-k`) and no test bed up, build its
+    binaries in the background while the unit tests run (minutes on a cold machine)."""
+    selected = any(item.get_closest_marker("integration") for item in session.items)
+    if selected and bed.status() is None:
         _BUILD["prebuild"] = build_binaries_in_background()
 
 
