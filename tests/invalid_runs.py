@@ -11,23 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lmmr1_testbed import runs
+
 Run = dict[str, Any]
 
 
 def valid_run(name: str = "valid") -> Run:
-    return {
-        "apiVersion": "lmmr1.io/v1alpha1",
-        "kind": "LMMR1Run",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "hf://Qwen/Qwen2.5-VL-3B-Instruct"},
-            "storage": {"uri": "s3://bucket/ckpt", "credentialsSecret": "s3-creds"},
-            "stages": [
-                {"name": "fre", "type": "text", "dataset": {"uri": "s3://bucket/fre.jsonl"}},
-                {"name": "mgt", "type": "multimodal", "dataset": {"uri": "s3://bucket/mgt.jsonl"}},
-            ],
-        },
-    }
+    return runs.run(
+        name,
+        storage={"uri": "s3://bucket/ckpt", "credentialsSecret": "s3-creds"},
+        stages=runs.fre_then_mgt("s3://bucket/fre.jsonl", "s3://bucket/mgt.jsonl"),
+    )
 
 
 def _set(path: str, value: Any) -> Callable[[Run], None]:

@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from lmmr1_testbed import bed
+from lmmr1_testbed import bed, runs
 from lmmr1_testbed.bench import RESULTS
 from lmmr1_testbed.demo import driver
 from lmmr1_testbed.faults import endpoint_that_hangs
@@ -58,40 +58,23 @@ class Trainers:
         return driver.cli(self.state, "kubectl", "-n", NAMESPACE, *args, stdin=stdin).stdout
 
     def apply(self, name: str, endpoint: str) -> None:
-        stage = {"resources": {"trainer": {"gpusPerNode": 1}}}
-        run = {
-            "apiVersion": "lmmr1.io/v1alpha1",
-            "kind": "LMMR1Run",
-            "metadata": {"name": name},
-            "spec": {
-                "model": {"uri": "hf://Qwen/Qwen2.5-VL-3B-Instruct"},
-                "storage": {
-                    "uri": f"s3://{BUCKET}/runs",
-                    "endpoint": endpoint,
-                    "credentialsSecret": "s3",
-                },
-                "stages": [
-                    {"name": "fre", "type": "text", "dataset": {"uri": "s3://d/f.jsonl"}, **stage},
-                    {
-                        "name": "mgt",
-                        "type": "multimodal",
-                        "dataset": {"uri": "s3://d/m.jsonl"},
-                        **stage,
-                    },
-                ],
-            },
-        }
+        run = runs.run(
+            name,
+            storage={"uri": f"s3://{BUCKET}/runs", "endpoint": endpoint, "credentialsSecret": "s3"},
+            stages=runs.fre_then_mgt(
+                "s3://d/f.jsonl", "s3://d/m.jsonl", resources={"trainer": {"gpusPerNode": 1}}
+            ),
+        )
         self.kubectl("apply", "-f", "-", stdin=json.dumps(run))
 
     def runs(self) -> dict[str, dict[str, Any]]:
-        items = json.loads(self.kubectl("get", "lmr", "-o", "json"))["items"]
-        return {r["metadata"]["name"]: r for r in items}
+        return {r["metadata"]["name"]: r for r in driver.items(self.state, NAMESPACE, "lmr")}
 
     def running_trainers(self) -> dict[str, str]:
-        items = json.loads(self.kubectl("get", "pods", "-l", "lmmr1.io/role=trainer", "-o", "json"))
+        pods = driver.items(self.state, NAMESPACE, "pods", "lmmr1.io/role=trainer")
         return {
             p["metadata"]["labels"]["lmmr1.io/run"]: p["metadata"]["name"]
-            for p in items["items"]
+            for p in pods
             if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
         }
 

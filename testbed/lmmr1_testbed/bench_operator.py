@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lmmr1_testbed import bed
+from lmmr1_testbed import bed, runs
 from lmmr1_testbed.bench import RESULTS
 from lmmr1_testbed.demo import driver
 from lmmr1_testbed.layout import TestBedState
@@ -43,34 +43,14 @@ IDLE_S = 300
 
 def _run(name: str, deadline: int | None = None) -> dict[str, Any]:
     # Separate rollout servers: the most children per run, and comparable with earlier results.
-    cpu = {
-        "trainer": {"gpusPerNode": 0, "shmSize": "64Mi"},
-        "rollout": {"mode": "separate", "gpusPerReplica": 0},
-    }
-    return {
-        "apiVersion": "lmmr1.io/v1alpha1",
-        "kind": "LMMR1Run",
-        "metadata": {"name": name},
-        "spec": {
-            **({"activeDeadlineSeconds": deadline} if deadline else {}),
-            "model": {"uri": "hf://Qwen/Qwen2.5-VL-3B-Instruct"},
-            "storage": {"uri": "s3://scale/ckpt"},
-            "stages": [
-                {
-                    "name": "fre",
-                    "type": "text",
-                    "dataset": {"uri": "s3://scale/fre.jsonl"},
-                    "resources": cpu,
-                },
-                {
-                    "name": "mgt",
-                    "type": "multimodal",
-                    "dataset": {"uri": "s3://scale/m.jsonl"},
-                    "resources": cpu,
-                },
-            ],
-        },
-    }
+    return runs.run(
+        name,
+        storage={"uri": "s3://scale/ckpt"},
+        stages=runs.fre_then_mgt(
+            "s3://scale/fre.jsonl", "s3://scale/m.jsonl", resources=runs.CPU_SEPARATE_ROLLOUT
+        ),
+        **({"activeDeadlineSeconds": deadline} if deadline else {}),
+    )
 
 
 def _ts(text: str) -> dt.datetime:
@@ -78,25 +58,12 @@ def _ts(text: str) -> dt.datetime:
 
 
 def _items(state: TestBedState, kind: str) -> list[dict[str, Any]]:
-    out = driver.cli(state, "kubectl", "get", kind, "-n", NAMESPACE, "-o", "json").stdout
-    return list(json.loads(out)["items"])
+    return driver.items(state, NAMESPACE, kind)
 
 
 def _operator_pod(state: TestBedState) -> dict[str, Any]:
-    out = driver.cli(
-        state,
-        "kubectl",
-        "get",
-        "pods",
-        "-n",
-        NAMESPACE,
-        "-l",
-        "app.kubernetes.io/instance=scale",
-        "-o",
-        "json",
-    ).stdout
-    (pod,) = json.loads(out)["items"]
-    return dict(pod)
+    (pod,) = driver.items(state, NAMESPACE, "pods", "app.kubernetes.io/instance=scale")
+    return pod
 
 
 def _operator_metrics(state: TestBedState) -> dict[str, float]:
@@ -157,13 +124,13 @@ def measure(
     )
     cpu_before, _ = _operator_usage(state)
     calls_before = _operator_metrics(state)
-    runs = {
+    batch = {
         "apiVersion": "v1",
         "kind": "List",
         "items": [_run(f"run-{count}-{i:04d}", deadline) for i in range(count)],
     }
     started = time.monotonic()
-    driver.cli(state, "kubectl", "apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(runs))
+    driver.cli(state, "kubectl", "apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(batch))
     while time.monotonic() - started < timeout:
         jobs = {j["metadata"]["labels"].get("lmmr1.io/run") for j in _items(state, "jobs")}
         if all(f"run-{count}-{i:04d}" in jobs for i in range(count)):
@@ -233,8 +200,8 @@ def idle(state: TestBedState, count: int, timeout: float = 1200) -> dict[str, An
     driver.cli(state, "kubectl", "apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(ended))
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        runs = _items(state, "lmmr1runs")
-        finished = [r for r in runs if (r.get("status") or {}).get("phase") == "Failed"]
+        listed = _items(state, "lmmr1runs")
+        finished = [r for r in listed if (r.get("status") or {}).get("phase") == "Failed"]
         if len(finished) == count and len(_items(state, "pods")) == 1:
             break  # every run over, and only the operator's pod left
         time.sleep(5)

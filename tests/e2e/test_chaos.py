@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from lmmr1_testbed import bed
+from lmmr1_testbed import bed, runs
 from lmmr1_testbed.demo import driver
 from lmmr1_testbed.layout import TestBedState
 
@@ -58,8 +58,7 @@ def kubectl(testbed: TestBedState, *args: str, stdin: str | None = None) -> str:
 
 
 def items(testbed: TestBedState, kind: str, selector: str = "") -> list[dict[str, Any]]:
-    args = ["get", kind, "-o", "json", *(["-l", selector] if selector else [])]
-    return list(json.loads(kubectl(testbed, *args))["items"])
+    return driver.items(testbed, NAMESPACE, kind, selector)
 
 
 def live(pod: dict[str, Any]) -> bool:
@@ -75,30 +74,17 @@ def attempt_of(pod: dict[str, Any]) -> tuple[str, str, str]:
 def simulated_run(name: str) -> dict[str, Any]:
     """A two-stage run on the kwok nodes (CPU-sized: no simulated GPU is needed), with
     separate rollout servers, so there are rollout pods to evict."""
-    resources = {
-        "trainer": {"gpusPerNode": 0, "shmSize": "64Mi"},
-        "rollout": {"mode": "separate", "gpusPerReplica": 0},
-    }
-    return {
-        "apiVersion": "lmmr1.io/v1alpha1",
-        "kind": "LMMR1Run",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "hf://Qwen/Qwen2.5-VL-3B-Instruct"},
-            "storage": {"uri": f"s3://{BUCKET}/runs", "credentialsSecret": "lmmr1-s3"},
-            "backoffLimit": 2,
-            "stages": [
-                {
-                    "name": stage,
-                    "type": kind,
-                    "dataset": {"uri": f"s3://{BUCKET}/{stage}.jsonl"},
-                    "resources": resources,
-                    "checkpoint": {"everySteps": 2, "keepLast": 2},
-                }
-                for stage, kind in (("fre", "text"), ("mgt", "multimodal"))
-            ],
-        },
-    }
+    return runs.run(
+        name,
+        storage={"uri": f"s3://{BUCKET}/runs", "credentialsSecret": "lmmr1-s3"},
+        backoffLimit=2,
+        stages=runs.fre_then_mgt(
+            f"s3://{BUCKET}/fre.jsonl",
+            f"s3://{BUCKET}/mgt.jsonl",
+            resources=runs.CPU_SEPARATE_ROLLOUT,
+            checkpoint={"everySteps": 2, "keepLast": 2},
+        ),
+    )
 
 
 def real_run(name: str) -> dict[str, Any]:

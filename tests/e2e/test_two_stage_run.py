@@ -29,21 +29,8 @@ NAMESPACE = "lmmr1-e2e"
 
 
 def trainer_pid(testbed: TestBedState, stage: str) -> int | None:
-    pods = json.loads(
-        driver.cli(
-            testbed,
-            "kubectl",
-            "get",
-            "pods",
-            "-n",
-            NAMESPACE,
-            "-l",
-            f"lmmr1.io/run=tiny,lmmr1.io/stage={stage},lmmr1.io/role=trainer",
-            "-o",
-            "json",
-        ).stdout
-    )
-    for pod in pods["items"]:
+    selector = f"lmmr1.io/run=tiny,lmmr1.io/stage={stage},lmmr1.io/role=trainer"
+    for pod in driver.items(testbed, NAMESPACE, "pods", selector):
         for status in pod["status"].get("containerStatuses", []):
             if status["name"] == "trainer" and "running" in status.get("state", {}):
                 return int(status["containerID"].removeprefix("process://"))
@@ -65,21 +52,8 @@ def committed_steps(s3_client: Any, stage_uri: str) -> list[int]:
 
 def operator_metrics(testbed: TestBedState) -> str:
     """The operator's /metrics (its pod IP: the process node's pods have no Service)."""
-    pods = json.loads(
-        driver.cli(
-            testbed,
-            "kubectl",
-            "get",
-            "pods",
-            "-n",
-            NAMESPACE,
-            "-l",
-            "app.kubernetes.io/component=operator",
-            "-o",
-            "json",
-        ).stdout
-    )
-    ip = next(p["status"]["podIP"] for p in pods["items"] if p["status"].get("phase") == "Running")
+    pods = driver.items(testbed, NAMESPACE, "pods", "app.kubernetes.io/component=operator")
+    ip = next(p["status"]["podIP"] for p in pods if p["status"].get("phase") == "Running")
     with urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=10) as response:
         return str(response.read().decode())
 

@@ -20,6 +20,7 @@ import pytest
 
 from lmmr1_operator import podstate
 from lmmr1_operator.children import trainer
+from lmmr1_testbed import runs
 from lmmr1_testbed.faults import endpoint_that_hangs
 from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 from lmmr1_testbed.pytest_plugin import Cli
@@ -57,47 +58,38 @@ class Bed:
         stages: int = 2,
         trainer_gpus: int = 4,
         rollout_mode: str | None = None,
+        storage: dict[str, Any] | None = None,
         **spec: Any,
     ) -> None:
         """A run on the kwok GPU nodes; one trainer node, so colocated rollouts (no rollout
-        pods) unless `rollout_mode` is "separate"."""
+        pods) unless `rollout_mode` is "separate". `storage`: the test bed's S3 unless given."""
         mode = {"mode": rollout_mode} if rollout_mode else {}
-        run = {
-            "apiVersion": "lmmr1.io/v1alpha1",
-            "kind": "LMMR1Run",
-            "metadata": {"name": name},
-            "spec": {
-                "model": {"uri": "hf://Qwen/Qwen2.5-VL-3B-Instruct"},
-                "storage": {
-                    "uri": f"s3://{self.bucket}/runs",
-                    "endpoint": self.testbed.s3_endpoint,
-                    "credentialsSecret": "s3",
-                },
-                "backoffLimit": 2,
-                "stages": [
-                    {
-                        "name": "fre",
-                        "type": "text",
-                        "dataset": {"uri": "s3://d/fre.jsonl"},
-                        "resources": {
-                            "trainer": {"gpusPerNode": trainer_gpus},
-                            "rollout": {**mode, "replicas": 2, "gpusPerReplica": 1},
-                        },
-                    },
-                    {
-                        "name": "mgt",
-                        "type": "multimodal",
-                        "dataset": {"uri": "s3://d/mgt.jsonl"},
-                        "algorithm": {"learningRate": 1e-6},
-                        "resources": {
-                            "trainer": {"gpusPerNode": 4},
-                            "rollout": {**mode, "replicas": 1, "gpusPerReplica": 1},
-                        },
-                    },
-                ][:stages],
-                **spec,
+        fre = runs.stage(
+            "fre",
+            "text",
+            "s3://d/fre.jsonl",
+            resources={
+                "trainer": {"gpusPerNode": trainer_gpus},
+                "rollout": {**mode, "replicas": 2, "gpusPerReplica": 1},
             },
+        )
+        mgt = runs.stage(
+            "mgt",
+            "multimodal",
+            "s3://d/mgt.jsonl",
+            algorithm={"learningRate": 1e-6},
+            resources={
+                "trainer": {"gpusPerNode": 4},
+                "rollout": {**mode, "replicas": 1, "gpusPerReplica": 1},
+            },
+        )
+        storage = storage or {
+            "uri": f"s3://{self.bucket}/runs",
+            "endpoint": self.testbed.s3_endpoint,
+            "credentialsSecret": "s3",
         }
+        spec.setdefault("backoffLimit", 2)
+        run = runs.run(name, storage=storage, stages=[fre, mgt][:stages], **spec)
         self.kubectl("apply", "-f", "-", stdin=json.dumps(run))
         self.created.append(name)
 

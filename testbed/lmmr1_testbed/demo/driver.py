@@ -40,6 +40,15 @@ def cli(
     return result
 
 
+def items(
+    state: TestBedState, namespace: str, kind: str, selector: str = ""
+) -> list[dict[str, Any]]:
+    """The objects `kubectl get <kind> -o json` lists in `namespace`, by label `selector`
+    when one is given."""
+    args = ["get", kind, "-n", namespace, "-o", "json", *(["-l", selector] if selector else [])]
+    return list(json.loads(cli(state, "kubectl", *args).stdout)["items"])
+
+
 def install_operator(
     state: TestBedState,
     namespace: str = OPERATOR_NAMESPACE,
