@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from lmmr1_operator.api import API_VERSION, KIND
@@ -18,6 +19,9 @@ ANNOTATION_REPLICA = "lmmr1.io/replica"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGER = "lmmr1-operator"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# Names a Kueue WorkloadPriorityClass (not a PriorityClass): Kueue reads it on the JobSet
+# before any pod template's priorityClassName (jobframework.ExtractPriority, kueue v0.17.0).
+KUEUE_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 
 ROLLOUT_PORT = 8000
 VERIFIER_PORT = 5000
@@ -57,6 +61,35 @@ def rollout_service(run: str, stage: str) -> str:
 def trainer_job(run: str, stage: str, attempt: int) -> str:
     """The trainer Job of one attempt; its pods' hostnames are `<job>-<index>`."""
     return f"{run}-{stage}-t{_attempt(attempt)}"
+
+
+# A JobSet's pods are named `<jobset>-<replicatedJob>-<jobIndex>-<podIndex>-<5 random>`,
+# which its webhook wants a DNS-1035 label (at most 63 characters), checked with the
+# largest indices (sigs.k8s.io/jobset v0.11.1, pkg/webhooks/jobset_webhook.go). With the
+# replicated jobs `trainer` and `rollout` (7 characters), one Job each (job index 0) and at
+# most 256 pods (pod index up to 3 digits): 63 - len("-trainer-0-") - 3 - len("-abcde").
+MAX_JOBSET_NAME = 63 - 11 - 3 - 6
+_NAME_HASH = 6  # hex digits of the shortened name's hash
+
+
+def jobset(run: str, stage: str, attempt: int) -> str:
+    """The JobSet of one attempt (trainer and rollout servers, admitted by Kueue as one):
+    `<run>-<stage>-g<attempt>`, or, when that is too long for its pods' names, the run and
+    stage cut short and a hash of both in their place (deterministic, and still distinct
+    between two stages whose names share the beginning)."""
+    suffix = f"-g{_attempt(attempt)}"
+    base = f"{run}-{stage}"
+    if len(base) + len(suffix) > MAX_JOBSET_NAME:
+        digest = hashlib.sha256(f"{run}/{stage}".encode()).hexdigest()[:_NAME_HASH]
+        keep = MAX_JOBSET_NAME - len(suffix) - 1 - _NAME_HASH
+        base = f"{base[:keep].rstrip('-')}-{digest}"
+    return base + suffix
+
+
+def jobset_pod_hostname(jobset_name: str, replicated_job: str, job_index: int, pod: int) -> str:
+    """An Indexed Job's pod has the hostname `<job>-<completion index>`, and JobSet names its
+    Jobs `<jobset>-<replicatedJob>-<jobIndex>` (placement.GenJobName, jobset v0.11.1)."""
+    return f"{jobset_name}-{replicated_job}-{job_index}-{pod}"
 
 
 def trainer_service(run: str, stage: str) -> str:
