@@ -98,25 +98,37 @@ def test_mean_reward_rises_and_does_not_with_flipped_advantages(
         config["checkpoint"]["every_steps"] = LEARN_STEPS
         return config
 
+    # The control run (advantages flipped) is what shows the rise comes from the update's
+    # direction; that is a property of the algorithm, shown once, colocated. With rollout
+    # servers what is new is the weights reaching the servers: were they stale, the
+    # reward would not rise, so the learning run alone can fail there (and it saves ~100 s
+    # of CI time).
+    programs = [("learn", TRAIN_MODULE)]
+    if mode == "colocate":
+        programs.append(("flipped", FLIPPED_TRAINER))
     curves = {}
     with rollout_urls(mode, stage("server", []), tmp_path) as urls:
-        for name, program in (("learn", TRAIN_MODULE), ("flipped", FLIPPED_TRAINER)):
+        for name, program in programs:
             (tmp_path / name).mkdir()
             config = write_stage(tmp_path / f"{name}.yaml", stage(name, urls))
             records = run_trainer(config, tmp_path / name, program=program)
             curves[name] = [r["reward"] for r in records]
             print(name, [round(r, 3) for r in curves[name]])
-    learn, flipped = curves["learn"], curves["flipped"]
-    assert len(learn) == len(flipped) == LEARN_STEPS
-    assert learn[0] == flipped[0]  # same model, data and sampling seed: the same first batch
+    learn = curves["learn"]
+    assert len(learn) == LEARN_STEPS
     window = 4  # means over 4 steps (128 samples) smooth the sampling noise
     # Measured (vLLM, colocated; head_dim-64 tiny model, 24 steps): learning 0.083 over the
     # first 4 steps -> 0.233 over the second half, 0.250 over the last 4; flipped 0.047 ->
     # 0.000. With 16 steps over 64 prompts the rise was within the sampling noise for one
     # draw of the seeds (0.109 -> 0.133), so the run is 24 steps long.
+    assert _mean(learn[LEARN_STEPS // 2 :]) >= _mean(learn[:window]) + 0.04, curves
+    if mode != "colocate":
+        return
+    flipped = curves["flipped"]
+    assert len(flipped) == LEARN_STEPS
+    assert learn[0] == flipped[0]  # same model, data and sampling seed: the same first batch
     # The control run shares the data order and seeds, so it also cancels out how hard
     # each step's prompts happen to be.
-    assert _mean(learn[LEARN_STEPS // 2 :]) >= _mean(learn[:window]) + 0.04, curves
     assert _mean(learn[-window:]) >= _mean(flipped[-window:]) + 0.1, curves
     assert _mean(flipped[-window:]) <= _mean(flipped[:window]), curves
 
