@@ -94,16 +94,7 @@ class Trainers:
             "final_checkpoint": final,
             "updated_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
-        patch = {"data": {"progress.json": json.dumps(report)}}
-        self.kubectl(
-            "patch",
-            "configmap",
-            f"{name}-progress",
-            "--type=merge",
-            "-p",
-            json.dumps(patch),
-            f"--as=system:serviceaccount:{NAMESPACE}:default",
-        )
+        driver.report_progress(self.state, NAMESPACE, name, report)
         self.kubectl("annotate", "pod", pod, "testbed.lmmr1.io/exit-code=0")
         return time.monotonic()
 

@@ -21,6 +21,7 @@ import pytest
 from lmmr1_operator import podstate
 from lmmr1_operator.children import trainer
 from lmmr1_testbed import runs
+from lmmr1_testbed.demo import driver
 from lmmr1_testbed.faults import endpoint_that_hangs
 from lmmr1_testbed.layout import REPO_ROOT, TestBedState
 from lmmr1_testbed.pytest_plugin import Cli
@@ -120,16 +121,7 @@ class Bed:
     def report(self, run: str, **progress: Any) -> None:
         """Write progress as the trainer does: as the pods' service account."""
         body = {"updated_at": "2026-01-01T00:00:00Z", **progress}
-        patch = {"data": {"progress.json": json.dumps(body)}}
-        self.kubectl(
-            "patch",
-            "configmap",
-            f"{run}-progress",
-            "--type=merge",
-            "-p",
-            json.dumps(patch),
-            f"--as=system:serviceaccount:{self.ns}:default",
-        )
+        driver.report_progress(self.testbed, self.ns, run, body)
 
     def commit(self, run: str, stage: str, step: int) -> str:
         uid = self.run(run)["metadata"]["uid"]

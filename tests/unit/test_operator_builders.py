@@ -7,45 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tests.invalid_runs import valid_run
+from tests.stage_contexts import run_object, stage_context
 
 from lmmr1_operator import naming
 from lmmr1_operator.api import crd
 from lmmr1_operator.api.spec import MAX_STAGE_NAME, LMMR1RunSpec, resolved_rollout_mode
 from lmmr1_operator.children import access, rollout, stage_config, trainer
-from lmmr1_operator.children.context import StageContext, init_weights
-from lmmr1_operator.settings import OperatorSettings
+from lmmr1_operator.children.context import init_weights
 from lmmr1_trainer.config import StageConfig
 from lmmr1_trainer.verifier.__main__ import build_parser, config_from_args
 from lmmr1_trainer.verifier.config import VerifierConfig
 
-SETTINGS = OperatorSettings(trainer_image="trainer:1", rollout_image="rollout:1")
-
-
-def run_obj(**spec_updates: Any) -> dict[str, Any]:
-    run = valid_run("r")
-    run["metadata"].update(namespace="ns", uid="uid-1", generation=1)
-    run["spec"].update(spec_updates)
-    return run
-
-
-def context(
-    run: dict[str, Any], index: int = 0, finals: list[str | None] | None = None, attempt: int = 0
-) -> StageContext:
-    spec = LMMR1RunSpec.model_validate(run["spec"])
-    return StageContext(
-        run=run,
-        spec=spec,
-        index=index,
-        settings=SETTINGS,
-        init_from=init_weights(spec, index, finals or []),
-        attempt=attempt,
-    )
-
 
 def _sidecar_config(run: dict[str, Any]) -> VerifierConfig:
     """The verifier sidecar's settings, parsed by the verifier's own command line."""
-    pod = trainer.job(context(run))["spec"]["template"]["spec"]
+    pod = trainer.job(stage_context(run))["spec"]["template"]["spec"]
     (verifier,) = pod["initContainers"]
     command = verifier["command"]
     assert command[:3] == ["python", "-m", "lmmr1_trainer.verifier"]
@@ -53,7 +29,7 @@ def _sidecar_config(run: dict[str, Any]) -> VerifierConfig:
 
 
 def test_the_verifier_sidecar_scores_with_the_reward_profile() -> None:
-    default = _sidecar_config(run_obj())
+    default = _sidecar_config(run_object())
     assert (default.profile, default.unparseable_label_policy) == ("lmm-r1", "one")
     assert (default.accuracy.answer_source, default.accuracy.verify_order) == (
         "full_response",
@@ -61,33 +37,33 @@ def test_the_verifier_sidecar_scores_with_the_reward_profile() -> None:
     )
     assert default.accuracy.default_task == "math" and default.weights.format == 0.5
 
-    strict = run_obj()
+    strict = run_object()
     strict["spec"]["stages"][0]["reward"] = {"profile": "strict"}
     config = _sidecar_config(strict)
     assert (config.profile, config.unparseable_label_policy) == ("strict", "zero")
     assert config.accuracy.verify_order == "gold_first"
 
-    overridden = run_obj()
+    overridden = run_object()
     overridden["spec"]["stages"][0]["reward"] = {"profile": "lenient", "unparseableLabel": "one"}
     config = _sidecar_config(overridden)
     assert (config.profile, config.unparseable_label_policy) == ("lenient", "one")
     assert config.accuracy.answer_source == "answer_block"
-    rendered = stage_config.render(context(overridden), []).reward
+    rendered = stage_config.render(stage_context(overridden), []).reward
     assert (rendered.profile, rendered.unparseable_label) == ("lenient", "one")
 
 
 def test_stages_start_from_the_model_then_the_previous_final_checkpoint() -> None:
-    spec = LMMR1RunSpec.model_validate(run_obj()["spec"])
+    spec = LMMR1RunSpec.model_validate(run_object()["spec"])
     assert init_weights(spec, 0, []) == "hf://Qwen/Qwen2.5-VL-3B-Instruct"
     assert init_weights(spec, 1, ["s3://b/ns/r/fre/step-40"]) == "s3://b/ns/r/fre/step-40"
-    explicit = copy.deepcopy(run_obj())
+    explicit = copy.deepcopy(run_object())
     explicit["spec"]["stages"][1]["initFrom"] = "s3://elsewhere/ckpt"
     spec = LMMR1RunSpec.model_validate(explicit["spec"])
     assert init_weights(spec, 1, [None]) == "s3://elsewhere/ckpt"
 
 
 def test_trainer_job_is_indexed_with_gpus_sidecar_and_references_only() -> None:
-    run = run_obj(
+    run = run_object(
         queueName="team-q",
         priorityClassName="high",
         nodeSelector={"pool": "h100"},
@@ -96,7 +72,7 @@ def test_trainer_job_is_indexed_with_gpus_sidecar_and_references_only() -> None:
         images={"pullSecrets": ["regcred"]},
     )
     run["spec"]["stages"][0]["resources"] = {"trainer": {"nodes": 2, "gpusPerNode": 8}}
-    job = trainer.job(context(run))
+    job = trainer.job(stage_context(run))
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
     assert spec["backoffLimit"] == 0
@@ -135,7 +111,7 @@ def test_a_disrupted_trainer_pod_fails_its_job_at_once_saying_so() -> None:
     """The Job does not replace a disrupted rank itself (`Ignore`): the operator restarts
     every rank together. Its pod failure policy names the disruption in the Job's
     condition, which the operator reads as one (reconcile tests)."""
-    spec = trainer.job(context(run_obj()))["spec"]
+    spec = trainer.job(stage_context(run_object()))["spec"]
     assert spec["backoffLimit"] == 0
     assert spec["podFailurePolicy"] == {
         "rules": [
@@ -149,12 +125,12 @@ def test_a_disrupted_trainer_pod_fails_its_job_at_once_saying_so() -> None:
 
 
 def test_a_cpu_stage_runs_one_plain_process_with_deepspeed_on_cpu() -> None:
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][0]["resources"] = {
         "trainer": {"gpusPerNode": 0},
         "rollout": {"gpusPerReplica": 0},
     }
-    pod = trainer.job(context(run))["spec"]["template"]["spec"]
+    pod = trainer.job(stage_context(run))["spec"]["template"]["spec"]
     main = pod["containers"][0]
     assert main["command"][:3] == ["python", "-m", "lmmr1_trainer.train"]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in main["env"]
@@ -162,15 +138,15 @@ def test_a_cpu_stage_runs_one_plain_process_with_deepspeed_on_cpu() -> None:
     # The colocated engine (vLLM's CPU build) writes only where the trainer already may.
     mounts = {m["mountPath"] for m in main["volumeMounts"]}
     assert {"/tmp", "/var/cache/lmmr1", "/dev/shm"} <= mounts
-    config = stage_config.render(context(run), [])
+    config = stage_config.render(stage_context(run), [])
     assert (config.rollout.mode, config.rollout.backend) == ("colocate", "vllm")
 
 
 def test_the_rollout_mode_defaults_to_colocate_on_one_trainer_node() -> None:
     def mode(resources: dict[str, Any]) -> str:
-        run = run_obj()
+        run = run_object()
         run["spec"]["stages"][0]["resources"] = resources
-        return resolved_rollout_mode(context(run).stage.resources)
+        return resolved_rollout_mode(stage_context(run).stage.resources)
 
     assert mode({}) == "colocate"
     assert mode({"trainer": {"nodes": 2}}) == "separate"
@@ -183,9 +159,9 @@ def test_the_rollout_mode_defaults_to_colocate_on_one_trainer_node() -> None:
 
 
 def test_a_colocated_stage_config_is_complete_at_once_without_urls() -> None:
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][0]["resources"] = {"rollout": {"gpuMemoryUtilization": 0.4}}
-    configmap = stage_config.configmap(context(run), None)
+    configmap = stage_config.configmap(stage_context(run), None)
     assert set(configmap["data"]) == {"stage.yaml"}
     loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
     assert (loaded.rollout.mode, loaded.rollout.urls) == ("colocate", [])
@@ -193,22 +169,22 @@ def test_a_colocated_stage_config_is_complete_at_once_without_urls() -> None:
 
 
 def test_separate_mode_renders_vllm_unless_transformers_is_asked_for() -> None:
-    run = run_obj()
+    run = run_object()
     rollout_spec: dict[str, Any] = {"mode": "separate", "gpusPerReplica": 0}
     run["spec"]["stages"][0]["resources"] = {"rollout": rollout_spec}
     urls = ["http://127.101.0.1:8000"]
-    config = stage_config.render(context(run), urls)
+    config = stage_config.render(stage_context(run), urls)
     assert (config.rollout.mode, config.rollout.backend, config.rollout.urls) == (
         "separate",
         "vllm",
         urls,
     )
     rollout_spec["backend"] = "transformers"
-    assert stage_config.render(context(run), urls).rollout.backend == "transformers"
+    assert stage_config.render(stage_context(run), urls).rollout.backend == "transformers"
 
 
 def test_rollout_pods_and_service() -> None:
-    ctx = context(run_obj())
+    ctx = stage_context(run_object())
     pod = rollout.pod(ctx, 1)
     assert pod["metadata"]["name"] == "r-fre-r0-1"
     assert pod["spec"]["restartPolicy"] == "Never"
@@ -221,10 +197,10 @@ def test_rollout_pods_and_service() -> None:
 
 
 def test_stage_config_round_trips_through_the_trainers_model() -> None:
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][1]["resources"] = {"rollout": {"mode": "separate"}}
     run["spec"]["stages"][1]["algorithm"] = {"freezePrefix": ["visual", "model.layers.0"]}
-    ctx = context(run, index=1, finals=["s3://bucket/ckpt/ns/r/uid-1/fre/step-20"])
+    ctx = stage_context(run, index=1, finals=["s3://bucket/ckpt/ns/r/uid-1/fre/step-20"])
     configmap = stage_config.configmap(ctx, ["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
     loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
     assert loaded.init_from == "s3://bucket/ckpt/ns/r/uid-1/fre/step-20"
@@ -241,7 +217,7 @@ def test_stage_config_round_trips_through_the_trainers_model() -> None:
 
 
 def test_pods_may_write_their_progress_configmap_and_nothing_else() -> None:
-    run = run_obj()
+    run = run_object()
     (rule,) = access.progress_role(run)["rules"]
     assert rule == {
         "apiGroups": [""],
@@ -254,10 +230,10 @@ def test_pods_may_write_their_progress_configmap_and_nothing_else() -> None:
 
 
 def test_child_names_fit_dns_labels_at_the_longest_names() -> None:
-    run = run_obj()
+    run = run_object()
     run["metadata"]["name"] = "r" * crd.MAX_RUN_NAME
     run["spec"]["stages"][0]["name"] = "s" * MAX_STAGE_NAME
-    ctx = context(run, attempt=999)
+    ctx = stage_context(run, attempt=999)
     for name in (
         rollout.pod(ctx, 999)["metadata"]["name"],
         trainer.job(ctx)["metadata"]["name"] + "-999",  # an indexed pod's hostname
@@ -272,10 +248,10 @@ def test_each_attempts_workload_children_have_names_of_their_own_that_fit() -> N
     """A restarted stage's Job and rollout pods never take the names of the last attempt's,
     which may still be terminating; the attempt in a name is its last three digits, so the
     longest run and stage names with attempt 999 and index 999 still make DNS labels."""
-    run = run_obj()
+    run = run_object()
     run["metadata"]["name"] = "r" * crd.MAX_RUN_NAME
     run["spec"]["stages"][0]["name"] = "s" * MAX_STAGE_NAME
-    first, fourth, last = (context(run, attempt=a) for a in (0, 3, 999))
+    first, fourth, last = (stage_context(run, attempt=a) for a in (0, 3, 999))
     assert trainer.job(first)["metadata"]["name"] != trainer.job(fourth)["metadata"]["name"]
     assert rollout.pod(first, 0)["metadata"]["name"] != rollout.pod(fourth, 0)["metadata"]["name"]
     prefix = f"{'r' * crd.MAX_RUN_NAME}-{'s' * MAX_STAGE_NAME}"
@@ -284,7 +260,7 @@ def test_each_attempts_workload_children_have_names_of_their_own_that_fit() -> N
     job = trainer.job(last)["metadata"]["name"]
     for name in (job, f"{job}-999", rollout.pod(last, 999)["metadata"]["name"]):
         assert len(name) <= 63, name
-    assert trainer.job(context(run, attempt=1003))["metadata"]["name"] == f"{prefix}-t3"
+    assert trainer.job(stage_context(run, attempt=1003))["metadata"]["name"] == f"{prefix}-t3"
     # Every attempt's children share the stage's Services (their DNS names stay put).
     assert trainer.service(first) == trainer.service(fourth)
     assert rollout.service(first) == rollout.service(fourth)
@@ -294,9 +270,9 @@ def test_the_trainers_ranks_find_rank_zero_through_the_stages_service() -> None:
     """Rank 0's pod is `<job>-0` under the subdomain of the trainer's headless Service: the
     Service's name is the pods' subdomain and MASTER_ADDR, and it selects the attempt's
     pods whatever their Job's name."""
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][0]["resources"] = {"trainer": {"nodes": 2}}
-    ctx = context(run, attempt=3)
+    ctx = stage_context(run, attempt=3)
     job, service = trainer.job(ctx), trainer.service(ctx)
     name = service["metadata"]["name"]
     assert name == "r-fre-trainer" and job["metadata"]["name"] == "r-fre-t3"
@@ -329,9 +305,9 @@ def test_network_policies_admit_exactly_the_stages_own_nccl_and_rollout_traffic(
     (NCCL weight sync into rank 0); rollout servers accept the stage's trainer pods and each
     other (the weight-sync group's NCCL ring). Ingress only: egress (S3, DNS, the hub) stays
     open. Pod selectors alone: nothing from another namespace, run or stage."""
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][0]["resources"] = {"rollout": {"mode": "separate"}}
-    ctx = context(run)
+    ctx = stage_context(run)
     trainer_policy = access.trainer_network_policy(ctx)
     rollout_policy = access.rollout_network_policy(ctx)
     for policy, role in ((trainer_policy, "trainer"), (rollout_policy, "rollout")):
@@ -347,22 +323,22 @@ def test_network_policies_admit_exactly_the_stages_own_nccl_and_rollout_traffic(
     assert _peers(rollout_policy) == trainer_peers + rollout_peers
     # The selectors match the pods the builders make, whatever the attempt or queue.
     run["spec"]["queueName"] = "q"
-    pod_labels = rollout.pod(context(run), 0)["metadata"]["labels"]
+    pod_labels = rollout.pod(stage_context(run), 0)["metadata"]["labels"]
     assert _labels("fre", "rollout").items() <= pod_labels.items()
-    trainer_labels = trainer.job(context(run))["spec"]["template"]["metadata"]["labels"]
+    trainer_labels = trainer.job(stage_context(run))["spec"]["template"]["metadata"]["labels"]
     assert _labels("fre", "trainer").items() <= trainer_labels.items()
 
 
 def test_a_colocated_stages_trainer_accepts_only_its_own_ranks() -> None:
     """No rollout pods in colocate mode: the trainer's policy admits its own ranks alone,
     and a multi-node colocated trainer's ranks reach each other."""
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][1]["resources"] = {
         "trainer": {"nodes": 2},
         "rollout": {"mode": "colocate"},
     }
     for index in (0, 1):
-        ctx = context(run, index=index, finals=["s3://b/fre/step-4"])
+        ctx = stage_context(run, index=index, finals=["s3://b/fre/step-4"])
         policy = access.trainer_network_policy(ctx)
         stage = ctx.stage.name
         assert policy["spec"]["podSelector"] == {"matchLabels": _labels(stage, "trainer")}
@@ -377,7 +353,7 @@ def test_every_claim_the_stage_reads_is_mounted_read_only_where_the_trainer_look
     from lmmr1_trainer.config import DEFAULT_PVC_ROOT
     from lmmr1_trainer.storage import local_path
 
-    run = run_obj(model={"uri": "pvc://models/qwen2.5-vl-3b"})
+    run = run_object(model={"uri": "pvc://models/qwen2.5-vl-3b"})
     run["spec"]["stages"][0]["dataset"] = {
         "uri": "pvc://datasets/fre/train.jsonl",
         "imageRoot": "pvc://datasets/images",  # the same claim: mounted once
@@ -403,7 +379,7 @@ def test_every_claim_the_stage_reads_is_mounted_read_only_where_the_trainer_look
         assert len(mounted) == len(volumes)  # every claim volume is mounted
         return mounted
 
-    fre = trainer.job(context(run))["spec"]["template"]["spec"]
+    fre = trainer.job(stage_context(run))["spec"]["template"]["spec"]
     assert claims(fre, fre["containers"][0]) == {
         "datasets": f"{DEFAULT_PVC_ROOT}/datasets",
         "models": f"{DEFAULT_PVC_ROOT}/models",
@@ -411,15 +387,15 @@ def test_every_claim_the_stage_reads_is_mounted_read_only_where_the_trainer_look
     assert local_path("pvc://models/qwen2.5-vl-3b").parent == Path(f"{DEFAULT_PVC_ROOT}/models")
     # The second stage starts from the first one's checkpoint (s3://), not the model.
     finals: list[str | None] = ["s3://bucket/ckpt/ns/r/uid-1/fre/step-9"]
-    mgt = trainer.job(context(run, 1, finals))["spec"]["template"]["spec"]
+    mgt = trainer.job(stage_context(run, 1, finals))["spec"]["template"]["spec"]
     assert claims(mgt, mgt["containers"][0]) == {"geo-images.v2": "/mnt/pvc/geo-images.v2"}
-    server = rollout.pod(context(run, 1, finals), 0)["spec"]
+    server = rollout.pod(stage_context(run, 1, finals), 0)["spec"]
     assert claims(server, server["containers"][0]) == {}
     run["spec"]["stages"][1]["initFrom"] = "pvc://models/sft"
-    server = rollout.pod(context(run, 1, finals), 0)["spec"]
+    server = rollout.pod(stage_context(run, 1, finals), 0)["spec"]
     assert claims(server, server["containers"][0]) == {"models": "/mnt/pvc/models"}
     # Nothing to mount for the default run (hf:// model, s3:// data).
-    plain = trainer.job(context(run_obj()))["spec"]["template"]["spec"]
+    plain = trainer.job(stage_context(run_object()))["spec"]["template"]["spec"]
     assert claims(plain, plain["containers"][0]) == {}
 
 
@@ -427,11 +403,11 @@ def test_a_gae_stage_gets_its_critic_with_defaults_and_the_trainer_gets_it_too()
     """gae without a critic section: the script defaults (9e-6, clip 0.2, gamma = lambda = 1)
     reach the trainer's stage config; set values go through unchanged; other estimators
     render no critic."""
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][0]["algorithm"] = {"advantageEstimator": "gae", "samplesPerPrompt": 1}
     run["spec"]["stages"][1]["algorithm"] = {"advantageEstimator": "gae"}
     run["spec"]["stages"][1]["critic"] = {"learningRate": 5e-6, "warmupRatio": 0.1}
-    fre = context(run)
+    fre = stage_context(run)
     assert fre.stage.critic is not None and fre.stage.critic.learning_rate == 9e-6
     configmap = stage_config.configmap(fre, [])
     loaded = StageConfig.model_validate(yaml.safe_load(configmap["data"]["stage.yaml"]))
@@ -442,7 +418,7 @@ def test_a_gae_stage_gets_its_critic_with_defaults_and_the_trainer_gets_it_too()
         1.0,
         1.0,
     )
-    mgt = stage_config.render(context(run, index=1, finals=["s3://b/ns/r/fre/step-2"]), [])
+    mgt = stage_config.render(stage_context(run, index=1, finals=["s3://b/ns/r/fre/step-2"]), [])
     assert mgt.critic is not None
     assert (mgt.critic.learning_rate, mgt.critic.warmup_ratio) == (5e-6, 0.1)
-    assert stage_config.render(context(run_obj()), []).critic is None
+    assert stage_config.render(stage_context(run_object()), []).critic is None

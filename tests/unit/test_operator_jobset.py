@@ -10,16 +10,14 @@ from typing import Any
 
 import pytest
 from tests import kube_schema
-from tests.invalid_runs import valid_run
+from tests.stage_contexts import run_object, stage_context
 
 from lmmr1_operator import naming
 from lmmr1_operator.api.crd import MAX_RUN_NAME
-from lmmr1_operator.api.spec import MAX_STAGE_NAME, LMMR1RunSpec
+from lmmr1_operator.api.spec import MAX_STAGE_NAME
 from lmmr1_operator.children import jobset, rollout, stage_config, trainer
-from lmmr1_operator.children.context import StageContext, init_weights
-from lmmr1_operator.settings import OperatorSettings
+from lmmr1_operator.children.context import StageContext
 
-SETTINGS = OperatorSettings(trainer_image="trainer:1", rollout_image="rollout:1")
 SEPARATE = {"trainer": {"nodes": 2, "gpusPerNode": 8}, "rollout": {"replicas": 3}}
 
 
@@ -31,21 +29,11 @@ def context(
     attempt: int = 0,
     **spec: Any,
 ) -> StageContext:
-    run = valid_run(name)
-    run["metadata"].update(namespace="ns", uid="uid-1", generation=1)
-    run["spec"].update(spec)
+    run = run_object(name, **spec)
     run["spec"]["stages"][0]["name"] = stage
     if resources is not None:
         run["spec"]["stages"][0]["resources"] = resources
-    parsed = LMMR1RunSpec.model_validate(run["spec"])
-    return StageContext(
-        run=run,
-        spec=parsed,
-        index=0,
-        settings=SETTINGS,
-        init_from=init_weights(parsed, 0, []),
-        attempt=attempt,
-    )
+    return stage_context(run, attempt=attempt)
 
 
 def schema_errors(obj: dict[str, Any]) -> list[str]:

@@ -10,13 +10,10 @@ from typing import Any
 
 import pytest
 from tests import kube_schema
-from tests.invalid_runs import valid_run
+from tests.stage_contexts import run_object, stage_context
 
 from lmmr1_operator import kueue
-from lmmr1_operator.api.spec import LMMR1RunSpec
 from lmmr1_operator.children import jobset
-from lmmr1_operator.children.context import StageContext, init_weights
-from lmmr1_operator.settings import OperatorSettings
 
 VERSIONS = ("v1beta1", "v1beta2")
 JOBSET_UID = "0b7c5e4e-5f43-4c36-9d2c-1f0c1f6f7a01"
@@ -32,19 +29,10 @@ PREEMPTION = (
 
 def the_jobset() -> dict[str, Any]:
     """A stage attempt's JobSet (separate mode) as the API server returns it."""
-    run = valid_run("r")
-    run["metadata"].update(namespace="ns", uid="run-uid", generation=1)
-    run["spec"].update(queueName="team-a")
+    run = run_object(queueName="team-a")
+    run["metadata"]["uid"] = "run-uid"
     run["spec"]["stages"][0]["resources"] = {"rollout": {"mode": "separate", "replicas": 2}}
-    spec = LMMR1RunSpec.model_validate(run["spec"])
-    ctx = StageContext(
-        run=run,
-        spec=spec,
-        index=0,
-        settings=OperatorSettings(trainer_image="t:1", rollout_image="r:1"),
-        init_from=init_weights(spec, 0, []),
-    )
-    js = jobset.jobset(ctx)
+    js = jobset.jobset(stage_context(run))
     js["metadata"]["uid"] = JOBSET_UID
     return js
 

@@ -10,15 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.invalid_runs import valid_run
+from tests.stage_contexts import run_object, stage_context
 
-from lmmr1_operator.api.spec import LMMR1RunSpec
 from lmmr1_operator.children import pods, rollout, trainer
-from lmmr1_operator.children.context import StageContext, init_weights
-from lmmr1_operator.settings import OperatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
-SETTINGS = OperatorSettings(trainer_image="trainer:1", rollout_image="rollout:1")
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 # https://kubernetes.io/docs/concepts/security/pod-security-standards/ (v1.36)
@@ -110,27 +106,14 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
     return out
 
 
-def run_obj() -> dict[str, Any]:
-    run = valid_run("r")
-    run["metadata"].update(namespace="ns", uid="uid-1", generation=1)
-    return run
-
-
-def context(run: dict[str, Any]) -> StageContext:
-    spec = LMMR1RunSpec.model_validate(run["spec"])
-    return StageContext(
-        run=run, spec=spec, index=0, settings=SETTINGS, init_from=init_weights(spec, 0, [])
-    )
-
-
 def gpu_run() -> dict[str, Any]:
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][0]["resources"] = {"trainer": {"nodes": 2, "gpusPerNode": 8}}
     return run
 
 
 def cpu_run() -> dict[str, Any]:
-    run = run_obj()
+    run = run_object()
     run["spec"]["stages"][0]["resources"] = {
         "trainer": {"gpusPerNode": 0},
         "rollout": {"gpusPerReplica": 0},
@@ -142,7 +125,7 @@ def workload_pods() -> dict[str, dict[str, Any]]:
     """Every pod spec the operator renders, by a name for the test id."""
     out = {}
     for label, run in (("gpu", gpu_run()), ("cpu", cpu_run())):
-        ctx = context(run)
+        ctx = stage_context(run)
         out[f"rollout-{label}"] = rollout.pod(ctx, 0)["spec"]
         out[f"trainer-{label}"] = trainer.job(ctx)["spec"]["template"]["spec"]
     return out
@@ -268,7 +251,7 @@ def test_the_rollout_token_is_readable_by_the_pods_group_only() -> None:
 def test_a_run_names_the_uid_and_gids_its_image_runs_as() -> None:
     run = cpu_run()
     run["spec"]["securityContext"] = {"runAsUser": 2000, "runAsGroup": 0, "fsGroup": 3000}
-    ctx = context(run)
+    ctx = stage_context(run)
     for pod in (rollout.pod(ctx, 0)["spec"], trainer.job(ctx)["spec"]["template"]["spec"]):
         assert restricted_violations(pod) == []
         security = pod["securityContext"]
@@ -280,6 +263,6 @@ def test_a_run_names_the_uid_and_gids_its_image_runs_as() -> None:
     # Root is the run's explicit choice: the pods then fail `restricted` (the namespace's
     # admission decides) instead of claiming runAsNonRoot with uid 0.
     run["spec"]["securityContext"] = {"runAsUser": 0}
-    pod = rollout.pod(context(run), 0)["spec"]
+    pod = rollout.pod(stage_context(run), 0)["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is False
     assert "pod runAsUser=0" in restricted_violations(pod)

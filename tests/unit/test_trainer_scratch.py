@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 import yaml
-from tests.invalid_runs import valid_run
+from tests.stage_contexts import run_object, stage_context
 
-from lmmr1_operator.api.spec import DEFAULT_SCRATCH_SIZE, LMMR1RunSpec
+from lmmr1_operator.api.spec import DEFAULT_SCRATCH_SIZE
 from lmmr1_operator.children import stage_config, trainer
-from lmmr1_operator.children.context import StageContext, init_weights
 from lmmr1_operator.quantity import quantity_bytes, quantity_value
-from lmmr1_operator.settings import OperatorSettings
 from lmmr1_trainer.config import EXIT_CONFIG_ERROR
 from lmmr1_trainer.localrun import CPU_ENV
 from lmmr1_trainer.scratch import GIB, Layout, checkpoint_bytes, shortfall
@@ -70,17 +68,9 @@ def test_quantities_read_as_kubernetes_does() -> None:
 
 
 def test_the_trainer_pod_gets_a_sized_scratch_volume_and_requests_the_disk() -> None:
-    run = valid_run("r")
-    run["metadata"].update(namespace="ns", uid="uid-1", generation=1)
+    run = run_object()
     run["spec"]["stages"][0].setdefault("resources", {})["trainer"] = {"scratchSize": "300Gi"}
-    spec = LMMR1RunSpec.model_validate(run["spec"])
-    ctx = StageContext(
-        run=run,
-        spec=spec,
-        index=0,
-        settings=OperatorSettings(trainer_image="t:1", rollout_image="r:1"),
-        init_from=init_weights(spec, 0, []),
-    )
+    ctx = stage_context(run)
     pod = trainer.job(ctx)["spec"]["template"]["spec"]
     scratch = next(v for v in pod["volumes"] if v["name"] == "tmp")
     assert scratch["emptyDir"] == {"sizeLimit": "300Gi"}

@@ -49,6 +49,29 @@ def items(
     return list(json.loads(cli(state, "kubectl", *args).stdout)["items"])
 
 
+def report_progress(
+    state: TestBedState, namespace: str, run: str, progress: dict[str, Any], as_pods: bool = True
+) -> None:
+    """Write a stage's progress as its trainer does (`progress.json` in `<run>-progress`),
+    for benches and tests that play the trainer; `as_pods`: as the namespace's default
+    service account, the pods' identity, so the run's Role is what allows it."""
+    patch = {"data": {"progress.json": json.dumps(progress)}}
+    identity = [f"--as=system:serviceaccount:{namespace}:default"] if as_pods else []
+    cli(
+        state,
+        "kubectl",
+        "patch",
+        "configmap",
+        f"{run}-progress",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps(patch),
+        *identity,
+    )
+
+
 def install_operator(
     state: TestBedState,
     namespace: str = OPERATOR_NAMESPACE,
