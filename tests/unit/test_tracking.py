@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import ValidationError
-from tests.unit.test_operator_builders import context, run_obj
+from tests.stage_contexts import run_object, stage_context
 from tests.wandb_offline import history
 
 from lmmr1_operator.api import crd
@@ -43,21 +43,21 @@ TRACKING = {
 
 
 def _trainer_container(run: dict[str, Any]) -> dict[str, Any]:
-    pod = trainer.job(context(run))["spec"]["template"]["spec"]
+    pod = trainer.job(stage_context(run))["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     return dict(container)
 
 
 def test_a_run_without_tracking_tracks_nothing() -> None:
-    rendered = stage_config.render(context(run_obj()), [])
+    rendered = stage_config.render(stage_context(run_object()), [])
     assert not rendered.tracking.enabled
-    env = {e["name"] for e in _trainer_container(run_obj())["env"]}
+    env = {e["name"] for e in _trainer_container(run_object())["env"]}
     assert not env & {"MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY"}
 
 
 def test_the_stage_config_says_where_tracking_goes_and_holds_no_secret() -> None:
-    run = run_obj(tracking=TRACKING)
-    ctx = context(run, index=1, finals=["s3://bucket/ckpt/ns/r/uid-1/fre/step-9"])
+    run = run_object(tracking=TRACKING)
+    ctx = stage_context(run, index=1, finals=["s3://bucket/ckpt/ns/r/uid-1/fre/step-9"])
     tracking = stage_config.render(ctx, []).tracking
     assert tracking.tensorboard == TensorBoardConfig(
         uri="s3://bucket/ckpt/ns/r/uid-1/tensorboard/mgt"
@@ -76,8 +76,8 @@ def test_the_stage_config_says_where_tracking_goes_and_holds_no_secret() -> None
 
 
 def test_offline_wandb_goes_beside_the_checkpoints_and_needs_no_key() -> None:
-    run = run_obj(tracking={"wandb": {"project": "lmmr1", "mode": "offline"}})
-    tracking = stage_config.render(context(run), []).tracking
+    run = run_object(tracking={"wandb": {"project": "lmmr1", "mode": "offline"}})
+    tracking = stage_config.render(stage_context(run), []).tracking
     assert (
         tracking.wandb is not None and tracking.wandb.uri == "s3://bucket/ckpt/ns/r/uid-1/wandb/fre"
     )
@@ -86,7 +86,7 @@ def test_offline_wandb_goes_beside_the_checkpoints_and_needs_no_key() -> None:
 
 
 def test_credentials_reach_the_trainer_only_by_secret_reference() -> None:
-    env = {e["name"]: e for e in _trainer_container(run_obj(tracking=TRACKING))["env"]}
+    env = {e["name"]: e for e in _trainer_container(run_object(tracking=TRACKING))["env"]}
     for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         # Either a token or a user and password: each key may be absent from the Secret.
         assert env[key] == {
@@ -101,8 +101,8 @@ def test_credentials_reach_the_trainer_only_by_secret_reference() -> None:
 
 
 def test_the_experiment_name_can_be_set() -> None:
-    run = run_obj(tracking={"mlflow": {"trackingUri": "https://m.example", "experiment": "lmm"}})
-    mlflow = stage_config.render(context(run), []).tracking.mlflow
+    run = run_object(tracking={"mlflow": {"trackingUri": "https://m.example", "experiment": "lmm"}})
+    mlflow = stage_config.render(stage_context(run), []).tracking.mlflow
     assert mlflow is not None and mlflow.experiment == "lmm"
 
 
@@ -126,10 +126,10 @@ def test_the_crd_documents_and_validates_the_tracking_section() -> None:
 
 
 def test_an_offline_wandb_run_needs_no_key_but_an_online_one_does() -> None:
-    spec = run_obj(tracking={"wandb": {"project": "p", "mode": "offline"}})["spec"]
+    spec = run_object(tracking={"wandb": {"project": "p", "mode": "offline"}})["spec"]
     assert LMMR1RunSpec.model_validate(spec).tracking is not None
     with pytest.raises(ValidationError, match="apiKeySecret: online mode needs apiKeySecret"):
-        LMMR1RunSpec.model_validate(run_obj(tracking={"wandb": {"project": "p"}})["spec"])
+        LMMR1RunSpec.model_validate(run_object(tracking={"wandb": {"project": "p"}})["spec"])
 
 
 # -- the tracker on its local back ends --------------------------------------------------
