@@ -19,9 +19,6 @@ ANNOTATION_REPLICA = "lmmr1.io/replica"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGER = "lmmr1-operator"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
-# Names a Kueue WorkloadPriorityClass (not a PriorityClass): Kueue reads it on the JobSet
-# before any pod template's priorityClassName (jobframework.ExtractPriority, kueue v0.17.0).
-KUEUE_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 
 ROLLOUT_PORT = 8000
 VERIFIER_PORT = 5000

@@ -18,6 +18,9 @@ from lmmr1_operator.api.spec import MAX_STAGE_NAME
 from lmmr1_operator.children import jobset, rollout, stage_config, trainer
 from lmmr1_operator.children.context import StageContext
 
+# Names a Kueue WorkloadPriorityClass (not a PriorityClass): Kueue reads it on the JobSet
+# before any pod template's priorityClassName (jobframework.ExtractPriority, kueue v0.17.0).
+KUEUE_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 SEPARATE = {"trainer": {"nodes": 2, "gpusPerNode": 8}, "rollout": {"replicas": 3}}
 
 
@@ -162,7 +165,7 @@ def test_a_queued_jobset_is_created_suspended_for_kueue() -> None:
     assert queued["metadata"]["labels"][naming.KUEUE_QUEUE] == "team-a"
     # The run's priority class is a PriorityClass: on the pods, where Kueue reads it without
     # a kueue.x-k8s.io/priority-class label (that names a WorkloadPriorityClass).
-    assert naming.KUEUE_PRIORITY_CLASS not in queued["metadata"]["labels"]
+    assert KUEUE_PRIORITY_CLASS not in queued["metadata"]["labels"]
     for rjob in queued["spec"]["replicatedJobs"]:
         pod = rjob["template"]["spec"]["template"]
         assert pod["spec"]["priorityClassName"] == "hi"

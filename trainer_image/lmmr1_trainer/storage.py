@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,25 +261,31 @@ class S3Storage:
             )
 
 
-def _not_found(err: BaseException) -> bool:
-    """S3 answered that the object (or its bucket) does not exist, anywhere in the chain
-    (s3transfer's download wraps botocore's 404)."""
-    from botocore.exceptions import ClientError
-
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """`err` and what caused it, a few links deep (s3transfer wraps what botocore raised)."""
     seen: BaseException | None = err
     for _ in range(8):
         if seen is None:
-            return False
-        if isinstance(seen, ClientError):
-            code = seen.response.get("Error", {}).get("Code")
-            return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+            return
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def _not_found(err: BaseException) -> bool:
+    """S3 answered that the object does not exist (a 404 on the key; a missing bucket is a
+    configuration error, reported as one)."""
+    from botocore.exceptions import ClientError
+
+    answer = next((e for e in _chain(err) if isinstance(e, ClientError)), None)
+    return answer is not None and answer.response.get("Error", {}).get("Code") in (
+        "404",
+        "NoSuchKey",
+        "NotFound",
+    )
 
 
 def _unreachable(err: BaseException) -> bool:
-    """The endpoint could not be reached or dropped the connection (no answer from S3),
-    anywhere in the exception's chain (s3transfer wraps what botocore raised)."""
+    """The endpoint could not be reached or dropped the connection (no answer from S3)."""
     from botocore.exceptions import (
         ConnectionClosedError,
         ConnectTimeoutError,
@@ -288,14 +294,7 @@ def _unreachable(err: BaseException) -> bool:
     )
 
     kinds = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)
-    seen: BaseException | None = err
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, kinds):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(isinstance(e, kinds) for e in _chain(err))
 
 
 def s3_client(settings: S3Settings | None = None) -> Any:
