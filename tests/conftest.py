@@ -1,7 +1,8 @@
 """Shared test configuration: the test-bed fixtures, the integration marker applied to
 everything under tests/integration and tests/e2e, and the order of the suite: unit tests
 first (fast, no test bed, not slowed by the trainers and pods of the others), then
-integration, then end to end."""
+integration, then end to end, then the tests against Kueue and JobSet (marked `batch`):
+last, so that on a cold machine their controllers build while everything else runs."""
 
 from __future__ import annotations
 
@@ -33,7 +34,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if _INTEGRATION_DIRS & set(Path(str(item.fspath)).parts):
             item.add_marker(pytest.mark.integration)
     # A stable sort: within each part, pytest's own order (files, then definitions).
-    items.sort(key=lambda item: suite_rank(Path(str(item.fspath))))
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("batch") is not None,
+            suite_rank(Path(str(item.fspath))),
+        )
+    )
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

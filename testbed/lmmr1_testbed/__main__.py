@@ -1,6 +1,7 @@
 """Test-bed command line.
 
-python -m lmmr1_testbed up        # build/reuse binaries, start everything (make cluster-up)
+python -m lmmr1_testbed up        # build/reuse binaries, start everything (make cluster-up),
+                                  # Kueue and JobSet included (--no-batch: without them)
 python -m lmmr1_testbed down      # stop everything (make cluster-down)
 python -m lmmr1_testbed status    # print the state of a running test bed as JSON
 python -m lmmr1_testbed build     # only build/reuse the binaries
@@ -24,10 +25,15 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=["up", "down", "status", "build"])
+    parser.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="up: leave out the Kueue and JobSet controllers (and their build)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            bed.up()
+            bed.up(with_batch=not args.no_batch)
         elif args.command == "down":
             bed.down()
         elif args.command == "build":

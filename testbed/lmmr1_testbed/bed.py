@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from lmmr1_testbed import images, pki, procs
+from lmmr1_testbed import batch, images, pki, procs
 from lmmr1_testbed.layout import TestBedState, cache_dir, ensure_binaries, run_dir
 
 # Start order; `down` stops in reverse.
@@ -72,7 +72,7 @@ def _https_ok(url: str, ca: Path, client: pki.KeyPair | None = None) -> bool:
         return False
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return bool(response.status == 200)
@@ -93,12 +93,18 @@ def status() -> TestBedState | None:
     return state
 
 
-def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
-    """Start every component (reusing a healthy running test bed) and return its state."""
+def up(*, gpu_nodes: int = GPU_NODES, with_batch: bool = False) -> TestBedState:
+    """Start every component (reusing a healthy running test bed) and return its state.
+
+    `with_batch` also starts Kueue and JobSet (`make cluster-up` does); tests that need them
+    start them with `batch.ensure`, so that the others never wait for their build.
+    """
     running = status()
     if running is not None:
         log(f"already up in {running.run_dir}; installing this checkout into its images")
         images.prepare(cache_dir(), Path(running.run_dir))
+        if with_batch:
+            batch.ensure(running)
         return running
     directory = run_dir()
     down(quiet=True)
@@ -178,7 +184,7 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
         run_dir=directory,
     )
     wait_until(
-        "etcd", lambda: _http_ok(f"http://{host}:{ports['etcd']}/health"), 30, logs / "etcd.log"
+        "etcd", lambda: http_ok(f"http://{host}:{ports['etcd']}/health"), 30, logs / "etcd.log"
     )
 
     log("starting kube-apiserver")
@@ -318,7 +324,7 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
         "versitygw", lambda: procs.port_is_open(host, ports["s3"]), 30, logs / "versitygw.log"
     )
     # Last: its first start (database migrations) takes tens of seconds on a busy machine.
-    wait_until("MLflow", lambda: _http_ok(f"{mlflow_url}/health"), 180, logs / "mlflow.log")
+    wait_until("MLflow", lambda: http_ok(f"{mlflow_url}/health"), 180, logs / "mlflow.log")
     wait_until(
         "GPU nodes Ready",
         lambda: _nodes_ready(state, [*state.gpu_nodes, state.process_node]),
@@ -335,6 +341,8 @@ def up(*, gpu_nodes: int = GPU_NODES) -> TestBedState:
     (directory / "s3.env").write_text(
         "".join(f"export {key}={value}\n" for key, value in state.s3_env().items())
     )
+    if with_batch:
+        batch.ensure(state)
     log(
         f"up in {time.monotonic() - started:.1f}s: KUBECONFIG={state.kubeconfig}; "
         f"S3 at {state.s3_endpoint} (source {directory / 's3.env'}); MLflow at {mlflow_url}"
@@ -489,7 +497,7 @@ def _default_sa_exists(state: TestBedState) -> bool:
 def down(*, quiet: bool = False) -> None:
     """Stop every component (processes of pods on the process node included)."""
     directory = run_dir()
-    for name in reversed(COMPONENTS):
+    for name in (*reversed(batch.COMPONENTS), *reversed(COMPONENTS)):
         if procs.stop(name, directory, grace=15 if name == "process-node" else 5) and not quiet:
             log(f"stopped {name}")
     # Pods' processes run in their own sessions; the node stops them, unless it was killed

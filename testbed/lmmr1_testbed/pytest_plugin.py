@@ -103,6 +103,19 @@ class Cli:
 
 
 @pytest.fixture(scope="session")
+def batch_controllers(testbed: TestBedState) -> TestBedState:
+    """The test bed with Kueue and JobSet running (started once, on first use; their build,
+    if not cached, waits here)."""
+    from lmmr1_testbed import batch
+
+    try:
+        batch.ensure(testbed)
+    except (PrerequisiteMissing, RuntimeError) as err:
+        pytest.fail(f"Kueue and JobSet did not start: {err}", pytrace=False)
+    return testbed
+
+
+@pytest.fixture(scope="session")
 def kube_client(testbed: TestBedState) -> Any:
     from kubernetes import config
 
