@@ -257,7 +257,12 @@ class Bed:
 
 @contextmanager
 def installed_operator(
-    testbed: TestBedState, s3_client: Any, *, prefix: str = "t-operator", **values: Any
+    testbed: TestBedState,
+    s3_client: Any,
+    *,
+    prefix: str = "t-operator",
+    bed_class: type[Bed] = Bed,
+    **values: Any,
 ) -> Iterator[Bed]:
     """The chart installed (two replicas, on the process node) serving two fresh restricted
     namespaces with an `s3` credentials Secret and a bucket; `values` override the chart's
@@ -311,7 +316,7 @@ def installed_operator(
         stdin=json.dumps(chart_values),
     )
     try:
-        yield Bed(testbed, namespace, bucket, s3_client, second_namespace=second)
+        yield bed_class(testbed, namespace, bucket, s3_client, second_namespace=second)
     finally:
         helm("uninstall", release, check=False)
         for served in (namespace, second):

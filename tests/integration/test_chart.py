@@ -204,6 +204,22 @@ def test_bad_values_fail_with_a_message_naming_them(
         template(helm, *values, check=False)
 
 
+JOBSET_API = "jobset.x-k8s.io/v1alpha2/JobSet"
+WORKLOAD_API = "kueue.x-k8s.io/v1beta2/Workload"
+
+
+def test_kueue_enabled_names_the_jobset_and_kueue_apis_the_cluster_lacks(helm: Cli) -> None:
+    """`helm install` fills .Capabilities from the cluster's discovery; `helm template` from
+    --api-versions (the batch tests install with kueue.enabled against the real APIs)."""
+    enabled = ("--set", "kueue.enabled=true")
+    with pytest.raises(RuntimeError, match=r"JobSet v0\.11\.1 .*; Kueue v0\.17\.0 "):
+        template(helm, *enabled, check=False)
+    with pytest.raises(RuntimeError, match=r"does not serve: Kueue v0\.17\.0 or later"):
+        template(helm, *enabled, "--api-versions", JOBSET_API, check=False)
+    docs = template(helm, *enabled, "--api-versions", JOBSET_API, "--api-versions", WORKLOAD_API)
+    assert by_kind(docs, "Deployment")
+
+
 def test_long_release_names_stay_within_63_characters(helm: Cli) -> None:
     result = helm("template", "r" * 53, CHART)
     for doc in yaml.safe_load_all(result.stdout):

@@ -69,6 +69,19 @@ app.kubernetes.io/part-of: lmmr1
 {{- if and .Values.watchAllNamespaces .Values.watchNamespaces }}
 {{- fail "watchAllNamespaces=true serves every namespace: leave watchNamespaces empty, or set watchAllNamespaces=false to serve only the listed namespaces" }}
 {{- end }}
+{{- /* The API versions the cluster serves (helm template: pass --api-versions). */ -}}
+{{- if .Values.kueue.enabled }}
+{{- $missing := list }}
+{{- if not (.Capabilities.APIVersions.Has "jobset.x-k8s.io/v1alpha2/JobSet") }}
+{{- $missing = append $missing "JobSet v0.11.1 or later (jobset.x-k8s.io/v1alpha2 JobSet)" }}
+{{- end }}
+{{- if not (.Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2/Workload") }}
+{{- $missing = append $missing "Kueue v0.17.0 or later (kueue.x-k8s.io/v1beta2 Workload)" }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "kueue.enabled=true, but this cluster does not serve: %s. Install them first, or set kueue.enabled=false (then runs must not set spec.queueName)" (join "; " $missing)) }}
+{{- end }}
+{{- end }}
 {{- if and (not .Values.rbac.create) .Values.serviceAccount.create }}
 {{- /* allowed: RBAC granted out of band to a chart-made account */ -}}
 {{- end }}
