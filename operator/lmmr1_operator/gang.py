@@ -164,7 +164,13 @@ def queued(d: _Decision, record: StageStatus, said: kueue.Admission) -> None:
     status.last_progress_time = None  # no pods: the stall clock restarts with them
     d.condition(cond.ADMITTED, False, reason, detail)
     d.condition(cond.RUNNING, False, reason, f"stage {record.name}: {detail}")
-    d.condition(cond.BLOCKED, False, reason)
+    # A child the API server refused (the JobSet itself, by a webhook or a quota) would
+    # otherwise leave the run Queued for a JobSet that never comes.
+    refused = d.creation()
+    if refused:
+        d.condition(cond.BLOCKED, True, *refused)
+    else:
+        d.condition(cond.BLOCKED, False, reason)
 
 
 def left_queue(d: _Decision, record: StageStatus) -> None:

@@ -484,3 +484,15 @@ def test_kube_reads_an_unserved_optional_kind_as_none_and_refuses_its_create(
     assert discovery.lookups == 2  # one per kind
     with pytest.raises(ResourceNotFoundError):
         kube.get("Pod", "ns", "p")  # a kind the operator always needs stays an error
+
+
+def test_a_jobset_the_api_server_refuses_is_shown_not_left_queued() -> None:
+    run, _ = first_pass()
+    why = 'admission webhook "vjobset.kb.io" denied the request: spec.network.subdomain: ...'
+    world = seen(run, create_failures=[CreateFailure("JobSet", JOBSET, "Invalid", why)])
+    plan = decide(world, SETTINGS)
+    blocked = condition_of(plan, "Blocked")
+    assert (blocked["status"], blocked["reason"]) == ("True", "CreateFailed")
+    assert why in blocked["message"] and plan.status["phase"] == "Queued"
+    assert [e[:2] for e in plan.events] == [("Warning", "CreateFailed")]
+    assert not decide(replace(world, run=with_status(run, plan)), SETTINGS).events
