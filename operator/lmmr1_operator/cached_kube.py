@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import builtins
 import copy
+import logging
 import threading
 import time
 from collections.abc import Callable
 
 from kubernetes import client
 
-from lmmr1_operator import naming
+from lmmr1_operator import kueue, naming
 from lmmr1_operator.kube import Counted, CreateRefused, Kube, Obj, RateLimiter
+
+log = logging.getLogger("lmmr1.kube")
 
 # The kinds of children the operator creates, all labelled managed-by=lmmr1-operator: it
 # lists and watches exactly these, and only its own. (Secrets are not among them: a watch
@@ -24,6 +27,12 @@ from lmmr1_operator.kube import Counted, CreateRefused, Kube, Obj, RateLimiter
 CACHED_KINDS = ("Pod", "Job", "ConfigMap", "Service", "NetworkPolicy", "Role", "RoleBinding")
 SECRET_TTL_S = 60.0  # how long a Secret read stays good (its existence, the S3 keys)
 MANAGED_SELECTOR = f"{naming.LABEL_MANAGED}={naming.MANAGER}"
+# The JobSet path's kinds (runs with spec.queueName), cached only when their CRDs are
+# installed when the operator starts; otherwise they are read from the API server (and a
+# kind it does not serve reads as none: see kube.OPTIONAL_KINDS). Kueue's Workloads carry
+# none of the operator's labels: every Kueue-made Workload (labelled with its job's UID) of
+# the served namespaces is watched.
+OPTIONAL_CACHED = {"JobSet": MANAGED_SELECTOR, "Workload": kueue.JOB_UID_LABEL}
 # Why a trainer Job has no pods: the Job controller's FailedCreate Events (Pod Security, quota).
 FAILED_CREATE_SELECTOR = "involvedObject.kind=Job,reason=FailedCreate"
 
@@ -63,6 +72,18 @@ class CachedKube(Kube):
             )
             for kind in CACHED_KINDS
         }
+        for kind, selector in OPTIONAL_CACHED.items():
+            if not self.serves(kind):
+                log.info("%s is not served: read directly, only for runs with a queue", kind)
+                continue
+            self.informers[kind] = Informer(
+                self._resource(kind),
+                self.dynamic.watch,
+                namespaces,
+                on_change,
+                label_selector=selector,
+                before_call=before_list_or_watch(kind),
+            )
         self.informers["Event"] = Informer(
             self._resource("Event"),
             self.dynamic.watch,

@@ -17,6 +17,9 @@ CHILDREN_CREATED = "ChildrenCreated"
 # False while the operator's passes on the run fail (an API or S3 error it retries); set
 # once one failed.
 RECONCILED = "Reconciled"
+# Runs with spec.queueName only: True while Kueue admits the stage's JobSet; False with
+# Kueue's reason and message while it waits in its queue or after an eviction.
+ADMITTED = "Admitted"
 
 
 def set_condition(

@@ -17,9 +17,10 @@ from typing import Any
 from kubernetes.dynamic.exceptions import ConflictError
 from pydantic import ValidationError
 
-from lmmr1_operator import checkpoints, naming, podstate
+from lmmr1_operator import checkpoints, kueue, naming, podstate
 from lmmr1_operator.api.spec import LMMR1RunSpec
 from lmmr1_operator.api.status import StageStatus
+from lmmr1_operator.children import jobset as jobset_builder
 from lmmr1_operator.kube import CreateRefused, Kube
 from lmmr1_operator.metrics import Metrics
 from lmmr1_operator.reconcile import (
@@ -49,6 +50,15 @@ _STAGE_CHILDREN = (
     ("NetworkPolicy", "trainer"),
     ("ConfigMap", "config"),
 )
+# ... and on the JobSet path (spec.queueName) the attempt's JobSet, which owns its Jobs,
+# their pods and its headless Service (deleting it deletes them).
+_GANG_CHILDREN = ((jobset_builder.KIND, jobset_builder.ROLE),)
+
+
+def _controlled_by(obj: Obj, kind: str) -> bool:
+    """Whether `obj`'s controller is an object of `kind` (a JobSet's Job, a Job's pod)."""
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(ref.get("kind") == kind and ref.get("controller") for ref in refs)
 
 
 class Controller:
@@ -183,12 +193,19 @@ class Controller:
         owned = {naming.LABEL_RUN: name, naming.LABEL_MANAGED: naming.MANAGER}
         # A rollout pod on its way out because Kubernetes disrupted it stays in view: the
         # stage restarts for it (a disruption), not only once a new one has replaced it.
+        # The JobSet path's rollout pods belong to a Job and its Jobs to a JobSet (read
+        # below through the JobSet): neither is the run's own child, nor someone else's.
         rollout_pods = [
             p
             for p in self.kube.list("Pod", namespace, {**owned, naming.LABEL_ROLE: "rollout"})
-            if alive("Pod", p) or (mine("Pod", p) is not None and podstate.disruption(p))
+            if not _controlled_by(p, "Job")
+            and (alive("Pod", p) or (mine("Pod", p) is not None and podstate.disruption(p)))
         ]
-        jobs = [j for j in self.kube.list("Job", namespace, owned) if alive("Job", j)]
+        jobs = [
+            j
+            for j in self.kube.list("Job", namespace, owned)
+            if not _controlled_by(j, jobset_builder.KIND) and alive("Job", j)
+        ]
         # The attempt's children are known by owner and attempt label, never by name: an
         # older attempt's Job and pods (their names carry their own attempt) are stale and
         # deleted, and none of them is read as the current attempt's (its Complete or Failed
@@ -207,22 +224,38 @@ class Controller:
         trainer_pods: list[Obj] = []
         refused = list(self._refused.get((namespace, name), []))
         if job is not None:
-            job_uid = job["metadata"]["uid"]
-            trainer_pods = [
-                p
-                for p in self.kube.list("Pod", namespace, {"job-name": job["metadata"]["name"]})
-                if naming.owned_by(p, job_uid)
+            trainer_pods = self._job_pods(namespace, job, refused)
+        # The JobSet path (spec.queueName): the attempt's JobSet, Kueue's Workload for it,
+        # its Jobs and their pods. Never read for a run without a queue: the cluster may
+        # lack the JobSet and Kueue CRDs.
+        jobset: Obj | None = None
+        workload: Obj | None = None
+        jobset_jobs: list[Obj] = []
+        jobsets: list[Obj] = []
+        if spec.queue_name:
+            owned_jobsets = self.kube.list(jobset_builder.KIND, namespace, owned)
+            jobsets = [js for js in owned_jobsets if alive(jobset_builder.KIND, js)]
+            stale += [
+                (jobset_builder.KIND, js["metadata"]["name"]) for js in jobsets if not current(js)
             ]
-            # Pods the Job controller could not create (Pod Security, a quota): only its
-            # FailedCreate Events say so; read them only while the Job is short of pods.
-            if len(trainer_pods) < int(job.get("spec", {}).get("parallelism") or 1):
-                why = podstate.job_create_failure(
-                    job, trainer_pods, self.kube.events(namespace, job_uid, "FailedCreate")
-                )
-                if why:
-                    refused.append(
-                        CreateFailure("Job", job["metadata"]["name"], "FailedCreate", why)
-                    )
+            jobset = next((js for js in jobsets if current(js)), None)
+        if jobset is not None:
+            meta_js = jobset["metadata"]
+            workload = kueue.workload_for(
+                jobset,
+                self.kube.list("Workload", namespace, {kueue.JOB_UID_LABEL: meta_js["uid"]}),
+            )
+            jobset_jobs = [
+                j
+                for j in self.kube.list("Job", namespace, owned)
+                if naming.owned_by(j, meta_js["uid"]) and not j["metadata"].get("deletionTimestamp")
+            ]
+            for child in jobset_jobs:
+                pods = self._job_pods(namespace, child, refused)
+                if (child["metadata"].get("labels") or {}).get(naming.LABEL_ROLE) == "rollout":
+                    rollout_pods += pods
+                else:
+                    trainer_pods += pods
         config = mine(
             "ConfigMap", self.kube.get("ConfigMap", namespace, naming.stage_config(name, stage))
         )
@@ -246,14 +279,37 @@ class Controller:
             credentials_missing=missing,
             rollout_pods=[p for p in rollout_pods if current(p)],
             job=job,
+            jobset=jobset,
+            workload=workload,
+            jobset_jobs=jobset_jobs,
             trainer_pods=trainer_pods,
             config=config,
             progress=progress,
-            stage_children_exist=bool(rollout_pods or jobs or config),
+            stage_children_exist=bool(rollout_pods or jobs or config or jobsets),
             create_failures=refused,
             reconcile_error=self._errors.pop((namespace, name), None),
         )
         return seen, stale
+
+    def _job_pods(self, namespace: str, job: Obj, refused: list[CreateFailure]) -> list[Obj]:
+        """The Job's pods (by its job-name label and its UID as their owner); and, while it
+        is short of pods, why its controller could not create them (Pod Security, a quota:
+        only its FailedCreate Events say so), added to `refused`."""
+        job_uid = job["metadata"]["uid"]
+        pods = [
+            p
+            for p in self.kube.list("Pod", namespace, {"job-name": job["metadata"]["name"]})
+            if naming.owned_by(p, job_uid)
+        ]
+        spec = job.get("spec") or {}
+        # A suspended Job (its JobSet evicted by Kueue) has no pods on purpose.
+        if not spec.get("suspend") and len(pods) < int(spec.get("parallelism") or 1):
+            why = podstate.job_create_failure(
+                job, pods, self.kube.events(namespace, job_uid, "FailedCreate")
+            )
+            if why:
+                refused.append(CreateFailure("Job", job["metadata"]["name"], "FailedCreate", why))
+        return pods
 
     @staticmethod
     def progress(configmap: Obj | None) -> Progress | None:
@@ -323,7 +379,8 @@ class Controller:
             self.kube.delete(kind, namespace, child)
         refused: list[CreateFailure] = []
         if plan.delete_stage:
-            for kind, role in _STAGE_CHILDREN:
+            queued = bool((run.get("spec") or {}).get("queueName"))
+            for kind, role in _STAGE_CHILDREN + (_GANG_CHILDREN if queued else ()):
                 labels = {naming.LABEL_RUN: name, naming.LABEL_ROLE: role}
                 for obj in self.kube.list(kind, namespace, labels):
                     if naming.owned_by(obj, uid):

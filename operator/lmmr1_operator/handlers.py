@@ -66,13 +66,19 @@ def _enqueue(namespace: str, name: str) -> None:
 
 def _on_child(obj: dict[str, Any]) -> None:
     """An informer saw a child change: queue its run (a FailedCreate Event's through its
-    Job)."""
+    Job, a Kueue Workload's through its JobSet)."""
     meta = obj["metadata"]
     run = (meta.get("labels") or {}).get(naming.LABEL_RUN)
     if obj.get("kind") == "Event" and _State.kube is not None:
         involved = obj.get("involvedObject") or {}
         job = _State.kube.get("Job", meta["namespace"], involved.get("name") or "")
         run = ((job or {}).get("metadata", {}).get("labels") or {}).get(naming.LABEL_RUN)
+    if obj.get("kind") == "Workload" and _State.kube is not None:
+        owner = next(
+            (r for r in meta.get("ownerReferences") or [] if r.get("kind") == "JobSet"), None
+        )
+        jobset = _State.kube.get("JobSet", meta["namespace"], owner["name"]) if owner else None
+        run = ((jobset or {}).get("metadata", {}).get("labels") or {}).get(naming.LABEL_RUN)
     if run:
         _enqueue(meta["namespace"], run)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError, ResourceNotFoundError
 
 from lmmr1_operator import naming
 
@@ -39,7 +39,17 @@ API_VERSIONS: dict[str, str] = {
     "RoleBinding": "rbac.authorization.k8s.io/v1",
     "LMMR1Run": "lmmr1.io/v1alpha1",
     "Event": "v1",
+    # Only runs with spec.queueName use these (docs/design.md, "The JobSet path").
+    "JobSet": "jobset.x-k8s.io/v1alpha2",
+    "Workload": "kueue.x-k8s.io/v1beta2",
 }
+# Kinds whose CRDs a cluster may lack (JobSet, Kueue): reading one answers "none", deleting
+# one does nothing, and creating one is refused with reason NotFound, never an exception
+# that would fail every pass of a run that does not use them.
+OPTIONAL_KINDS = frozenset({"JobSet", "Workload"})
+# How long a kind the API server did not serve is taken as absent before discovery is asked
+# again (a miss makes the dynamic client read the whole discovery document).
+MISSING_KIND_RETRY_S = 60.0
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -102,6 +112,7 @@ class Kube:
         self.identity = identity
         self.dynamic = dynamic.DynamicClient(api_client)  # type: ignore[no-untyped-call]
         self._resources: dict[str, Any] = {}
+        self._missing: dict[str, float] = {}  # optional kind -> when to look for it again
         self._limiter = limiter
         self._on_call = on_call or (lambda verb, kind: None)
 
@@ -117,21 +128,45 @@ class Kube:
 
     def _resource(self, kind: str) -> Any:
         if kind not in self._resources:
-            self._resources[kind] = self.dynamic.resources.get(
-                api_version=API_VERSIONS[kind], kind=kind
-            )
+            if time.monotonic() < self._missing.get(kind, 0.0):
+                raise ResourceNotFoundError(f"{API_VERSIONS[kind]} {kind} is not served")
+            try:
+                self._resources[kind] = self.dynamic.resources.get(
+                    api_version=API_VERSIONS[kind], kind=kind
+                )
+            except ResourceNotFoundError:
+                if kind in OPTIONAL_KINDS:
+                    self._missing[kind] = time.monotonic() + MISSING_KIND_RETRY_S
+                raise
         return self._resources[kind]
+
+    def serves(self, kind: str) -> bool:
+        """Whether the API server serves `kind` (an optional kind's CRD is installed)."""
+        try:
+            self._resource(kind)
+        except ResourceNotFoundError:
+            return False
+        return True
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         try:
             found = self._call("get", kind).get(name=name, namespace=namespace)
         except NotFoundError:
             return None
+        except ResourceNotFoundError:
+            if kind in OPTIONAL_KINDS:
+                return None
+            raise
         return dict(found.to_dict())
 
     def list(self, kind: str, namespace: str, labels: dict[str, str]) -> list[Obj]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        found = self._call("list", kind).get(namespace=namespace, label_selector=selector)
+        try:
+            found = self._call("list", kind).get(namespace=namespace, label_selector=selector)
+        except (NotFoundError, ResourceNotFoundError):
+            if kind in OPTIONAL_KINDS:  # its CRD is not installed (or was removed)
+                return []
+            raise
         return list(found.to_dict().get("items", []))
 
     def ensure(self, obj: Obj) -> bool:
@@ -142,6 +177,15 @@ class Kube:
             created = self._call("create", obj["kind"]).create(
                 body=obj, namespace=meta["namespace"]
             )
+        except ResourceNotFoundError as err:  # no REST mapping: the CRD is not installed
+            if obj["kind"] not in OPTIONAL_KINDS:
+                raise
+            raise CreateRefused(
+                obj["kind"],
+                meta["name"],
+                "NotFound",
+                f"the server does not serve {obj['apiVersion']} {obj['kind']}",
+            ) from err
         except ConflictError:  # exists, or is still terminating: the next pass sees which
             return False
         except ApiException as err:
@@ -180,6 +224,8 @@ class Kube:
         return list(found.to_dict().get("items", []))
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
+        if kind in OPTIONAL_KINDS and not self.serves(kind):
+            return  # nothing of a kind the cluster does not serve can exist
         with contextlib.suppress(NotFoundError):
             self._call("delete", kind).delete(
                 name=name, namespace=namespace, body={"propagationPolicy": "Background"}

@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+PHASES = ("Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed")
 POINTS = ("baseline", "latest", "final")
 # status.stages[].evaluation[].<point>.<field> -> the gauge's name suffix.
 EVALUATION_FIELDS = {

@@ -177,3 +177,19 @@ def job_create_failure(job: Obj, pods: list[Obj], events: list[Obj]) -> str | No
     if not failures:
         return None
     return str(max(failures, key=_event_time).get("message") or "FailedCreate")
+
+
+def describe_failed(pods: list[Obj]) -> str:
+    """`name (container exit code: message, ...)` for each failed pod."""
+    return ", ".join(
+        f"{p['metadata']['name']} ("
+        + (
+            ", ".join(
+                f"{c} exit {code}" + (f": {message}" if message else "")
+                for c, code, message in failed_containers(p)
+            )
+            or "no exit code"
+        )
+        + ")"
+        for p in pods
+    )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmmr1_operator import conditions as cond
-from lmmr1_operator import naming, podstate
+from lmmr1_operator import gang, naming, podstate
 from lmmr1_operator.api.spec import LMMR1RunSpec, resolved_rollout_mode, stall_timeout
 from lmmr1_operator.api.status import LMMR1RunStatus, StageStatus
 from lmmr1_operator.children import access, rollout, stage_config, trainer
@@ -73,6 +73,11 @@ class Observed:
     # why the current trainer Job has no pods (its FailedCreate Events).
     create_failures: list[CreateFailure] = field(default_factory=list)
     reconcile_error: str | None = None  # what ended the operator's previous pass, if raised
+    # The JobSet path (spec.queueName): the attempt's JobSet, Kueue's Workload for it, and
+    # the JobSet's Jobs (their pods are trainer_pods and rollout_pods; `job` stays None).
+    jobset: Obj | None = None
+    workload: Obj | None = None
+    jobset_jobs: list[Obj] = field(default_factory=list)
 
 
 @dataclass
@@ -175,11 +180,12 @@ class _Decision:
         active = self.active_seconds()
         if deadline and active is not None and active > deadline:
             suspended = self.suspended_seconds()
+            paused = "suspended or queued" if self.spec.queue_name else "suspended"
             self.finish(
                 False,
                 "DeadlineExceeded",
                 f"activeDeadlineSeconds={deadline} passed ({active:.0f}s active"
-                + (f", {suspended:.0f}s suspended not counted" if suspended else "")
+                + (f", {suspended:.0f}s {paused} not counted" if suspended else "")
                 + f"); stopped at stage {self.record().name} step {status.step or 0}",
             )
             return self.done()
@@ -262,6 +268,8 @@ class _Decision:
         self.status.last_progress_time = None  # the pods are gone; the clock restarts with them
         self.condition(cond.SUSPENDED, True, "Suspended", "spec.suspend is true")
         self.condition(cond.RUNNING, False, "Suspended")
+        if self.spec.queue_name:
+            gang.suspended(self)
         self.plan.delete_stage = self.seen.stage_children_exist
 
     def run_stage(self) -> None:
@@ -288,6 +296,9 @@ class _Decision:
             # Before any pod, so none accepts traffic its policy would refuse.
             access.trainer_network_policy(ctx),
         ]
+        if self.spec.queue_name:  # gang admission: the attempt is one JobSet
+            gang.run_stage(self, ctx, record)
+            return
         if separate:
             self.plan.ensure += [
                 access.rollout_network_policy(ctx),
@@ -309,6 +320,12 @@ class _Decision:
         if podstate.job_condition(seen.job, "Complete"):
             self.complete_stage(record)
             return
+        self.progressing(record)
+
+    def progressing(self, record: StageStatus) -> None:
+        """The attempt's children exist (or are being created): Blocked from what was refused
+        or what keeps a pod from starting, Running once a trainer pod runs."""
+        seen = self.seen
         refused = self.creation()
         stuck = refused or podstate.why_stuck([*seen.rollout_pods, *seen.trainer_pods])
         if stuck:
@@ -449,37 +466,14 @@ class _Decision:
         """Handle a failed rollout or trainer pod. True when the stage is not running."""
         seen = self.seen
         pods = [*seen.rollout_pods, *seen.trainer_pods]
-        # Exit 78 from any container (trainer, verifier sidecar, rollout server) ends the
-        # run whatever the pod's phase: a sidecar is restarted in place and its pod never
-        # fails, and another attempt would meet the same configuration.
-        for pod in pods:
-            found = podstate.exited_with(pod, EXIT_CONFIG_ERROR)
-            if found is not None:
-                container, detail = found
-                self.record().phase = "Failed"
-                self.finish(
-                    False,
-                    "ConfigError",
-                    f"stage {ctx.stage.name}: container {container} of pod "
-                    f"{pod['metadata']['name']} rejected its configuration (exit "
-                    f"{EXIT_CONFIG_ERROR}), retrying cannot help: "
-                    f"{detail or f'see the {container} log'}",
-                )
-                return True
+        if self.config_error(ctx, pods):
+            return True
         # A pod Kubernetes ended (preempted, evicted, its node gone) is no failure of the
         # stage's, whatever its containers exited with; nor are the other ranks' failures
         # that follow when a peer vanishes under them. Nothing is counted.
-        disrupted = [(p, found) for p in pods if (found := podstate.disruption(p)) is not None]
+        disrupted = self.disrupted_pods(pods)
         if disrupted:
-            self.disrupted(
-                ctx,
-                ", ".join(
-                    f"pod {p['metadata']['name']} ended by Kubernetes ({reason}"
-                    + (f": {message}" if message else "")
-                    + ")"
-                    for p, (reason, message) in disrupted
-                ),
-            )
+            self.disrupted(ctx, disrupted)
             return True
         job_disruption = podstate.job_disruption(seen.job)
         if job_disruption is not None:  # the pod is gone; its Job says what happened
@@ -496,23 +490,40 @@ class _Decision:
         failed_pods = [p for p in pods if podstate.phase(p) == "Failed"]
         if not failed_pods and not podstate.job_condition(seen.job, "Failed"):
             return False
-        what = (
-            ", ".join(
-                f"{p['metadata']['name']} ("
-                + (
-                    ", ".join(
-                        f"{c} exit {code}" + (f": {message}" if message else "")
-                        for c, code, message in podstate.failed_containers(p)
-                    )
-                    or "no exit code"
-                )
-                + ")"
-                for p in failed_pods
-            )
-            or "the trainer Job"
-        )
-        self.restart(ctx, f"{what} failed")
+        self.restart(ctx, f"{podstate.describe_failed(failed_pods) or 'the trainer Job'} failed")
         return True
+
+    def config_error(self, ctx: StageContext, pods: list[Obj]) -> bool:
+        """Exit 78 from any container (trainer, verifier sidecar, rollout server) ends the
+        run whatever the pod's phase: a sidecar is restarted in place and its pod never
+        fails, and another attempt would meet the same configuration. True when it did."""
+        for pod in pods:
+            found = podstate.exited_with(pod, EXIT_CONFIG_ERROR)
+            if found is not None:
+                container, detail = found
+                self.record().phase = "Failed"
+                self.finish(
+                    False,
+                    "ConfigError",
+                    f"stage {ctx.stage.name}: container {container} of pod "
+                    f"{pod['metadata']['name']} rejected its configuration (exit "
+                    f"{EXIT_CONFIG_ERROR}), retrying cannot help: "
+                    f"{detail or f'see the {container} log'}",
+                )
+                return True
+        return False
+
+    @staticmethod
+    def disrupted_pods(pods: list[Obj]) -> str:
+        """The pods Kubernetes ended (DisruptionTarget), described; empty when none."""
+        return ", ".join(
+            f"pod {p['metadata']['name']} ended by Kubernetes ({reason}"
+            + (f": {message}" if message else "")
+            + ")"
+            for p in pods
+            if (found := podstate.disruption(p)) is not None
+            for reason, message in [found]
+        )
 
     def restart(self, ctx: StageContext, why: str, reason: str = RESTARTING) -> None:
         """A failed attempt: restart the stage from its last checkpoint after a back-off

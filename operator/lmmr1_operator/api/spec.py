@@ -835,7 +835,10 @@ class LMMR1RunSpec(ApiModel):
         default=None, description="Pods' service account (IRSA / workload identity)."
     )
     queue_name: DnsName | None = Field(
-        default=None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)."
+        default=None,
+        description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name). Set, each stage "
+        "attempt runs as one JobSet that Kueue admits as a gang (needs JobSet v0.11.1+ and "
+        "Kueue v0.17.0+); unset, as a trainer Job and rollout pods.",
     )
     priority_class_name: DnsName | None = None
     security_context: PodSecurity = Field(

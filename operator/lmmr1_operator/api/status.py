@@ -9,7 +9,8 @@ from pydantic import Field
 from lmmr1_operator.api.base import ApiModel
 from lmmr1_operator.api.spec import RolloutMode
 
-Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+# Queued: a run with spec.queueName whose JobSet waits for Kueue's admission (or was evicted).
+Phase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
 StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
 
 
@@ -144,13 +145,15 @@ class LMMR1RunStatus(ApiModel):
     suspended_seconds: int | None = Field(
         default=None,
         ge=0,
-        description="Seconds the run spent suspended before the current suspension; "
-        "spec.activeDeadlineSeconds counts neither these nor the current one.",
+        description="Seconds the run spent suspended (or queued by Kueue) before the "
+        "current suspension; spec.activeDeadlineSeconds counts neither these nor the current "
+        "one.",
     )
     suspended_since: str | None = Field(
         default=None,
         json_schema_extra={"format": "date-time"},
-        description="When the current suspension began (unset while not suspended).",
+        description="When the current suspension (or wait in Kueue's queue) began (unset "
+        "while neither).",
     )
     last_progress_time: str | None = Field(
         default=None,

@@ -4,8 +4,8 @@ quota, or none do, and a preemption takes them all back together.
 
 Built from the trainer Job and rollout pod builders (their pods are the same); what differs
 is only what JobSet does in their place: it names the Jobs and pods, creates the headless
-Service that gives them DNS names, and sets each pod's subdomain. Not wired into the
-reconciler yet (docs/plans/kueue-jobset.md)."""
+Service that gives them DNS names, and sets each pod's subdomain. Used for runs with
+spec.queueName (gang.py; docs/design.md, "The JobSet path")."""
 
 from __future__ import annotations
 
