@@ -115,12 +115,7 @@ def ensure(state: TestBedState) -> None:
     shutil.copy(serving.key, certs / "tls.key")
     ca_bundle = base64.b64encode(ca.cert.read_bytes()).decode()
 
-    log("installing the Kueue and JobSet CRDs")
-    for crds in ("jobset-crds", "kueue-crds"):
-        bed.kubectl(
-            state, "apply", "--server-side", "--force-conflicts", "-f", str(manifests / crds)
-        )
-    bed.kubectl(state, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    install_crds(state, bin_dir)
 
     kubeconfig = work / "controllers.kubeconfig"
     shutil.copy(state.kubeconfig, kubeconfig)  # fixtures, like kwok: test-bed admins
@@ -233,6 +228,20 @@ def ensure(state: TestBedState) -> None:
         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": webhooks}),
     )
     log("Kueue and JobSet are up")
+
+
+def install_crds(state: TestBedState, bin_dir: Path | None = None) -> None:
+    """Apply the Kueue and JobSet CRDs (again: a test that removed one puts it back) and wait
+    until the API server serves them."""
+    from lmmr1_testbed import bed
+
+    manifests = (bin_dir or ensure_binaries()).parent / "manifests"
+    log("installing the Kueue and JobSet CRDs")
+    for crds in ("jobset-crds", "kueue-crds"):
+        bed.kubectl(
+            state, "apply", "--server-side", "--force-conflicts", "-f", str(manifests / crds)
+        )
+    bed.kubectl(state, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
 
 
 def webhook_configurations(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from tests.operator_bed import Bed, installed_operator
 
+from lmmr1_testbed import batch
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_testbed.pytest_plugin import Cli
 
@@ -121,7 +122,12 @@ def bed(
     batch_controllers: TestBedState, s3_client: Any, installed_manifests: Any
 ) -> Iterator[KueueBed]:
     with installed_operator(
-        batch_controllers, s3_client, prefix="t-kueue", bed_class=KueueBed
+        batch_controllers,
+        s3_client,
+        prefix="t-kueue",
+        bed_class=KueueBed,
+        # A real install's check of the cluster's APIs (helm fills .Capabilities from them).
+        kueue={"enabled": True},
     ) as installed:
         assert isinstance(installed, KueueBed)
         installed.queue = installed.ns
@@ -248,3 +254,30 @@ def test_an_unknown_queue_and_a_request_larger_than_the_queue_show_kueues_reason
     # Nothing hangs: another run in the same queue is still admitted and runs.
     bed.gang_run("fits", trainer_gpus=2)
     bed.running_trainer("fits", "fre")
+
+
+# Last in this module: it removes the JobSet CRD (every JobSet with it) and puts it back.
+def test_a_missing_jobset_crd_blocks_the_run_with_what_to_install(
+    bed: KueueBed, batch_controllers: TestBedState
+) -> None:
+    admin = Cli(batch_controllers, "kubectl")
+    admin("delete", "crd", "jobsets.jobset.x-k8s.io", "--wait=true", timeout=120)
+    try:
+        bed.gang_run("nojobset")
+        blocked = bed.wait(
+            "the run Blocked for want of JobSet",
+            lambda: (
+                (found := condition(bed.status("nojobset"), "Blocked"))
+                and found["status"] == "True"
+                and found
+            ),
+            timeout=90,
+        )
+        assert blocked["reason"] == "JobSetNotInstalled", blocked
+        assert "JobSet v0.11.1" in blocked["message"], blocked
+        assert bed.event_messages("nojobset", "JobSetNotInstalled")
+        assert bed.run_pods("nojobset") == []
+    finally:
+        batch.install_crds(batch_controllers)
+    # Installed again, the same run goes on by itself.
+    bed.running_trainer("nojobset", "fre")
