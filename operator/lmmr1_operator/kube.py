@@ -79,6 +79,15 @@ def refusal(obj: Obj, err: ApiException) -> CreateRefused | None:
     return CreateRefused(obj["kind"], obj["metadata"]["name"], reason, message or reason)
 
 
+def _not_served(obj: Obj) -> CreateRefused:
+    return CreateRefused(
+        obj["kind"],
+        obj["metadata"]["name"],
+        "NotFound",
+        f"the server does not serve {obj['apiVersion']} {obj['kind']}",
+    )
+
+
 class RateLimiter:
     """A token bucket: `qps` calls a second on average, bursts of up to `burst`."""
 
@@ -140,6 +149,12 @@ class Kube:
                 raise
         return self._resources[kind]
 
+    def _still_served(self, kind: str) -> bool:
+        """Discovery read afresh: whether `kind` is still served."""
+        self._resources.pop(kind, None)
+        self.dynamic.resources.invalidate_cache()
+        return self.serves(kind)
+
     def serves(self, kind: str) -> bool:
         """Whether the API server serves `kind` (an optional kind's CRD is installed)."""
         try:
@@ -180,12 +195,16 @@ class Kube:
         except ResourceNotFoundError as err:  # no REST mapping: the CRD is not installed
             if obj["kind"] not in OPTIONAL_KINDS:
                 raise
-            raise CreateRefused(
-                obj["kind"],
-                meta["name"],
-                "NotFound",
-                f"the server does not serve {obj['apiVersion']} {obj['kind']}",
-            ) from err
+            raise _not_served(obj) from err
+        except NotFoundError as err:
+            # A CRD removed since discovery was read: the API server answers the create
+            # with a bare "404 page not found" (no Status). Ask discovery again.
+            if obj["kind"] in OPTIONAL_KINDS and not self._still_served(obj["kind"]):
+                raise _not_served(obj) from err
+            refused = refusal(obj, err)
+            if refused is None:
+                raise
+            raise refused from err
         except ConflictError:  # exists, or is still terminating: the next pass sees which
             return False
         except ApiException as err:

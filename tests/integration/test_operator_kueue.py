@@ -54,13 +54,22 @@ def queue_objects(name: str, namespace: str) -> list[dict[str, Any]]:
                 "preemption": {"withinClusterQueue": "LowerPriority"},
                 "resourceGroups": [
                     {
-                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                        # Every resource the pods request: the trainer's scratch
+                        # emptyDirs request ephemeral-storage, which Kueue otherwise
+                        # reports as "unavailable in ClusterQueue".
+                        "coveredResources": [
+                            "cpu",
+                            "memory",
+                            "ephemeral-storage",
+                            "nvidia.com/gpu",
+                        ],
                         "flavors": [
                             {
                                 "name": name,
                                 "resources": [
                                     {"name": "cpu", "nominalQuota": "1000"},
                                     {"name": "memory", "nominalQuota": "10Ti"},
+                                    {"name": "ephemeral-storage", "nominalQuota": "1Pi"},
                                     {"name": "nvidia.com/gpu", "nominalQuota": str(QUEUE_GPUS)},
                                 ],
                             }
@@ -90,8 +99,19 @@ class KueueBed(Bed):
     def run_pods(self, run: str) -> list[dict[str, Any]]:
         return self.pods(f"lmmr1.io/run={run}")
 
-    def admitted(self, run: str) -> dict[str, Any] | None:
-        return condition(self.status(run), "Admitted")
+    def queued_for(self, run: str, words: str, timeout: float = 90) -> dict[str, Any]:
+        """The run's status once it is Queued and its Admitted condition (False) carries
+        `words` (Kueue's reason arrives a pass after the JobSet is created)."""
+
+        def probe() -> dict[str, Any] | None:
+            status = self.status(run)
+            admitted = condition(status, "Admitted")
+            if status.get("phase") != "Queued" or admitted is None:
+                return None
+            assert admitted["status"] == "False", status
+            return status if words in admitted.get("message", "") else None
+
+        return dict(self.wait(f"{run} Queued for {words!r}", probe, timeout))
 
     def workload(self, run: str) -> dict[str, Any]:
         """The Workload Kueue made for the run's current JobSet."""
@@ -164,11 +184,8 @@ def test_a_second_run_of_8_gpus_is_queued_with_no_pods_until_the_first_finishes(
     assert "Admitted" in bed.events("first")
 
     bed.gang_run("second")
-    queued = bed.phase("second", "Queued")
-    admitted = condition(queued, "Admitted")
-    assert admitted is not None and admitted["status"] == "False", queued
-    # Kueue's own words: which resource did not fit.
-    assert "nvidia.com/gpu" in admitted["message"], admitted
+    # Kueue's own words on the run: which resource did not fit.
+    bed.queued_for("second", "nvidia.com/gpu")
     printed = bed.kubectl("get", "lmr", "second").stdout
     assert "Queued" in printed, printed
     assert bed.run_pods("second") == []
@@ -191,8 +208,7 @@ def test_a_higher_priority_run_preempts_and_the_preempted_run_resumes_uncounted(
 
     bed.gang_run("high", priorityClassName=HIGH)
     preempted = bed.phase("low", "Queued", timeout=90)
-    admitted = condition(preempted, "Admitted")
-    assert admitted is not None and admitted["reason"] == "Preempted", preempted
+    assert condition(preempted, "Admitted")["reason"] == "Preempted", preempted  # type: ignore[index]
     bed.wait("the low run's pods gone", lambda: not bed.run_pods("low"), timeout=90)
     bed.running_trainer("high", "fre")
     assert bed.event_messages("low", "Preempted")
@@ -247,9 +263,7 @@ def test_an_unknown_queue_and_a_request_larger_than_the_queue_show_kueues_reason
     bed.gang_run("lost", queueName="no-such-queue")
     bed.gang_run("huge", trainer_gpus=16)
     for run, words in (("lost", "no-such-queue"), ("huge", "nvidia.com/gpu")):
-        queued = bed.phase(run, "Queued")
-        admitted = condition(queued, "Admitted")
-        assert admitted is not None and words in admitted["message"], (run, queued)
+        bed.queued_for(run, words)
         assert bed.run_pods(run) == []
     # Nothing hangs: another run in the same queue is still admitted and runs.
     bed.gang_run("fits", trainer_gpus=2)
@@ -279,5 +293,10 @@ def test_a_missing_jobset_crd_blocks_the_run_with_what_to_install(
         assert bed.run_pods("nojobset") == []
     finally:
         batch.install_crds(batch_controllers)
-    # Installed again, the same run goes on by itself.
-    bed.running_trainer("nojobset", "fre")
+    # Installed again, the same run goes on by itself (the operator asks discovery about a
+    # kind it found missing again after a minute: kube.MISSING_KIND_RETRY_S).
+    bed.wait(
+        "the run admitted once JobSet is back",
+        lambda: bed.pods("lmmr1.io/run=nojobset,lmmr1.io/role=trainer"),
+        timeout=180,
+    )

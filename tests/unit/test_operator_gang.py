@@ -12,7 +12,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from kubernetes.dynamic.exceptions import ResourceNotFoundError
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from tests import kube_schema
 from tests.stage_contexts import stage_context
 from tests.unit.test_operator_controller import FakeKube, condition, controller
@@ -484,6 +485,47 @@ def test_kube_reads_an_unserved_optional_kind_as_none_and_refuses_its_create(
     assert discovery.lookups == 2  # one per kind
     with pytest.raises(ResourceNotFoundError):
         kube.get("Pod", "ns", "p")  # a kind the operator always needs stays an error
+
+
+class RemovedCrdDiscovery:
+    """Discovery that still lists JobSet (read before its CRD was deleted) until its cache
+    is invalidated; the API server then answers a create as it does for an unknown path."""
+
+    def __init__(self) -> None:
+        self.served = True
+
+    def invalidate_cache(self) -> None:
+        self.served = False
+
+    def get(self, api_version: str, kind: str) -> Any:
+        if not self.served:
+            raise ResourceNotFoundError(f"No matches found for {{'kind': '{kind}'}}")
+        return RemovedCrdResource()
+
+
+class RemovedCrdResource:
+    def create(self, body: Any, namespace: str) -> Any:
+        # What the test bed's API server answered once the JobSet CRD was deleted.
+        raise NotFoundError(ApiException(status=404, reason="Not Found"))
+
+
+def test_a_jobset_crd_removed_after_discovery_is_not_installed_not_a_create_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    discovery = RemovedCrdDiscovery()
+
+    class Dynamic:
+        def __init__(self, api_client: Any) -> None:
+            self.resources = discovery
+
+    monkeypatch.setattr(kube_module.dynamic, "DynamicClient", Dynamic)
+    _, plan = first_pass()
+    (built,) = [o for o in plan.ensure if o["kind"] == jobset.KIND]
+    with pytest.raises(CreateRefused) as refused:
+        Kube(None).ensure(built)  # type: ignore[arg-type]
+    # Without asking discovery again this was a bare 404, shown as CreateFailed.
+    assert (refused.value.kind, refused.value.reason) == ("JobSet", "NotFound")
+    assert not discovery.served
 
 
 def test_a_jobset_the_api_server_refuses_is_shown_not_left_queued() -> None:
