@@ -327,6 +327,11 @@ ALLOWED = [
     ("list", "events"),
     ("create", "roles.rbac.authorization.k8s.io"),
     ("create", "rolebindings.rbac.authorization.k8s.io"),
+    # The JobSet path (spec.queueName): one JobSet per stage attempt, Kueue's Workload read.
+    ("create", "jobsets.jobset.x-k8s.io"),
+    ("delete", "jobsets.jobset.x-k8s.io"),
+    ("watch", "jobsets.jobset.x-k8s.io"),
+    ("watch", "workloads.kueue.x-k8s.io"),
 ]
 DENIED = [
     ("list", "secrets"),
@@ -346,6 +351,11 @@ DENIED = [
     ("patch", "jobs.batch"),
     ("delete", "namespaces"),
     ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+    # Kueue owns its Workloads and a queued JobSet's suspend; JobSets are never updated.
+    ("patch", "jobsets.jobset.x-k8s.io"),
+    ("update", "workloads.kueue.x-k8s.io"),
+    ("patch", "workloads.kueue.x-k8s.io/status"),
+    ("create", "clusterqueues.kueue.x-k8s.io"),
 ]
 
 
