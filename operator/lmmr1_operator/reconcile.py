@@ -16,7 +16,7 @@ from lmmr1_operator import conditions as cond
 from lmmr1_operator import gang, naming, podstate
 from lmmr1_operator.api.spec import LMMR1RunSpec, resolved_rollout_mode, stall_timeout
 from lmmr1_operator.api.status import LMMR1RunStatus, StageStatus
-from lmmr1_operator.children import access, rollout, stage_config, trainer
+from lmmr1_operator.children import access, jobset, rollout, stage_config, trainer
 from lmmr1_operator.children.context import StageContext, init_weights
 from lmmr1_operator.evaluation import headline, stage_evaluation
 from lmmr1_operator.naming import ANNOTATION_REPLICA, ROLLOUT_PORT
@@ -439,6 +439,14 @@ class _Decision:
         running = [p for p in self.seen.trainer_pods if podstate.phase(p) == "Running"]
         if len(running) < nodes:
             return False
+        if self.spec.queue_name and jobset.separate(ctx):
+            # The JobSet path starts the trainer beside its rollout servers, and the trainer
+            # waits for them (RolloutClient.wait_ready): vLLM loading a model, or its image
+            # pulled on a fresh node, is not a stall. (The Job path makes the trainer only
+            # once every rollout server is Ready.)
+            ready = [p for p in self.seen.rollout_pods if podstate.is_ready(p)]
+            if len(ready) < ctx.stage.resources.rollout.replicas:
+                return False
         last = _parse(status.last_progress_time)
         if last is None:
             status.last_progress_time = self.now

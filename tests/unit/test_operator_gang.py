@@ -538,3 +538,23 @@ def test_a_jobset_the_api_server_refuses_is_shown_not_left_queued() -> None:
     assert why in blocked["message"] and plan.status["phase"] == "Queued"
     assert [e[:2] for e in plan.events] == [("Warning", "CreateFailed")]
     assert not decide(replace(world, run=with_status(run, plan)), SETTINGS).events
+
+
+def test_the_stall_clock_starts_once_the_rollout_servers_the_trainer_waits_for_are_ready() -> None:
+    """On the JobSet path the trainer runs beside rollout servers still loading their model
+    (or pulling their image): waiting for them is not a stall. Once they are Ready the
+    watchdog works as on the Job path."""
+    run, plan = first_pass()
+    replicas = stage_context(run).stage.resources.rollout.replicas
+    loading = [pod(f"{JOBSET}-rollout-0-{i}-x", ready=False) for i in range(replicas)]
+    ready = [pod(f"{JOBSET}-rollout-0-{i}-x") for i in range(replicas)]
+    hours = 0.0
+    for rollouts in (loading, loading, ready, ready):
+        world = admitted_world(run, plan, trainer_pods=[trainer_pod()], rollout_pods=rollouts)
+        step = decide(replace(world, now=at(hours * 3600)), SETTINGS)
+        run, hours = with_status(run, step), hours + 2
+        stalled = [e for e in step.events if e[1] == "Stalled"]
+        if rollouts is loading:
+            assert not stalled and step.status.get("lastProgressTime") is None, step.events
+    # Two hours after the servers were Ready with no progress since: Stalled.
+    assert stalled, step.events

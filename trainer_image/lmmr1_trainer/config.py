@@ -29,6 +29,13 @@ DEFAULT_WEIGHT_SYNC_TIMEOUT_S = 600.0
 # that upload alone takes ~9 minutes, past DeepSpeed's default of 10 with rollout on top.
 # An hour covers them with room; a rank that is truly gone still fails the attempt.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 3600.0
+# How long a rollout server may take to answer /health once its container starts (vLLM
+# loading a model, compiling CUDA graphs): the operator's startupProbe on rollout pods.
+ROLLOUT_STARTUP_TIMEOUT_S = 1800
+# How long the trainer waits for its rollout servers: on the JobSet path (spec.queueName)
+# it starts beside them, so their scheduling and image pull come on top of their startup.
+# The operator's stall watchdog does not run meanwhile (reconcile._Decision.stalled).
+ROLLOUT_READY_TIMEOUT_S = 2 * ROLLOUT_STARTUP_TIMEOUT_S
 PROGRESS_KEY = "progress.json"
 # Where a pod mounts the PersistentVolumeClaims its `pvc://claim/path` URIs name (read-only,
 # at <root>/<claim>); the operator mounts them there, the trainer reads them there.

@@ -9,6 +9,9 @@ from typing import Any
 from lmmr1_operator import naming
 from lmmr1_operator.children import pods
 from lmmr1_operator.children.context import StageContext
+from lmmr1_trainer.config import ROLLOUT_STARTUP_TIMEOUT_S
+
+STARTUP_PROBE_PERIOD_S = 2
 
 
 def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
@@ -44,8 +47,8 @@ def pod(ctx: StageContext, replica: int) -> dict[str, Any]:
         },
         "startupProbe": {
             "httpGet": {"path": "/health", "port": naming.ROLLOUT_PORT},
-            "periodSeconds": 2,
-            "failureThreshold": 900,
+            "periodSeconds": STARTUP_PROBE_PERIOD_S,
+            "failureThreshold": ROLLOUT_STARTUP_TIMEOUT_S // STARTUP_PROBE_PERIOD_S,
         },
         "resources": pods.resources(rollout.gpus_per_replica, rollout.cpu, rollout.memory),
         "volumeMounts": [

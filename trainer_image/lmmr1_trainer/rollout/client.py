@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import requests
 
+from lmmr1_trainer.config import ROLLOUT_READY_TIMEOUT_S
 from lmmr1_trainer.rollout.protocol import (
     WEIGHT_VERSION_HEADER,
     GenerateRequest,
@@ -79,7 +80,7 @@ class RolloutClient:
             error = requests.HTTPError(f"{response.status_code}: {message}", response=response)
             raise error
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
+    def wait_ready(self, timeout_s: float = ROLLOUT_READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         pending = list(self.urls)
         while pending:
