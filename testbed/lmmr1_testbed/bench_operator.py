@@ -9,6 +9,11 @@ one-second timestamps), whether any run shows an error condition, the operator p
 CPU seconds and resident memory, and the API calls it made (its own
 `lmmr1_api_requests_total`).
 
+`--kueue` gives every run `spec.queueName`: each stage is one JobSet that the test bed's
+real Kueue admits (a ClusterQueue far larger than the runs, so no run waits for quota) and
+the JobSet controller turns into Jobs. It also reports the admission latency on its own:
+from the JobSet's creation to its Workload's `Admitted` condition.
+
 `--idle N` runs the same scenario with N runs, then ends them all (an
 `activeDeadlineSeconds` already passed: the operator fails them, DeadlineExceeded, and
 removes their pods), then measures the operator over IDLE_S seconds with N finished runs:
@@ -41,7 +46,10 @@ PODS_PER_NODE = 100  # kwok nodes take 110; each run has a rollout server and a 
 IDLE_S = 300
 
 
-def _run(name: str, deadline: int | None = None) -> dict[str, Any]:
+QUEUE = "scale"  # the LocalQueue and ClusterQueue of --kueue
+
+
+def _run(name: str, deadline: int | None = None, queue: str | None = None) -> dict[str, Any]:
     # Separate rollout servers: the most children per run, and comparable with earlier results.
     return runs.run(
         name,
@@ -50,6 +58,49 @@ def _run(name: str, deadline: int | None = None) -> dict[str, Any]:
             "s3://scale/fre.jsonl", "s3://scale/m.jsonl", resources=runs.CPU_SEPARATE_ROLLOUT
         ),
         **({"activeDeadlineSeconds": deadline} if deadline else {}),
+        **({"queueName": queue} if queue else {}),
+    )
+
+
+def _queue(state: TestBedState) -> None:
+    """Kueue's objects for --kueue: quota for every run at once (admission, not waiting for
+    quota, is what is measured)."""
+    flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor"}
+    quota = {"cpu": "1M", "memory": "1Pi", "ephemeral-storage": "1Ei", "nvidia.com/gpu": "1M"}
+    cluster_queue = {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "ClusterQueue",
+        "metadata": {"name": QUEUE},
+        "spec": {
+            "namespaceSelector": {},
+            "resourceGroups": [
+                {
+                    "coveredResources": list(quota),
+                    "flavors": [
+                        {
+                            "name": QUEUE,
+                            "resources": [{"name": k, "nominalQuota": v} for k, v in quota.items()],
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+    local_queue = {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "LocalQueue",
+        "metadata": {"name": QUEUE, "namespace": NAMESPACE},
+        "spec": {"clusterQueue": QUEUE},
+    }
+    objects = [{**flavor, "metadata": {"name": QUEUE}}, cluster_queue, local_queue]
+    driver.cli(
+        state,
+        "kubectl",
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
     )
 
 
@@ -59,6 +110,11 @@ def _ts(text: str) -> dt.datetime:
 
 def _items(state: TestBedState, kind: str) -> list[dict[str, Any]]:
     return driver.items(state, NAMESPACE, kind)
+
+
+def _trainer_jobs(state: TestBedState) -> list[dict[str, Any]]:
+    """The trainer Jobs (on the JobSet path the JobSet controller also makes rollout Jobs)."""
+    return driver.items(state, NAMESPACE, "jobs", "lmmr1.io/role=trainer")
 
 
 def _operator_pod(state: TestBedState) -> dict[str, Any]:
@@ -108,7 +164,11 @@ def _operator_usage(state: TestBedState) -> tuple[float, float]:
 
 
 def measure(
-    state: TestBedState, count: int, deadline: int | None = None, timeout: float = 900
+    state: TestBedState,
+    count: int,
+    deadline: int | None = None,
+    timeout: float = 900,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     driver.cli(
         state,
@@ -127,12 +187,12 @@ def measure(
     batch = {
         "apiVersion": "v1",
         "kind": "List",
-        "items": [_run(f"run-{count}-{i:04d}", deadline) for i in range(count)],
+        "items": [_run(f"run-{count}-{i:04d}", deadline, queue) for i in range(count)],
     }
     started = time.monotonic()
     driver.cli(state, "kubectl", "apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(batch))
     while time.monotonic() - started < timeout:
-        jobs = {j["metadata"]["labels"].get("lmmr1.io/run") for j in _items(state, "jobs")}
+        jobs = {j["metadata"]["labels"].get("lmmr1.io/run") for j in _trainer_jobs(state)}
         if all(f"run-{count}-{i:04d}" in jobs for i in range(count)):
             break
         time.sleep(2)
@@ -144,17 +204,19 @@ def measure(
         for r in _items(state, "lmmr1runs")
     }
     first_child: dict[str, float] = {}
-    for pod in _items(state, "pods"):
-        run = pod["metadata"].get("labels", {}).get("lmmr1.io/run", "")
+    # The first child: a rollout pod, or on the JobSet path (--kueue) the JobSet.
+    for child in [*_items(state, "pods"), *(_items(state, "jobsets") if queue else [])]:
+        run = child["metadata"].get("labels", {}).get("lmmr1.io/run", "")
         if run in created:
-            delay = (_ts(pod["metadata"]["creationTimestamp"]) - created[run]).total_seconds()
+            delay = (_ts(child["metadata"]["creationTimestamp"]) - created[run]).total_seconds()
             first_child[run] = min(first_child.get(run, delay), delay)
+    admission = _admission_delays(state) if queue else []
     job_delay = [
         (
             _ts(j["metadata"]["creationTimestamp"])
             - created[j["metadata"]["labels"]["lmmr1.io/run"]]
         ).total_seconds()
-        for j in _items(state, "jobs")
+        for j in _trainer_jobs(state)
         if j["metadata"]["labels"].get("lmmr1.io/run") in created
     ]
     errors = [
@@ -180,11 +242,31 @@ def measure(
         "child_p99": pct(list(first_child.values()), 0.99),
         "job_p50": statistics.median(job_delay) if job_delay else float("nan"),
         "job_p99": pct(job_delay, 0.99),
+        "admitted": len(admission),
+        "admission_p50": statistics.median(admission) if admission else float("nan"),
+        "admission_p99": pct(admission, 0.99),
         "operator_cpu_s": cpu_after - cpu_before,
         "operator_rss_mib": rss,
         "passes": calls.get("lmmr1_reconcile_duration_seconds_count", 0.0),
         "api_calls": {k[4:]: v for k, v in calls.items() if k.startswith("api_") and v},
     }
+
+
+def _admission_delays(state: TestBedState) -> list[float]:
+    """Seconds from each JobSet's creation to its Workload's Admitted condition."""
+    jobsets = {j["metadata"]["uid"]: j for j in _items(state, "jobsets")}
+    delays = []
+    for workload in _items(state, "workloads.kueue.x-k8s.io"):
+        uid = workload["metadata"].get("labels", {}).get("kueue.x-k8s.io/job-uid", "")
+        admitted = [
+            c
+            for c in (workload.get("status") or {}).get("conditions", [])
+            if c["type"] == "Admitted" and c["status"] == "True"
+        ]
+        if uid in jobsets and admitted:
+            created = _ts(jobsets[uid]["metadata"]["creationTimestamp"])
+            delays.append((_ts(admitted[0]["lastTransitionTime"]) - created).total_seconds())
+    return delays
 
 
 def idle(state: TestBedState, count: int, timeout: float = 1200) -> dict[str, Any]:
@@ -230,6 +312,8 @@ def idle(state: TestBedState, count: int, timeout: float = 1200) -> dict[str, An
 
 def main(argv: list[str]) -> int:
     options: dict[str, str] = {}
+    kueue = "--kueue" in argv
+    argv = [a for a in argv if a != "--kueue"]
     for flag in ("--idle", "--qps", "--workers"):
         if flag in argv:
             at = argv.index(flag)
@@ -242,7 +326,7 @@ def main(argv: list[str]) -> int:
     if "--workers" in options:
         tuned["workers"] = int(options["--workers"])
     counts = [int(a) for a in argv] or [50, 200]
-    state = bed.up()
+    state = bed.up(with_batch=kueue)
     biggest = max([*counts, idle_count])
     bed.add_kwok_nodes(state, max(len(state.gpu_nodes), -(-2 * biggest // PODS_PER_NODE)))
     driver.install_operator(
@@ -252,19 +336,34 @@ def main(argv: list[str]) -> int:
         watch_namespaces=[NAMESPACE],
         fast_clock=False,
         operator_values=tuned,
+        chart_values={"kueue": {"enabled": True}} if kueue else None,
     )
+    if kueue:
+        _queue(state)
     time.sleep(5)  # leader election
-    rows = [measure(state, count) for count in counts]
+    queue = QUEUE if kueue else None
+    rows = [measure(state, count, queue=queue) for count in counts]
     idle_row = idle(state, idle_count) if idle_count else None
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    argv_text = [*map(str, counts), *(f"{k} {v}" for k, v in options.items())]
+    argv_text = [
+        *map(str, counts),
+        *(f"{k} {v}" for k, v in options.items()),
+        *(["--kueue"] if kueue else []),
+    ]
     lines = [
         f"\n## Operator at scale, {stamp}\n",
         f"Machine: {describe_machine()}. Command: `python -m lmmr1_testbed.bench_operator "
         f"{' '.join(argv_text)}` (part of `make bench`). Runs are applied at once "
         "as one List; latencies use the API's 1-second creation timestamps. API calls are "
         "the operator's own count (`lmmr1_api_requests_total`; list/watch are its "
-        "informers').\n",
+        "informers')."
+        + (
+            " Every run names a Kueue queue: its first child is its JobSet, which the real "
+            "Kueue admits and the JobSet controller turns into Jobs."
+            if kueue
+            else ""
+        )
+        + "\n",
         "| runs | all trainer Jobs created after | run -> first child p50 / p99 | "
         "run -> trainer Job p50 / p99 | runs Failed | operator CPU | operator RSS | "
         "passes | API calls |",
@@ -278,6 +377,13 @@ def main(argv: list[str]) -> int:
             f"{r['failed_runs']} | {r['operator_cpu_s']:.0f} s | "
             f"{r['operator_rss_mib']:.0f} MiB | {r['passes']:.0f} | {_calls(r['api_calls'])} |"
         )
+    if kueue:
+        lines.append("")
+        lines += [
+            f"Kueue admission, {r['runs']} runs: {r['admitted']} admitted, JobSet created -> "
+            f"Workload Admitted p50 {r['admission_p50']:.0f} s / p99 {r['admission_p99']:.0f} s."
+            for r in rows
+        ]
     if idle_row:
         lines += [
             "",

@@ -80,12 +80,13 @@ def install_operator(
     fast_clock: bool = True,
     operator_values: dict[str, Any] | None = None,
     replicas: int = 1,
+    chart_values: dict[str, Any] | None = None,
 ) -> None:
     """`helm install` the chart; its pod runs on the process node as a local process. It
     serves runs in `watch_namespaces` (empty: its own namespace only, the chart's default).
     `fast_clock`: a 1 s resync and a 2 s first restart back-off (tests and the demo); the
     scale benchmark measures the chart's defaults. `replicas` > 1: leader election decides
-    which one acts."""
+    which one acts. `chart_values`: other top-level values (`kueue`, ...)."""
     cli(
         state,
         "kubectl",
@@ -116,6 +117,7 @@ def install_operator(
             else [],
             **(operator_values or {}),
         },
+        **(chart_values or {}),
     }
     cli(
         state,
