@@ -138,47 +138,44 @@ def test_mean_reward_rises_and_does_not_with_flipped_advantages(
 GAE_CRITIC = {"learning_rate": 1e-3, "warmup_ratio": 0.0}
 
 
-@pytest.mark.timeout(1800)  # two 24-step runs (and the warm model) on a few CPU cores
+@pytest.mark.timeout(1200)  # a 24-step run (and the warm model) on a few CPU cores
 def test_gae_mean_reward_rises_and_the_critic_fits_the_returns(
     warm_model: Path, arithmetic: Path, verifier: Service, tmp_path: Path
 ) -> None:
+    # No flipped control run here (it saves ~80 s of CI time): that the rise comes from the
+    # update's direction is shown once, for GRPO, above. With the critic's advantages what
+    # is new is the critic: advantages from a broken critic or GAE would not make the
+    # reward rise, and the critic must explain the returns better as it trains.
     token = write_token(tmp_path)
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for name, program in (("learn", TRAIN_MODULE), ("flipped", FLIPPED_TRAINER)):
-        (tmp_path / name).mkdir()
-        config = stage_config(
-            init_from=str(warm_model),
-            dataset={"uri": str(arithmetic), "type": "text"},
-            checkpoint_uri=str(tmp_path / name / "checkpoints"),
-            rollout_urls=[],
-            reward_url=verifier.url,
-            token_file=token,
-            stage="geo",
-            **{**LEARN_ALGORITHM, "advantage_estimator": "gae"},
-        )
-        config["critic"] = GAE_CRITIC
-        config["checkpoint"]["every_steps"] = LEARN_STEPS
-        config_path = write_stage(tmp_path / f"{name}.yaml", config)
-        curves[name] = run_trainer(config_path, tmp_path / name, program=program)
-    learn = [r["reward"] for r in curves["learn"]]
-    flipped = [r["reward"] for r in curves["flipped"]]
-    value_loss = [r["value_loss"] for r in curves["learn"]]
+    config = stage_config(
+        init_from=str(warm_model),
+        dataset={"uri": str(arithmetic), "type": "text"},
+        checkpoint_uri=str(tmp_path / "learn" / "checkpoints"),
+        rollout_urls=[],
+        reward_url=verifier.url,
+        token_file=token,
+        stage="geo",
+        **{**LEARN_ALGORITHM, "advantage_estimator": "gae"},
+    )
+    config["critic"] = GAE_CRITIC
+    config["checkpoint"]["every_steps"] = LEARN_STEPS
+    (tmp_path / "learn").mkdir()
+    records = run_trainer(write_stage(tmp_path / "learn.yaml", config), tmp_path / "learn")
+    learn = [r["reward"] for r in records]
+    value_loss = [r["value_loss"] for r in records]
     # The value loss over the loss of a critic that predicts 0 (where the critic starts):
     # the value loss alone follows the returns' spread, which grows with the reward.
-    unexplained = [r["value_loss"] / r["zero_value_loss"] for r in curves["learn"]]
-    print("gae", [round(r, 3) for r in learn], "flipped", [round(r, 3) for r in flipped])
+    unexplained = [r["value_loss"] / r["zero_value_loss"] for r in records]
+    print("gae", [round(r, 3) for r in learn])
     print("value loss", [round(v, 4) for v in value_loss])
     print("value loss / zero critic's", [round(v, 3) for v in unexplained])
-    assert len(learn) == len(flipped) == LEARN_STEPS
-    assert learn[0] == flipped[0]
+    assert len(learn) == LEARN_STEPS
     window = 4
-    assert _mean(learn[LEARN_STEPS // 2 :]) >= _mean(learn[:window]) + 0.04, (learn, flipped)
-    assert _mean(learn[-window:]) >= _mean(flipped[-window:]) + 0.1, (learn, flipped)
-    assert _mean(flipped[-window:]) <= _mean(flipped[:window]), (learn, flipped)
-    # Measured (24 steps, 250 s for both runs on 2 busy cores): reward 0.105 over the first 4
-    # steps -> 0.239 over the second half, flipped 0.0 at the end; the value loss went 0.029
-    # -> 0.030 over the first and last 4 steps as the reward's spread grew, but from 0.97 of
-    # a zero critic's to 0.47.
+    assert _mean(learn[LEARN_STEPS // 2 :]) >= _mean(learn[:window]) + 0.04, learn
+    # Measured (24 steps, 250 s for this run and a flipped control on 2 busy cores): reward
+    # 0.105 over the first 4 steps -> 0.239 over the second half (the flipped control:
+    # 0.0 at the end); the value loss went 0.029 -> 0.030 over the first and last 4 steps as
+    # the reward's spread grew, but from 0.97 of a zero critic's to 0.47.
     assert _mean(unexplained[-window:]) <= _mean(unexplained[:window]) - 0.2, unexplained
     assert _mean(unexplained[-window:]) < 0.75, unexplained
 
