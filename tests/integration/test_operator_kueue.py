@@ -270,6 +270,29 @@ def test_an_unknown_queue_and_a_request_larger_than_the_queue_show_kueues_reason
     bed.running_trainer("fits", "fre")
 
 
+def test_a_failed_trainer_fails_the_jobset_counted_and_a_disruption_restarts_it_uncounted(
+    bed: KueueBed,
+) -> None:
+    """JobSet's failure policy (maxRestarts 0) on the real controller: a trainer that exits
+    1 fails its Job, so the JobSet; the operator counts a restart and creates the next
+    attempt's JobSet, which Kueue admits again. A preempted pod (DisruptionTarget) fails its
+    Job by the trainer's pod failure policy; that restart is not counted."""
+    bed.gang_run("flaky", backoffLimit=3)
+    first = bed.running_trainer("flaky", "fre")
+    bed.exit(first, 1)
+    bed.wait("a counted restart", lambda: bed.status("flaky").get("restarts") == 1, 90)
+    second = bed.running_trainer("flaky", "fre")
+    assert second["metadata"]["labels"]["lmmr1.io/attempt"] == "1"
+    assert second["metadata"]["name"].startswith("flaky-fre-g1-trainer-0-0")
+    bed.disrupt(second, "PreemptionByScheduler", "Preempted by ns/urgent on node kwok-gpu-0")
+    bed.wait("a disruption", lambda: bed.status("flaky").get("disruptions") == 1, 90)
+    third = bed.running_trainer("flaky", "fre")
+    assert third["metadata"]["labels"]["lmmr1.io/attempt"] == "2"
+    status = bed.status("flaky")
+    assert (status["restarts"], status["stages"][0]["disruptions"]) == (1, 1), status
+    assert bed.events("flaky").count("StageRestarting") == 1
+
+
 # Last in this module: it removes the JobSet CRD (every JobSet with it) and puts it back.
 def test_a_missing_jobset_crd_blocks_the_run_with_what_to_install(
     bed: KueueBed, batch_controllers: TestBedState
