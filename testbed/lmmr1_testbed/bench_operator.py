@@ -242,6 +242,7 @@ def measure(
         "child_p99": pct(list(first_child.values()), 0.99),
         "job_p50": statistics.median(job_delay) if job_delay else float("nan"),
         "job_p99": pct(job_delay, 0.99),
+        "queued": queue is not None,
         "admitted": len(admission),
         "admission_p50": statistics.median(admission) if admission else float("nan"),
         "admission_p99": pct(admission, 0.99),
@@ -341,8 +342,10 @@ def main(argv: list[str]) -> int:
     if kueue:
         _queue(state)
     time.sleep(5)  # leader election
-    queue = QUEUE if kueue else None
-    rows = [measure(state, count, queue=queue) for count in counts]
+    # --kueue: each count without a queue, then with one, against the same operator: the
+    # JobSet path's cost next to its peer from the same run.
+    queues = [None, QUEUE] if kueue else [None]
+    rows = [measure(state, count, queue=queue) for count in counts for queue in queues]
     idle_row = idle(state, idle_count) if idle_count else None
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     argv_text = [
@@ -358,8 +361,9 @@ def main(argv: list[str]) -> int:
         "the operator's own count (`lmmr1_api_requests_total`; list/watch are its "
         "informers')."
         + (
-            " Every run names a Kueue queue: its first child is its JobSet, which the real "
-            "Kueue admits and the JobSet controller turns into Jobs."
+            " Rows marked queued: every run names a Kueue queue, so its first child is its "
+            "JobSet, which the real Kueue admits and the JobSet controller turns into Jobs; "
+            "the row before each is the same count without a queue, in the same run."
             if kueue
             else ""
         )
@@ -370,8 +374,9 @@ def main(argv: list[str]) -> int:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [*rows, *([idle_row] if idle_row else [])]:
+        queued = " queued (JobSet)" if r.get("queued") else ""
         lines.append(
-            f"| {r['runs']} ({r['runs_with_job']} with a Job) | "
+            f"| {r['runs']}{queued} ({r['runs_with_job']} with a Job) | "
             f"{r['all_jobs_after_s']:.0f} s | {r['child_p50']:.0f} s / "
             f"{r['child_p99']:.0f} s | {r['job_p50']:.0f} s / {r['job_p99']:.0f} s | "
             f"{r['failed_runs']} | {r['operator_cpu_s']:.0f} s | "
@@ -383,6 +388,7 @@ def main(argv: list[str]) -> int:
             f"Kueue admission, {r['runs']} runs: {r['admitted']} admitted, JobSet created -> "
             f"Workload Admitted p50 {r['admission_p50']:.0f} s / p99 {r['admission_p99']:.0f} s."
             for r in rows
+            if r["queued"]
         ]
     if idle_row:
         lines += [
