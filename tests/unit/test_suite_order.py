@@ -30,7 +30,7 @@ def test_unit_tests_run_first_then_integration_then_e2e() -> None:
     names = [
         "e2e/test_two_stage_run.py",
         "integration/test_chart.py",
-        "integration/test_operator_kueue.py",
+        "integration/test_operator_gang_admission.py",
         "integration/test_trainer_stage.py",
         "unit/test_api_models.py",
         "unit/test_trainer_data.py",
@@ -47,7 +47,7 @@ def test_unit_tests_run_first_then_integration_then_e2e() -> None:
         "integration/test_trainer_stage.py",
         "e2e/test_two_stage_run.py",
         # Last: on a cold machine Kueue and JobSet build while everything else runs.
-        "integration/test_operator_kueue.py",
+        "integration/test_operator_gang_admission.py",
     ]
     assert [bool(i.markers) for i in items] == [False] * 3 + [True] * 4
     assert all("integration" in m for m in (i.markers for i in items[3:]))
