@@ -111,6 +111,7 @@ class SimulatedTrainers:
         self.s3 = s3
         self.lock = threading.Lock()
         self.claimed: set[tuple[str, str, str]] = set()  # (run, stage, attempt)
+        self.finishing: set[tuple[str, str, str]] = set()  # claimed by this player
         self.evictions_pending = threading.Event()
         self.evictions_pending.set()
         self.stop = threading.Event()
@@ -124,6 +125,20 @@ class SimulatedTrainers:
             if key in self.claimed:
                 return False
             self.claimed.add(key)
+            return True
+
+    def finish(self, pod: dict[str, Any]) -> bool:
+        """Whether this player finishes the pod's stage attempt: it claims the attempt, or
+        claimed it before and a tick that was finishing it failed (S3 restarting, the API
+        server busy): the next tick finishes it then, or the stage would wait forever."""
+        with self.lock:
+            key = attempt_of(pod)
+            if key in self.finishing:
+                return True
+            if key in self.claimed:
+                return False
+            self.claimed.add(key)
+            self.finishing.add(key)
             return True
 
     def claimed_already(self, pod: dict[str, Any]) -> bool:
@@ -153,7 +168,7 @@ class SimulatedTrainers:
                 middle = self.commit(run, stage, 2, final=False)
                 self.report(run, stage, 2, last_checkpoint=middle)
             held = self.evictions_pending.is_set() and age < SIM_HOLD_S
-            if age >= SIM_END_S and not held and self.claim(pod):
+            if age >= SIM_END_S and not held and self.finish(pod):
                 final = self.commit(run, stage, SIM_STEPS, final=True)
                 self.report(run, stage, SIM_STEPS, last_checkpoint=final, final_checkpoint=final)
                 kubectl(
