@@ -123,21 +123,7 @@ def ensure(state: TestBedState) -> None:
     log("starting the JobSet controller manager")
     jobset_config = work / "jobset-config.yaml"
     jobset_config.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
-                "kind": "Configuration",
-                "leaderElection": {"leaderElect": False},
-                "internalCertManagement": {"enable": False},
-                "webhook": {
-                    "port": ports["jobset-webhook"],
-                    "host": "127.0.0.1",
-                    "certDir": str(certs),
-                },
-                "health": {"healthProbeBindAddress": f"127.0.0.1:{ports['jobset-health']}"},
-                "metrics": {"bindAddress": "0"},
-            }
-        )
+        _manager_config("config.jobset.x-k8s.io/v1alpha1", "jobset", ports, certs)
     )
     procs.start(
         "jobset",
@@ -153,22 +139,13 @@ def ensure(state: TestBedState) -> None:
     log("starting the Kueue controller manager")
     kueue_config = work / "kueue-config.yaml"
     kueue_config.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "config.kueue.x-k8s.io/v1beta2",
-                "kind": "Configuration",
-                "leaderElection": {"leaderElect": False},
-                "internalCertManagement": {"enable": False},
-                "webhook": {
-                    "port": ports["kueue-webhook"],
-                    "host": "127.0.0.1",
-                    "certDir": str(certs),
-                },
-                "health": {"healthProbeBindAddress": f"127.0.0.1:{ports['kueue-health']}"},
-                "metrics": {"bindAddress": "0"},
-                "manageJobsWithoutQueueName": False,
-                "integrations": {"frameworks": list(KUEUE_INTEGRATIONS)},
-            }
+        _manager_config(
+            "config.kueue.x-k8s.io/v1beta2",
+            "kueue",
+            ports,
+            certs,
+            manageJobsWithoutQueueName=False,
+            integrations={"frameworks": list(KUEUE_INTEGRATIONS)},
         )
     )
     script = (
@@ -228,6 +205,68 @@ def ensure(state: TestBedState) -> None:
         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": webhooks}),
     )
     log("Kueue and JobSet are up")
+
+
+def _manager_config(
+    api_version: str, name: str, ports: dict[str, int], certs: Path, **extra: Any
+) -> str:
+    """A controller-runtime manager's Configuration (both share its shape): one replica,
+    the webhook on loopback with the test bed's certificate, no metrics server."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": api_version,
+            "kind": "Configuration",
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "webhook": {
+                "port": ports[f"{name}-webhook"],
+                "host": "127.0.0.1",
+                "certDir": str(certs),
+            },
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{ports[f'{name}-health']}"},
+            "metrics": {"bindAddress": "0"},
+            **extra,
+        }
+    )
+
+
+def queue(
+    name: str,
+    namespace: str,
+    quota: dict[str, str],
+    preemption: dict[str, str] | None = None,
+) -> list[Obj]:
+    """A ResourceFlavor `name`, a ClusterQueue `name` open to every namespace with `quota`
+    (every resource a pod requests must be covered: Kueue admits nothing that requests an
+    uncovered one, e.g. ephemeral-storage for emptyDirs), and the LocalQueue `name` in
+    `namespace` that points at it."""
+    spec: Obj = {
+        "namespaceSelector": {},
+        "resourceGroups": [
+            {
+                "coveredResources": list(quota),
+                "flavors": [
+                    {
+                        "name": name,
+                        "resources": [{"name": k, "nominalQuota": v} for k, v in quota.items()],
+                    }
+                ],
+            }
+        ],
+    }
+    if preemption:
+        spec["preemption"] = preemption
+    api = "kueue.x-k8s.io/v1beta2"
+    return [
+        {"apiVersion": api, "kind": "ResourceFlavor", "metadata": {"name": name}},
+        {"apiVersion": api, "kind": "ClusterQueue", "metadata": {"name": name}, "spec": spec},
+        {
+            "apiVersion": api,
+            "kind": "LocalQueue",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"clusterQueue": name},
+        },
+    ]
 
 
 def install_crds(state: TestBedState, bin_dir: Path | None = None) -> None:

@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lmmr1_testbed import bed, runs
+from lmmr1_testbed import batch, bed, runs
 from lmmr1_testbed.bench import RESULTS
 from lmmr1_testbed.demo import driver
 from lmmr1_testbed.layout import TestBedState
@@ -65,34 +65,8 @@ def _run(name: str, deadline: int | None = None, queue: str | None = None) -> di
 def _queue(state: TestBedState) -> None:
     """Kueue's objects for --kueue: quota for every run at once (admission, not waiting for
     quota, is what is measured)."""
-    flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor"}
     quota = {"cpu": "1M", "memory": "1Pi", "ephemeral-storage": "1Ei", "nvidia.com/gpu": "1M"}
-    cluster_queue = {
-        "apiVersion": "kueue.x-k8s.io/v1beta2",
-        "kind": "ClusterQueue",
-        "metadata": {"name": QUEUE},
-        "spec": {
-            "namespaceSelector": {},
-            "resourceGroups": [
-                {
-                    "coveredResources": list(quota),
-                    "flavors": [
-                        {
-                            "name": QUEUE,
-                            "resources": [{"name": k, "nominalQuota": v} for k, v in quota.items()],
-                        }
-                    ],
-                }
-            ],
-        },
-    }
-    local_queue = {
-        "apiVersion": "kueue.x-k8s.io/v1beta2",
-        "kind": "LocalQueue",
-        "metadata": {"name": QUEUE, "namespace": NAMESPACE},
-        "spec": {"clusterQueue": QUEUE},
-    }
-    objects = [{**flavor, "metadata": {"name": QUEUE}}, cluster_queue, local_queue]
+    objects = batch.queue(QUEUE, NAMESPACE, quota)
     driver.cli(
         state,
         "kubectl",

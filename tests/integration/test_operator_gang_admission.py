@@ -40,50 +40,18 @@ def queue_objects(name: str, namespace: str) -> list[dict[str, Any]]:
             "metadata": {"name": LOW},
             "value": 10,
         },
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "ResourceFlavor",
-            "metadata": {"name": name},
-        },
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "ClusterQueue",
-            "metadata": {"name": name},
-            "spec": {
-                "namespaceSelector": {},
-                "preemption": {"withinClusterQueue": "LowerPriority"},
-                "resourceGroups": [
-                    {
-                        # Every resource the pods request: the trainer's scratch
-                        # emptyDirs request ephemeral-storage, which Kueue otherwise
-                        # reports as "unavailable in ClusterQueue".
-                        "coveredResources": [
-                            "cpu",
-                            "memory",
-                            "ephemeral-storage",
-                            "nvidia.com/gpu",
-                        ],
-                        "flavors": [
-                            {
-                                "name": name,
-                                "resources": [
-                                    {"name": "cpu", "nominalQuota": "1000"},
-                                    {"name": "memory", "nominalQuota": "10Ti"},
-                                    {"name": "ephemeral-storage", "nominalQuota": "1Pi"},
-                                    {"name": "nvidia.com/gpu", "nominalQuota": str(QUEUE_GPUS)},
-                                ],
-                            }
-                        ],
-                    }
-                ],
+        *batch.queue(
+            name,
+            namespace,
+            # ephemeral-storage too: the trainer's scratch emptyDirs request it.
+            {
+                "cpu": "1000",
+                "memory": "10Ti",
+                "ephemeral-storage": "1Pi",
+                "nvidia.com/gpu": str(QUEUE_GPUS),
             },
-        },
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "LocalQueue",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"clusterQueue": name},
-        },
+            preemption={"withinClusterQueue": "LowerPriority"},
+        ),
     ]
 
 

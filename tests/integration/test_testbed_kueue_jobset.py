@@ -12,53 +12,14 @@ from typing import Any
 
 import pytest
 
+from lmmr1_testbed import batch
 from lmmr1_testbed.layout import TestBedState
 from lmmr1_testbed.pytest_plugin import Cli, WaitFor
 
 pytestmark = pytest.mark.batch
+GPU_QUOTA = {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
 
 Obj = dict[str, Any]
-
-
-def gpu_queue(name: str, namespace: str, gpus: int) -> list[Obj]:
-    """A ResourceFlavor, a ClusterQueue of `gpus` GPUs open to every namespace, and a
-    LocalQueue in `namespace` that points at it."""
-    return [
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "ResourceFlavor",
-            "metadata": {"name": name},
-        },
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "ClusterQueue",
-            "metadata": {"name": name},
-            "spec": {
-                "namespaceSelector": {},
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                        "flavors": [
-                            {
-                                "name": name,
-                                "resources": [
-                                    {"name": "cpu", "nominalQuota": "64"},
-                                    {"name": "memory", "nominalQuota": "512Gi"},
-                                    {"name": "nvidia.com/gpu", "nominalQuota": str(gpus)},
-                                ],
-                            }
-                        ],
-                    }
-                ],
-            },
-        },
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "LocalQueue",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"clusterQueue": name},
-        },
-    ]
 
 
 def gpu_jobset(name: str, queue: str, gpus: int) -> Obj:
@@ -130,7 +91,7 @@ def test_two_jobsets_of_8_gpus_are_admitted_one_at_a_time_with_no_partial_pods(
     batch_controllers: TestBedState, namespace: str, kubectl: Cli, wait: WaitFor
 ) -> None:
     queue = f"q-{namespace}"[:63]
-    setup = {"apiVersion": "v1", "kind": "List", "items": gpu_queue(queue, namespace, 8)}
+    setup = {"apiVersion": "v1", "kind": "List", "items": batch.queue(queue, namespace, GPU_QUOTA)}
     kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(setup))
     try:
         kubectl("create", "-f", "-", stdin=json.dumps(gpu_jobset("first", queue, 8)))
