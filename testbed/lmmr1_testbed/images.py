@@ -26,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BASE_PYTHON = Path("/usr/bin/python3.11")
 # Packages whose build imports torch: installed after the rest, without build isolation.
 BUILT_AGAINST_TORCH = {"deepspeed"}
-BUILDER_VERSION = "1"  # bump to rebuild every cached environment
+# The project's packages, as its wheel (pyproject.toml) holds them.
+PROJECT_PACKAGES = ("lmmr1_operator", "lmmr1_trainer")
+BUILDER_VERSION = "3"  # bump to rebuild every cached environment (2: with bytecode)
 
 
 class ImageError(RuntimeError):
@@ -247,6 +250,12 @@ def ensure_environment(spec: ImageSpec, cache: Path, root: Path = REPO_ROOT) -> 
         no_cache = ["--no-cache"] if spec.build_env else []
         _uv("pip", "install", "--quiet", "--python", python, "--no-deps", *no_cache,
             "--no-build-isolation", *later, env=spec.build_env)  # fmt: skip
+    # Bytecode too, as the Dockerfiles' `pip install` leaves it: a pod never writes any (the
+    # images set PYTHONDONTWRITEBYTECODE and run as a user who cannot), so without it every
+    # trainer pod would compile torch, DeepSpeed and vLLM from source at start-up (measured:
+    # 75 s against 48 s for a 4-step tiny stage). uv's --compile-bytecode compiles only what
+    # that one call installed.
+    _compile(python, [], strict=False)
     (partial / ".complete").write_text(spec.lock + "\n")
     shutil.rmtree(venv, ignore_errors=True)
     partial.rename(venv)
@@ -262,8 +271,30 @@ def install_project(venvs: list[Path], wheel_dir: Path, root: Path = REPO_ROOT) 
     _uv("build", "--quiet", "--wheel", "--out-dir", str(wheel_dir), str(root))
     (wheel,) = wheel_dir.glob("lmmr1-*.whl")
     for venv in venvs:
-        _uv("pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
-            "--no-deps", "--reinstall", str(wheel))  # fmt: skip
+        python = str(venv / "bin" / "python")
+        _uv("pip", "install", "--quiet", "--python", python, "--no-deps", "--reinstall",
+            str(wheel))  # fmt: skip
+        # Only the project's own modules: the rest were compiled when the environment was built.
+        _compile(python, PROJECT_PACKAGES, strict=True)
+
+
+def _compile(python: str, packages: Sequence[str], *, strict: bool) -> None:
+    """Bytecode for `packages` in the environment of `python`, or for its whole site-packages.
+    Not `strict`: some packages ship files that are not Python 3 (templates, test data), which
+    are never imported and never compile."""
+    script = (
+        "import compileall, importlib.util, sys, sysconfig\n"
+        "names = sys.argv[1:]\n"
+        "folders = [importlib.util.find_spec(n).submodule_search_locations[0] for n in names]\n"
+        "folders = folders or [sysconfig.get_paths()['purelib']]\n"
+        "ok = all([compileall.compile_dir(f, quiet=1, workers=0) for f in folders])\n"
+        "sys.exit(0 if ok else 1)\n"
+    )
+    result = subprocess.run(  # -I: the environment's own packages, whatever PYTHONPATH says
+        [python, "-I", "-c", script, *packages], capture_output=True, text=True, check=False
+    )
+    if strict and result.returncode != 0:
+        raise ImageError(f"compiling {packages} with {python} failed:\n{result.stdout[-4000:]}")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lmmr1_testbed.images import OPERATOR_IMAGE
+from lmmr1_testbed.images import OPERATOR_IMAGE, TRAINER_CPU_IMAGE
 from lmmr1_testbed.layout import TestBedState, pod_log
 from lmmr1_testbed.pytest_plugin import Cli, WaitFor
 
@@ -384,6 +384,55 @@ def test_read_only_root_filesystem_leaves_only_volumes_writable(
     assert "wrote /tmp/probe" in pod_log(testbed, namespace, "read-only-root", "ro-tmp")
     # The image's environment is never the container's to change.
     assert "refused /opt/venv/probe" in read_only and "refused /opt/venv/probe" in writable
+
+
+# What a trainer pod imports at start-up, then every imported module whose bytecode is not on
+# disk (the interpreter compiles those from source, as it cannot write a cache in a pod).
+IMPORT_FROM_BYTECODE = """
+import os, sys
+import deepspeed, torch._dynamo, transformers, vllm
+import lmmr1_operator.reconcile, lmmr1_trainer.rollout.vllm_backend, lmmr1_trainer.train
+modules = [m for m in list(sys.modules.values()) if getattr(m, "__spec__", None)]
+sources = [m for m in modules if (m.__spec__.origin or "").endswith(".py")]
+missing = [m.__name__ for m in sources if not os.path.exists(m.__spec__.cached or "")]
+print("imported", len(sources), "modules from source files; without bytecode:", len(missing))
+print("first without:", sorted(missing)[:10])
+"""
+
+
+def test_a_trainer_pod_imports_every_module_from_the_images_bytecode(
+    kubectl: Cli, wait: WaitFor, testbed: TestBedState, namespace: str
+) -> None:
+    """The Dockerfiles' `pip install` leaves bytecode in the image, and a pod never writes any
+    (PYTHONDONTWRITEBYTECODE, a read-only root): the test bed's image environments must hold
+    it too, or every test-bed pod compiles torch and vLLM from source at start-up."""
+    kubectl(
+        "apply", "-f", "-",
+        stdin=make_pod(
+            "bytecode",
+            [{
+                "name": "main",
+                "image": TRAINER_CPU_IMAGE,
+                "command": ["python", "-c", IMPORT_FROM_BYTECODE],
+                "env": [{"name": "DS_ACCELERATOR", "value": "cpu"}],
+                "securityContext": {**RESTRICTED_CONTAINER, "readOnlyRootFilesystem": True},
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],  # as the trainer's
+            }],
+            volumes=[{"name": "tmp", "emptyDir": {}}],
+        ),
+    )  # fmt: skip
+    done = wait(
+        "pod done",
+        lambda: (
+            phase_is(kubectl, "bytecode", "Succeeded") or phase_is(kubectl, "bytecode", "Failed")
+        ),
+        timeout=300,
+    )
+    log = pod_log(testbed, namespace, "bytecode", "main")
+    assert done["status"]["phase"] == "Succeeded", log
+    imported = int(log.split("imported ", 1)[1].split()[0])
+    assert imported > 1000, log  # torch, vLLM and the trainer really were imported
+    assert "without bytecode: 0\n" in log, log
 
 
 @pytest.mark.pod_security("privileged")
