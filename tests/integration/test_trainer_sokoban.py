@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from tests.trainer_harness import (
+    build_tiny_model,
     recording_verifier,
     run_trainer,
     stage_config,
@@ -35,7 +36,6 @@ from lmmr1_trainer.checkpoint import CheckpointStore
 from lmmr1_trainer.localrun import CPU_ENV, Service, start_service
 from lmmr1_trainer.storage import open_storage
 from lmmr1_trainer.tasks.sokoban.level import Level
-from lmmr1_trainer.tiny_model import build_tiny_model
 from lmmr1_trainer.verifier.config import PromptTemplate, ResponseExtraction
 from lmmr1_trainer.verifier.sokoban import score_response
 from lmmr1_trainer.verifier.templates import extract_response
