@@ -5,11 +5,11 @@
   synthetic arithmetic, with the warm tiny model that follows the answer format only part
   of the time, mean reward rises clearly within a few steps; the same run with the
   advantage sign flipped (tests/flipped_advantages.py) does not rise, so the test can fail.
-- Resume is exact, on one rank and on two (colocated engines; the stage test covers a
-  resume with rollout servers): a run killed between two checkpoints (test bed's
-  S3 server) redoes the steps after the last one and ends where the uninterrupted run ends
-  (data order, rewards, losses, weights); the two-rank run (same global batch) also matches
-  the one-rank run, and its ranks hold the same weights after every step.
+- Resume is exact (colocated engines; the stage test covers a resume with rollout servers):
+  a two-rank run killed between two checkpoints (test bed's S3 server) redoes the steps
+  after the last one and ends where the uninterrupted one-rank run ends (data order,
+  rewards; losses and weights up to the rounding of the all-reduce), and its ranks hold the
+  same weights after every step. A one-rank gae run (critic too) resumes exactly.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def test_gae_mean_reward_rises_and_the_critic_fits_the_returns(
     assert _mean(unexplained[-window:]) < 0.75, unexplained
 
 
-# -- resume is exact, on one rank and on two -----------------------------------------------
+# -- resume is exact: two ranks, and one rank with a critic --------------------------------
 
 RESUME_STEPS = 4
 CHECKPOINT_EVERY = 2
@@ -221,7 +221,7 @@ def _killed_and_resumed(
     return before, run_trainer_output(config, workdir, env, program)
 
 
-def test_resume_between_checkpoints_on_one_and_two_ranks_equals_the_uninterrupted_run(
+def test_two_ranks_resumed_between_checkpoints_equal_the_uninterrupted_one_rank_run(
     testbed: TestBedState,
     s3_bucket: str,
     s3_env: dict[str, str],
@@ -230,8 +230,9 @@ def test_resume_between_checkpoints_on_one_and_two_ranks_equals_the_uninterrupte
     verifier: Service,
     tmp_path: Path,
 ) -> None:
-    """4 steps straight on one rank == 3 steps, SIGKILL, resume from step 2's checkpoint
-    (step 3 redone), 1 more; on one rank and on two."""
+    """4 steps straight on one rank == 3 steps on two ranks, SIGKILL, resume from step 2's
+    checkpoint (step 3 redone), 1 more. (The gae test below resumes one rank, where the
+    result must be exact; a killed one-rank grpo run here took two more trainer runs.)"""
     token = write_token(tmp_path)
 
     def stage(name: str, rollout_urls: list[str]) -> dict[str, Any]:
@@ -259,8 +260,6 @@ def test_resume_between_checkpoints_on_one_and_two_ranks_equals_the_uninterrupte
     runs: dict[str, tuple[list[str], list[str]]] = {}
     config = write_stage(tmp_path / "straight.yaml", stage("straight", []))
     straight = run_trainer(config, tmp_path / "straight", s3_env)
-    config = write_stage(tmp_path / "one.yaml", stage("one", []))
-    runs["one"] = _killed_and_resumed(config, tmp_path / "one", s3_env, TRAIN_MODULE)
     config = write_stage(tmp_path / "two.yaml", stage("two", []))
     runs["two"] = _killed_and_resumed(config, tmp_path / "two", digest_env, two_ranks())
     assert [r["step"] for r in straight] == list(range(1, RESUME_STEPS + 1))
@@ -298,8 +297,7 @@ def test_resume_between_checkpoints_on_one_and_two_ranks_equals_the_uninterrupte
             tmp_path / "final-straight", tmp_path / f"final-{name}"
         )
         print(f"{name}: largest differences from the straight run {worst}")
-        tolerance = ONE_RANK_ATOL if name == "one" else RANKS_ATOL
-        assert all(worst[key] <= tolerance[key] for key in worst), (name, worst, tolerance)
+        assert all(worst[key] <= RANKS_ATOL[key] for key in worst), (name, worst, RANKS_ATOL)
 
     # Two ranks: identical replicas after every step (ZeRO-2), before and after the kill, and
     # the checkpoint holds both ranks' optimizer shards.
