@@ -123,7 +123,7 @@ def build_tiny_model(
     settings). Built once per builder digest into the test bed's cache and copied from there:
     the warm-started ones take minutes of SFT on 2 cores (300 steps: 104 s)."""
     name = f"tiny-vl-{warm_start_task}-{warm_start_steps}-{_model_builder_digest()}"
-    cached = cache_dir() / "models" / name
+    cached = cache_dir() / "test-models" / name
     if not (cached / ".complete").exists():
         partial = cached.with_name(f"{name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
