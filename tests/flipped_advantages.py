@@ -8,8 +8,6 @@ Usage: python tests/flipped_advantages.py --config stage.yaml
 
 from __future__ import annotations
 
-import sys
-
 from torch import Tensor
 
 import lmmr1_trainer.algorithms as algorithms
@@ -28,4 +26,4 @@ def _flipped_policy_loss(
 algorithms.policy_loss = _flipped_policy_loss
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    train.exit_now(train.main())
