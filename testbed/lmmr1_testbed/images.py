@@ -49,7 +49,7 @@ BASE_PYTHON = Path("/usr/bin/python3.11")
 BUILT_AGAINST_TORCH = {"deepspeed"}
 # The project's packages, as its wheel (pyproject.toml) holds them.
 PROJECT_PACKAGES = ("lmmr1_operator", "lmmr1_trainer")
-BUILDER_VERSION = "3"  # bump to rebuild every cached environment (2: with bytecode)
+BUILDER_VERSION = "3"  # bump to rebuild every cached environment (3: with bytecode)
 
 
 class ImageError(RuntimeError):
